@@ -1,0 +1,3 @@
+from converter_core.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""convert.py's command line: parsed twice, so the chosen loader and saver can add their own flags."""
+
+import argparse
+import sys
+
+from converter_core import orchestrator, plugins
+from converter_core.errors import ConversionError
+
+
+def base_parser(add_help=True):
+    parser = argparse.ArgumentParser(prog="converter_core", description="Megatron Checkpoint Converter Arguments",
+                                     allow_abbrev=False, conflict_handler="resolve", add_help=add_help)
+    parser.add_argument("--model-type", type=str, required=True, choices=["GPT", "BERT"],
+                        help="model family (only GPT is supported by the built-in plugins)")
+    parser.add_argument("--loader", type=str, default="megatron", help="loader plugin name (default megatron)")
+    parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
+    parser.add_argument("--load-dir", type=str, required=True, help="source checkpoint folder")
+    parser.add_argument("--save-dir", type=str, required=True, help="output folder")
+    parser.add_argument("--max-queue-size", type=int, default=50,
+                        help="messages (one per layer) allowed in flight between loader and saver")
+    parser.add_argument("--no-checking", action="store_false", dest="checking",
+                        help="do not check message order and leftover keys")
+    return parser
+
+
+def parse(argv):
+    known, _ = base_parser(add_help=False).parse_known_args(argv)
+    parser = base_parser()
+    loader = plugins.load_plugin("loader", known.loader)
+    saver = plugins.load_plugin("saver", known.saver)
+    loader.add_arguments(parser)
+    saver.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.loader, args.saver = plugins.canonical(args.loader), plugins.canonical(args.saver)
+    return args, loader, saver
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, loader, saver = parse(argv)
+        if args.max_queue_size < 1:
+            raise ConversionError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
+    except ConversionError as error:
+        print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(orchestrator.run(args, loader, saver))

@@ -1,0 +1,11 @@
+"""The one exception type that means "the input or the request is wrong", not "we have a bug"."""
+
+
+class ConversionError(Exception):
+    """Its text is the single line the user sees: name the file and the problem."""
+
+
+def require(condition, message):
+    """Raise ConversionError(message) unless condition holds; keeps checks to one line each."""
+    if not condition:
+        raise ConversionError(message)

@@ -1,0 +1,68 @@
+"""Megatron's per-rank checkpoint layout: the tracker file, iteration folders, mp_rank folders."""
+
+import os
+import re
+from pathlib import Path
+
+from converter_core.errors import require
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+def iteration_dir_name(iteration):
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank, pp_rank, pp_size):
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def read_tracker(load_dir):
+    """(iteration, iteration folder) named by latest_checkpointed_iteration.txt; an iteration folder
+    (iter_NNNNNNN or release) given directly is accepted too."""
+    load_dir = Path(load_dir)
+    require(load_dir.is_dir(), f"{load_dir}: no such checkpoint folder")
+    tracker = load_dir / TRACKER
+    if not tracker.exists() and re.match(r"^(iter_\d+|release)$", load_dir.name):
+        return (0 if load_dir.name == "release" else int(load_dir.name[5:])), load_dir
+    require(tracker.is_file(), f"{tracker}: missing (not a Megatron checkpoint folder)")
+    text = tracker.read_text().strip()
+    require(text == "release" or text.isdigit(),
+            f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
+    folder = load_dir / iteration_dir_name(text if text == "release" else int(text))
+    require(folder.is_dir(), f"{folder}: missing, though {tracker} names it")
+    return (0 if text == "release" else int(text)), folder
+
+
+def find_rank_files(iteration_folder):
+    """{(tp_rank, pp_rank): path} for every rank file, checked to form a full TP x PP grid."""
+    folder = Path(iteration_folder)
+    found = {}
+    with_pp = without_pp = False
+    for entry in sorted(folder.iterdir()):
+        match = _RANK_DIR.match(entry.name)
+        if not match:
+            continue
+        tp_rank, pp_rank = int(match.group(1)), int(match.group(2) or 0)
+        with_pp |= match.group(2) is not None
+        without_pp |= match.group(2) is None
+        found[(tp_rank, pp_rank)] = entry / RANK_FILE
+    require(found, f"{folder}: no mp_rank_* folders (not a per-rank torch checkpoint)")
+    require(not (with_pp and without_pp), f"{folder}: mixes mp_rank_TT and mp_rank_TT_PPP folders")
+    tp = max(t for t, _ in found) + 1
+    pp = max(p for _, p in found) + 1
+    for t in range(tp):
+        for p in range(pp):
+            path = folder / rank_dir_name(t, p, pp if with_pp else 1) / RANK_FILE
+            require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp})")
+    return {key: path for key, path in found.items()}, tp, pp
+
+
+def write_tracker(save_dir, iteration):
+    """Written last and atomically: its presence is what marks a checkpoint complete."""
+    tracker = Path(save_dir) / TRACKER
+    temporary = tracker.with_name(tracker.name + ".partial")
+    temporary.write_text(str(iteration))
+    os.replace(temporary, tracker)

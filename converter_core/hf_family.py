@@ -1,0 +1,237 @@
+"""Hugging Face Llama-layout families (Llama, Mistral, Qwen2): a table of names and a few config
+fields, mapped to and from the Megatron args and the message stream. Loader and saver both use it.
+"""
+
+import collections
+import json
+
+import torch
+
+from converter_core import layout, megatron_args
+from converter_core.errors import ConversionError, require
+
+Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias")
+
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", False, False),
+    "mistral": Family("mistral", "MistralForCausalLM", False, False),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", False, True),
+}
+
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Megatron hard-codes these for Llama-3 rope scaling (RotaryEmbedding._apply_scaling).
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def layer_prefix(index):
+    return f"model.layers.{index}."
+
+
+def family_of(config, where, families=FAMILIES):
+    model_type = config.get("model_type")
+    if model_type is None:
+        by_architecture = {f.architecture: f for f in families.values()}
+        model_type = next((by_architecture[a].model_type for a in config.get("architectures") or []
+                           if a in by_architecture), None)
+    require(model_type in families,
+            f"{where}: model_type {model_type!r} is not one of {', '.join(sorted(families))}")
+    return families[model_type]
+
+
+def rope_settings(config):
+    """(rope_theta, scaling dict or None) from either config style: transformers 5's rope_parameters
+    or the older rope_theta + rope_scaling."""
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict):
+        theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = dict(config.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def rope_args(config, where):
+    """Megatron's rotary arguments for a Llama-family config; refuses settings Megatron cannot express."""
+    theta, scaling = rope_settings(config)
+    fields = {"rotary_base": theta}
+    if scaling is None:
+        return fields
+    kind = scaling.get("rope_type")
+    require(kind == "llama3", f"{where}: rope scaling {kind!r} has no Megatron-Core equivalent")
+    for name, value in LLAMA3_FIXED.items():
+        require(float(scaling.get(name, value)) == value,
+                f"{where}: llama3 rope scaling with {name}={scaling.get(name)} cannot be expressed in "
+                f"Megatron-Core (it fixes {name}={value})")
+    fields.update(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    return fields
+
+
+def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
+    """Megatron args for an HF config. The whole config.json rides along as `hf_config_json`, so a
+    later HF saver can write back every field Megatron has no name for."""
+    family = family_of(config, where, families)
+    require(config.get("hidden_act", "silu") == "silu",
+            f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+    require(not config.get("mlp_bias"), f"{where}: mlp_bias=true has no Megatron-Core equivalent here")
+    require(not config.get("attention_bias") or family.qkv_bias,
+            f"{where}: attention_bias=true (biases on q, k, v and o) has no Megatron-Core equivalent")
+    heads = config["num_attention_heads"]
+    groups = config.get("num_key_value_heads") or heads
+    require(heads % groups == 0, f"{where}: {heads} attention heads are not a multiple of {groups} KV heads")
+    fields.update(rope_args(config, where) if "rotary_base" not in fields else {})
+    return megatron_args.make_args(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        norm_epsilon=config.get("rms_norm_eps", 1e-6),
+        vocab_size=config["vocab_size"],
+        params_dtype=dtype,
+        add_qkv_bias=family.qkv_bias,
+        untie_embeddings_and_output_weights=untied,
+        hf_config_json=json.dumps(config, sort_keys=True),
+        **fields)
+
+
+def stored_config(args):
+    text = getattr(args, "hf_config_json", None)
+    return json.loads(text) if text else None
+
+
+def config_from_args(args, vocab_size, families=FAMILIES):
+    """config.json for the model in `args`: the stored HF config when there is one, with every field
+    Megatron knows taken from the args (they win: the checkpoint may have been changed since)."""
+    stored = stored_config(args)
+    config = dict(stored) if stored else {}
+    if stored:
+        family = family_of(stored, "hf_config_json in the checkpoint args", families)
+    else:
+        family = families["qwen2"] if args.add_qkv_bias and "qwen2" in families else next(iter(families.values()))
+    groups = megatron_args.query_groups(args)
+    config.update(
+        architectures=[family.architecture],
+        model_type=family.model_type,
+        hidden_size=args.hidden_size,
+        intermediate_size=megatron_args.ffn_size(args),
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=groups,
+        head_dim=megatron_args.head_dim(args),
+        hidden_act="silu",
+        rms_norm_eps=args.norm_epsilon,
+        max_position_embeddings=args.max_position_embeddings,
+        vocab_size=vocab_size,
+        tie_word_embeddings=not megatron_args.untied(args),
+    )
+    if family.model_type == "llama":
+        config.setdefault("attention_bias", False)
+        config.setdefault("mlp_bias", False)
+    _set_rope(config, args)
+    dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
+    config[dtype_key] = DTYPE_NAMES[args.params_dtype]
+    return config
+
+
+def _set_rope(config, args):
+    """Write the args' rotary settings in the config's own style, unless it already says the same."""
+    scaling = None
+    if getattr(args, "use_rope_scaling", False):
+        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
+    theta, current = rope_settings(config)
+    if config and theta == float(args.rotary_base) and _same_scaling(current, scaling):
+        return
+    if isinstance(config.get("rope_parameters"), dict):
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base),
+                                     **(scaling or {})}
+    else:
+        config["rope_theta"] = float(args.rotary_base)
+        config["rope_scaling"] = scaling
+
+
+def _same_scaling(current, wanted):
+    if current is None or wanted is None:
+        return current is None and wanted is None
+    return all(float(current.get(k, -1)) == float(v) for k, v in wanted.items() if k != "rope_type") \
+        and current.get("rope_type") == wanted["rope_type"]
+
+
+def expected_shapes(args, vocab_rows):
+    """{hf name: shape} of every tensor of the model, in file order."""
+    hidden, heads, groups = args.hidden_size, args.num_attention_heads, megatron_args.query_groups(args)
+    head_dim, ffn = megatron_args.head_dim(args), megatron_args.ffn_size(args)
+    shapes = {EMBED: (vocab_rows, hidden)}
+    for i in range(args.num_layers):
+        p = layer_prefix(i)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (groups * head_dim, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (groups * head_dim, hidden)
+        if args.add_qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
+            shapes[p + "self_attn.k_proj.bias"] = (groups * head_dim,)
+            shapes[p + "self_attn.v_proj.bias"] = (groups * head_dim,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (ffn, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (ffn, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, ffn)
+    shapes[NORM] = (hidden,)
+    if megatron_args.untied(args):
+        shapes[LM_HEAD] = (vocab_rows, hidden)
+    return shapes
+
+
+def layer_to_message(tensors, index, args):
+    """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
+    p = layer_prefix(index)
+    heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
+    attention = p + "self_attn."
+    message = {
+        "input norm weight": tensors[p + "input_layernorm.weight"],
+        "qkv weight": layout.hf_qkv_to_megatron(tensors[attention + "q_proj.weight"], tensors[attention + "k_proj.weight"],
+                                                tensors[attention + "v_proj.weight"], heads, groups, head_dim),
+        "dense weight": tensors[attention + "o_proj.weight"],
+        "post norm weight": tensors[p + "post_attention_layernorm.weight"],
+        "mlp l0 weight W": tensors[p + "mlp.gate_proj.weight"],
+        "mlp l0 weight V": tensors[p + "mlp.up_proj.weight"],
+        "mlp l1 weight": tensors[p + "mlp.down_proj.weight"],
+    }
+    if args.add_qkv_bias:
+        message["qkv bias"] = layout.hf_qkv_to_megatron(tensors[attention + "q_proj.bias"], tensors[attention + "k_proj.bias"],
+                                                        tensors[attention + "v_proj.bias"], heads, groups, head_dim)
+    return message
+
+
+def message_to_layer(message, index, args):
+    """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers."""
+    p = layer_prefix(index)
+    attention = p + "self_attn."
+    heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
+    q, k, v = layout.megatron_qkv_to_hf(message.pop("qkv weight"), heads, groups, head_dim)
+    tensors = {
+        p + "input_layernorm.weight": message.pop("input norm weight"),
+        attention + "q_proj.weight": q, attention + "k_proj.weight": k, attention + "v_proj.weight": v,
+        attention + "o_proj.weight": message.pop("dense weight"),
+        p + "post_attention_layernorm.weight": message.pop("post norm weight"),
+        p + "mlp.gate_proj.weight": message.pop("mlp l0 weight W"),
+        p + "mlp.up_proj.weight": message.pop("mlp l0 weight V"),
+        p + "mlp.down_proj.weight": message.pop("mlp l1 weight"),
+    }
+    if args.add_qkv_bias:
+        q, k, v = layout.megatron_qkv_to_hf(message.pop("qkv bias"), heads, groups, head_dim)
+        tensors.update({attention + "q_proj.bias": q, attention + "k_proj.bias": k, attention + "v_proj.bias": v})
+    return tensors

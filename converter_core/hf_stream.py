@@ -1,0 +1,183 @@
+"""Hugging Face folder <-> message stream, for every Llama-layout family (the plugins pass their table)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from converter_core import hf_family, layout, megatron_args, protocol, vocab
+from converter_core.errors import ConversionError, require
+from converter_core.formats import hf
+from converter_core.output import StagedFolder
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def add_loader_arguments(parser, title):
+    group = parser.add_argument_group(title=title)
+    group.add_argument("--checkpoint-type", choices=["hf", "meta"], default="hf",
+                       help="only 'hf' is supported; kept for convert.py command lines")
+    group.add_argument("--model-size", type=str, default=None,
+                       help="accepted for convert.py command lines; the shape comes from config.json")
+    group.add_argument("--bf16", action="store_true", help="convert the weights to bfloat16")
+    group.add_argument("--fp16", action="store_true", help="convert the weights to float16")
+    group.add_argument("--true-vocab-size", type=int, default=None,
+                       help="vocabulary rows to keep (default: config.json vocab_size)")
+    group.add_argument("--vocab-file", type=str, default=None, help="accepted and unused, as convert.py")
+    group.add_argument("--tokenizer-model", type=str, default=None,
+                       help="tokenizer folder or file recorded in the Megatron args")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                       help="Megatron vocabulary padding multiple (default 128)")
+    group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+    group.add_argument("--loader-transformer-impl", default="local", choices=["local", "transformer_engine"],
+                       help="accepted and ignored by HF loaders")
+
+
+def add_saver_arguments(parser, title):
+    group = parser.add_argument_group(title=title)
+    group.add_argument("--hf-reference-dir", type=str, default=None,
+                       help="HF folder whose config.json is the starting point and whose non-weight files are copied")
+    group.add_argument("--tokenizer-model", type=str, default=None,
+                       help="tokenizer folder or tokenizer.model to copy into the output")
+    group.add_argument("--true-vocab-size", type=int, default=None, help="vocabulary rows to keep")
+    group.add_argument("--max-shard-size", type=str, default="50GB",
+                       help="largest safetensors shard before splitting with an index (default 50GB, as transformers 5)")
+    group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+
+
+def load(queue, args, families=hf_family.FAMILIES, extra_fields=None):
+    """Stream an HF folder: metadata, then one layer at a time (never the whole state dict)."""
+    folder = Path(args.load_dir)
+    require(folder.is_dir(), f"{folder}: no such model folder")
+    require(args.checkpoint_type == "hf", f"{folder}: --checkpoint-type meta is not supported; convert to HF first")
+    config_path = folder / hf.CONFIG
+    config = hf.read_json(config_path)
+    require(isinstance(config, dict), f"{config_path}: expected a JSON object")
+    weights = hf.HFWeights(folder)
+    embed = weights.get(hf_family.EMBED)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else embed.dtype
+    family = hf_family.family_of(config, str(config_path), families)
+    untied = not config.get("tie_word_embeddings", family.tied_by_default)
+    if untied:
+        require(hf_family.LM_HEAD in weights, f"{folder}: config.json says untied embeddings but there is no lm_head.weight")
+    fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
+                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder))
+    fields.update(extra_fields(config, str(config_path)) if extra_fields else {})
+    try:
+        margs = hf_family.args_from_config(config, str(config_path), dtype, untied, families, **fields)
+    except KeyError as missing:
+        raise ConversionError(f"{config_path}: missing field {missing}") from None
+    shapes = hf_family.expected_shapes(margs, config["vocab_size"])
+    ignored = {hf_family.LM_HEAD}
+    unknown = [n for n in weights.names() if n not in shapes and n not in ignored and not n.endswith("rotary_emb.inv_freq")]
+    if unknown:
+        raise ConversionError(f"{folder}: weights hold tensors config.json does not describe, e.g. {unknown[0]}")
+
+    def read(name):
+        tensor = weights.get(name) if name != hf_family.EMBED else embed
+        require(tuple(tensor.shape) == shapes[name],
+                f"{weights.file_of[name]}: {name} has shape {list(tensor.shape)}, config.json implies {list(shapes[name])}")
+        return tensor.to(dtype)
+
+    def messages():
+        yield protocol.EMBEDDINGS, {"word embeddings": read(hf_family.EMBED)}
+        for index in range(margs.num_layers):
+            prefix = hf_family.layer_prefix(index)
+            tensors = {name: read(name) for name in shapes if name.startswith(prefix)}
+            yield protocol.layer_name(index), hf_family.layer_to_message(tensors, index, margs)
+        yield protocol.FINAL_NORM, {"weight": read(hf_family.NORM)}
+        if untied:
+            yield protocol.OUTPUT_LAYER, {"weight": read(hf_family.LM_HEAD)}
+
+    md = protocol.make_metadata(margs, true_vocab_size=args.true_vocab_size or config["vocab_size"])
+    protocol.send_model(queue, md, messages())
+
+
+def save(queue, args, families=hf_family.FAMILIES, adapt=None):
+    """Write the stream as an HF folder. `adapt(margs, config, writer_tensors)` lets a family change the
+    config and tensors (MiniCPM scalars); the default writes them as they come."""
+    receiver = protocol.Receiver(queue, args.checking)
+    md = receiver.metadata()
+    where = f"saver {Path(args.save_dir).name}"
+    protocol.check_supported(md, where)
+    margs = megatron_args.plain_copy(md.checkpoint_args)
+    require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
+            f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
+    if args.hf_reference_dir:
+        margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
+    rows = vocab.true_vocab_size(args, md, margs)
+    dtype = md.params_dtype
+    config = hf_family.config_from_args(margs, rows, families)
+    shapes = hf_family.expected_shapes(margs, rows)
+    staged = StagedFolder(args.save_dir)
+    try:
+        writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
+                                       hf.parse_size(args.max_shard_size))
+
+        def write(name, tensor):
+            writer.write(name, tensor.to(dtype))
+
+        message = receiver.get(protocol.EMBEDDINGS)
+        write(hf_family.EMBED, vocab.trim(message.pop("word embeddings"), rows, "word embeddings"))
+        receiver.check_consumed(message)
+        for index in range(md.num_layers):
+            message = receiver.get(protocol.layer_name(index))
+            for name, tensor in hf_family.message_to_layer(message, index, margs).items():
+                write(name, tensor)
+            receiver.check_consumed(message)
+        message = receiver.get(protocol.FINAL_NORM)
+        write(hf_family.NORM, message.pop("weight"))
+        receiver.check_consumed(message)
+        if md.output_layer:
+            message = receiver.get(protocol.OUTPUT_LAYER)
+            write(hf_family.LM_HEAD, vocab.trim(message.pop("weight"), rows, "output layer"))
+            receiver.check_consumed(message)
+        receiver.done()
+        writer.finish()
+        copy_side_files(args, staged.path)
+        write_json(staged.path / hf.CONFIG, config)
+        generation = generation_config(config)
+        if generation and not (staged.path / "generation_config.json").exists():
+            write_json(staged.path / "generation_config.json", generation)
+        staged.commit()
+    except BaseException:
+        staged.abandon()
+        raise
+    print(f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}", flush=True)
+
+
+def write_json(path, value):
+    with open(path, "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def generation_config(config):
+    known = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return dict(known, _from_model_config=True) if known else None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def copy_side_files(args, destination):
+    """Non-weight files of --hf-reference-dir, then the tokenizer of --tokenizer-model, byte for byte."""
+    if args.hf_reference_dir:
+        reference = Path(args.hf_reference_dir)
+        require(reference.is_dir(), f"{reference}: no such reference folder")
+        for path in sorted(reference.iterdir()):
+            if path.is_file() and path.name != hf.CONFIG and not path.name.endswith(WEIGHT_SUFFIXES) \
+                    and not path.name.endswith(".index.json"):
+                shutil.copyfile(path, destination / path.name)
+    if args.tokenizer_model:
+        source = Path(args.tokenizer_model)
+        require(source.exists(), f"{source}: no such tokenizer folder or file")
+        if source.is_dir():
+            files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+            require(files, f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+            for path in files:
+                shutil.copyfile(path, destination / path.name)
+        else:
+            shutil.copyfile(source, destination / ("tokenizer.model" if source.suffix == ".model" else source.name))

@@ -1,0 +1,75 @@
+"""Tensor layout rules, each in one place: Megatron's grouped QKV, SwiGLU halves, tensor-parallel
+split/merge, vocabulary padding. Messages carry full tensors; only savers split and only loaders merge.
+"""
+
+import math
+
+import torch
+
+# How a Megatron tensor is divided over tensor-parallel ranks.
+COLUMN = "column"          # split along dim 0 (qkv, fc1 without SwiGLU, embeddings, output layer)
+ROW = "row"                # split along dim 1 (linear_proj, fc2)
+REPLICATED = "replicated"  # same on every rank (norms, row-parallel biases)
+SWIGLU = "swiglu"          # fc1 with SwiGLU: rank r holds [W_r; V_r], not a slice of [W; V]
+
+
+def hf_qkv_to_megatron(q, k, v, num_heads, num_groups, head_dim):
+    """Interleave HF q/k/v (weights or biases) into Megatron's per-query-group [q..., k, v] rows."""
+    per_group = num_heads // num_groups
+    tail = q.shape[1:]
+    grouped = torch.cat([q.reshape(num_groups, per_group * head_dim, *tail),
+                         k.reshape(num_groups, head_dim, *tail),
+                         v.reshape(num_groups, head_dim, *tail)], dim=1)
+    return grouped.reshape(-1, *tail)
+
+
+def megatron_qkv_to_hf(qkv, num_heads, num_groups, head_dim):
+    """Inverse of hf_qkv_to_megatron: returns (q, k, v)."""
+    per_group = num_heads // num_groups
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *tail)
+    q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
+    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(),
+            v.reshape(-1, *tail).contiguous())
+
+
+def split(tensor, kind, tp):
+    """The tp shards of a full tensor. For SWIGLU pass the pair (W, V)."""
+    if kind == REPLICATED:
+        return [tensor] * tp
+    if kind == COLUMN:
+        return [t.contiguous() for t in torch.chunk(tensor, tp, dim=0)]
+    if kind == ROW:
+        return [t.contiguous() for t in torch.chunk(tensor, tp, dim=1)]
+    if kind == SWIGLU:
+        w, v = tensor
+        return [torch.cat([w_r, v_r], dim=0) for w_r, v_r in zip(torch.chunk(w, tp), torch.chunk(v, tp))]
+    raise ValueError(kind)
+
+
+def merge(shards, kind):
+    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V)."""
+    if kind == REPLICATED:
+        return shards[0]
+    if kind == COLUMN:
+        return torch.cat(shards, dim=0)
+    if kind == ROW:
+        return torch.cat(shards, dim=1)
+    if kind == SWIGLU:
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+    raise ValueError(kind)
+
+
+def padded_vocab_size(vocab_size, divisible_by, tp):
+    """Megatron's vocab_size_with_padding."""
+    multiple = (divisible_by or 1) * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def resize_vocab(table, rows):
+    """Trim or pad a vocab-sized table to `rows`; padding repeats the last row, as Megatron's saver does."""
+    if table.shape[0] >= rows:
+        return table[:rows]
+    extra = table[-1:].expand(rows - table.shape[0], *table.shape[1:])
+    return torch.cat([table, extra], dim=0)

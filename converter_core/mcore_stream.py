@@ -1,0 +1,252 @@
+"""Megatron-Core checkpoints <-> message stream. The saver pads the vocabulary, splits tensors for the
+target TP/PP with the schema's rules, and hands them to a format sink; the loader does the reverse."""
+
+import re
+from pathlib import Path
+
+import torch
+
+from converter_core import layout, mcore_schema, megatron_args, protocol
+from converter_core.errors import ConversionError, require
+from converter_core.formats import rank_files, torch_file
+from converter_core.output import StagedFolder
+
+CHECKPOINT_VERSION = 3.0
+
+
+def add_saver_arguments(parser, title, default_impl="transformer_engine"):
+    group = parser.add_argument_group(title=title)
+    group.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                       help="TP size of the output (default: the source's, else 1)")
+    group.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                       help="PP size of the output (default: the source's, else 1)")
+    group.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models only)")
+    group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
+                       help="parameter names to write: TransformerEngine (default) or the local spec")
+    group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+
+
+def add_loader_arguments(parser, title, default_impl="transformer_engine"):
+    group = parser.add_argument_group(title=title)
+    group.add_argument("--true-vocab-size", type=int, default=None, help="vocabulary rows without padding")
+    group.add_argument("--vocab-file", type=str, default=None, help="JSON vocabulary whose length is the true vocab size")
+    group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+    group.add_argument("--position-embedding-type", default="learned_absolute", choices=["learned_absolute", "rope"],
+                       help="accepted for convert.py command lines; the checkpoint's args decide")
+    group.add_argument("--loader-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
+                       help="accepted; the name style is detected from the checkpoint")
+
+
+class RankFilesSink:
+    """Per-rank torch files (mp_rank_TT[_PPP]/model_optim_rng.pt), each streamed as tensors arrive."""
+
+    def __init__(self, save_dir, iteration, tp, pp):
+        self.save_dir = Path(save_dir)
+        self.iteration, self.tp, self.pp = iteration, tp, pp
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        final = self.save_dir / rank_files.iteration_dir_name(iteration)
+        require(not final.exists(), f"{final}: already exists; choose another --save-dir")
+        self.staged = StagedFolder(final)
+        self.files, self.models = {}, {}
+        for t in range(tp):
+            for p in range(pp):
+                folder = self.staged.path / rank_files.rank_dir_name(t, p, pp)
+                folder.mkdir()
+                self.files[t, p] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
+                self.models[t, p] = {}
+
+    def put(self, stage, key, tensor, kind):
+        shards = layout.split(tensor, kind, self.tp)
+        for t, shard in enumerate(shards):
+            self.models[t, stage][key] = self.files[t, stage].tensor(shard)
+
+    def put_value(self, stage, key, value):
+        for t in range(self.tp):
+            self.models[t, stage][key] = self.files[t, stage].tensor(value) if torch.is_tensor(value) else value
+
+    def finish(self, args):
+        for (t, p), file in self.files.items():
+            file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                        "model": self.models[t, p], "num_floating_point_operations_so_far": 0})
+        self.staged.commit()
+        rank_files.write_tracker(self.save_dir, self.iteration)
+
+    def abandon(self):
+        self.staged.abandon()
+
+
+def save(queue, args, make_sink=RankFilesSink):
+    receiver = protocol.Receiver(queue, args.checking)
+    md = receiver.metadata()
+    where = f"saver ({args.save_dir})"
+    protocol.check_supported(md, where)
+    margs = megatron_args.complete(torch_file.sanitize_namespace(megatron_args.plain_copy(md.checkpoint_args)))
+    tp = args.target_tensor_parallel_size or md.previous_tensor_parallel_size or 1
+    pp = args.target_pipeline_parallel_size or md.previous_pipeline_parallel_size or 1
+    require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
+    impl = args.saver_transformer_impl
+    megatron_args.check_tensor_parallel(margs, tp, where)
+    per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
+    require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
+    margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
+    margs.world_size, margs.data_parallel_size = tp * pp, 1
+    margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
+    margs.transformer_impl, margs.ckpt_format = impl, "torch"
+    margs.iteration = md.iteration
+    margs.consumed_train_samples = getattr(md, "consumed_train_samples", 0)
+    margs.consumed_valid_samples = getattr(md, "consumed_valid_samples", 0)
+    megatron_args.set_dtype(margs, md.params_dtype)
+    dtype, last = md.params_dtype, pp - 1
+    layer_shapes = protocol.layer_message_shapes(margs)
+
+    sink = make_sink(args.save_dir, md.iteration, tp, pp)
+    try:
+        message = receiver.get(protocol.EMBEDDINGS)
+        table = message.pop("word embeddings")
+        receiver.check_consumed(message)
+        if md.true_vocab_size:
+            divisible = md.make_vocab_size_divisible_by or margs.make_vocab_size_divisible_by or 128
+            table = layout.resize_vocab(table, layout.padded_vocab_size(md.true_vocab_size, divisible, tp))
+            margs.vocab_size = md.true_vocab_size
+        else:
+            print("Original vocab size not specified, leaving embedding table as-is.", flush=True)
+            require(table.shape[0] % tp == 0,
+                    f"{where}: {table.shape[0]} vocabulary rows do not split over TP {tp}; give --true-vocab-size")
+        margs.padded_vocab_size = table.shape[0]
+        table = table.to(dtype)
+        sink.put(0, mcore_schema.WORD_EMBEDDINGS, table, layout.COLUMN)
+        if not md.output_layer and pp > 1:
+            sink.put(last, mcore_schema.OUTPUT_LAYER, table, layout.COLUMN)
+
+        entries = mcore_schema.layer_entries(margs, impl)
+        extra_states = mcore_schema.layer_extra_states(impl)
+        for index in range(md.num_layers):
+            name = protocol.layer_name(index)
+            message = receiver.get(name)
+            stage, local = divmod(index, per_stage)
+            for entry in entries:
+                tensors = []
+                for key in entry.keys:
+                    require(key in message, f"{where}: {name} lacks {key!r}")
+                    tensor = message.pop(key)
+                    require(tuple(tensor.shape) == layer_shapes[key],
+                            f"{where}: {name} {key!r} has shape {list(tensor.shape)}, expected {list(layer_shapes[key])}")
+                    tensors.append(tensor.to(dtype))
+                value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
+                sink.put(stage, mcore_schema.layer_key(local, entry.name), value, entry.kind)
+            for key, value in extra_states.items():
+                sink.put_value(stage, mcore_schema.layer_key(local, key), value)
+            receiver.check_consumed(message)
+
+        message = receiver.get(protocol.FINAL_NORM)
+        for key, full_name in mcore_schema.final_norm_names(margs).items():
+            sink.put(last, full_name, message.pop(key).to(dtype), layout.REPLICATED)
+        receiver.check_consumed(message)
+        if md.output_layer:
+            message = receiver.get(protocol.OUTPUT_LAYER)
+            weight = message.pop("weight")
+            receiver.check_consumed(message)
+            weight = layout.resize_vocab(weight, margs.padded_vocab_size) if md.true_vocab_size else weight
+            require(weight.shape[0] == margs.padded_vocab_size,
+                    f"{where}: output layer has {weight.shape[0]} rows, embeddings {margs.padded_vocab_size}")
+            sink.put(last, mcore_schema.OUTPUT_LAYER, weight.to(dtype), layout.COLUMN)
+        sink.put_value(last, mcore_schema.OUTPUT_LAYER_EXTRA_STATE, None)
+        receiver.done()
+        sink.finish(margs)
+    except BaseException:
+        sink.abandon()
+        raise
+    print(f"saved TP {tp} x PP {pp} checkpoint to {args.save_dir}", flush=True)
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def load(queue, args):
+    """Stream a per-rank torch checkpoint: every rank file is memory-mapped, each layer's TP shards are
+    merged only when that layer is sent."""
+    iteration, folder = rank_files.read_tracker(args.load_dir)
+    require(not (folder / "metadata.json").exists(), f"{folder}: torch_dist checkpoints are not supported yet")
+    paths, tp, pp = rank_files.find_rank_files(folder)
+    states = {key: torch_file.load(path) for key, path in paths.items()}
+    first = paths[0, 0]
+    for key, state in states.items():
+        require(isinstance(state, dict) and "args" in state, f"{paths[key]}: no 'args' in the checkpoint")
+    margs = megatron_args.complete(torch_file.sanitize_namespace(states[0, 0]["args"]))
+    version = states[0, 0].get("checkpoint_version", 0)
+    require(version >= 2.0, f"{first}: checkpoint_version {version} uses an older QKV order; not supported")
+    require((margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size) == (tp, pp),
+            f"{first}: args say TP {margs.tensor_model_parallel_size} x PP {margs.pipeline_model_parallel_size}, "
+            f"files are TP {tp} x PP {pp}")
+    protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(first))
+    chunks = sorted(k for k in states[0, 0] if re.fullmatch(r"model\d*", k))
+    require(chunks, f"{first}: no model state in the checkpoint")
+    chunks.sort(key=lambda k: int(k[5:] or 0))
+
+    def model(t, p, chunk):
+        state = states[t, p]
+        require(chunk in state, f"{paths[t, p]}: no {chunk!r} entry")
+        return state[chunk]
+
+    def tensor(t, p, chunk, key):
+        value = model(t, p, chunk).get(key)
+        require(torch.is_tensor(value), f"{paths[t, p]}: missing tensor {key}")
+        return value
+
+    impl = mcore_schema.detect_impl(model(0, 0, chunks[0]))
+    order = []  # global layer -> (pp rank, chunk, local index)
+    for chunk in chunks:
+        for p in range(pp):
+            indices = {int(m.group(1)) for k in model(0, p, chunk) if (m := _LAYER_KEY.match(k))}
+            require(indices == set(range(len(indices))), f"{paths[0, p]}: layer numbers {sorted(indices)} are not 0..n-1")
+            order += [(p, chunk, j) for j in range(len(indices))]
+    require(len(order) == margs.num_layers,
+            f"{folder}: holds {len(order)} layers, args say {margs.num_layers}")
+    entries = mcore_schema.layer_entries(margs, impl)
+    layer_shapes = protocol.layer_message_shapes(margs)
+    true_vocab = args.true_vocab_size or vocab_file_size(args.vocab_file) or margs.vocab_size
+    md = protocol.make_metadata(margs, true_vocab_size=true_vocab, previous_tp=tp, previous_pp=pp,
+                                iteration=iteration or 1,
+                                consumed_train_samples=getattr(margs, "consumed_train_samples", 0) or 0,
+                                consumed_valid_samples=getattr(margs, "consumed_valid_samples", 0) or 0)
+
+    def merged(p, chunk, key, kind):
+        return layout.merge([tensor(t, p, chunk, key) for t in range(tp)], kind)
+
+    def messages():
+        table = merged(0, chunks[0], mcore_schema.WORD_EMBEDDINGS, layout.COLUMN)
+        require(table.shape[1] == margs.hidden_size,
+                f"{paths[0, 0]}: word embeddings are {list(table.shape)}, hidden size is {margs.hidden_size}")
+        yield protocol.EMBEDDINGS, {"word embeddings": table}
+        for index, (p, chunk, local) in enumerate(order):
+            message = {}
+            for entry in entries:
+                value = merged(p, chunk, mcore_schema.layer_key(local, entry.name), entry.kind)
+                for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
+                    require(tuple(part.shape) == layer_shapes[key],
+                            f"{paths[0, p]}: {mcore_schema.layer_key(local, entry.name)} gives {key!r} of shape "
+                            f"{list(part.shape)}, the args imply {list(layer_shapes[key])}")
+                    message[key] = part
+            yield protocol.layer_name(index), message
+        p, chunk = pp - 1, chunks[-1]
+        yield protocol.FINAL_NORM, {key: tensor(0, p, chunk, name) for key, name in mcore_schema.final_norm_names(margs).items()}
+        if md.output_layer:
+            weight = merged(p, chunk, mcore_schema.OUTPUT_LAYER, layout.COLUMN)
+            require(weight.shape == table_shape(table), f"{paths[0, p]}: output layer shape {list(weight.shape)} differs from the embeddings")
+            yield protocol.OUTPUT_LAYER, {"weight": weight}
+
+    def table_shape(table):
+        return table.shape
+
+    protocol.send_model(queue, md, messages())
+
+
+def vocab_file_size(path):
+    if not path:
+        return None
+    import json
+    try:
+        with open(path) as handle:
+            return len(json.load(handle))
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path}: cannot read the vocabulary file ({error})") from None

@@ -1,0 +1,151 @@
+"""The model description every part of the converter shares: a Megatron-LM style argparse.Namespace.
+
+Megatron's savers read model shape from `md.checkpoint_args`, and Megatron-LM resumes training from the
+`args` pickled in a checkpoint, so the same plain Namespace (only builtins and torch dtypes inside) is
+both our internal model description and what we write to disk.
+"""
+
+import argparse
+
+import torch
+
+from converter_core.errors import require
+
+# Megatron-LM argparse defaults for the attributes its checkpoint loading and model building read.
+_MEGATRON_DEFAULTS = dict(
+    seq_length=4096,
+    position_embedding_type="rope",
+    add_position_embedding=False,
+    use_rotary_position_embeddings=True,
+    rotary_percent=1.0,
+    rotary_interleaved=False,
+    rotary_seq_len_interpolation_factor=None,
+    use_rope_scaling=False,
+    rope_scaling_factor=8.0,
+    normalization="RMSNorm",
+    apply_layernorm_1p=False,
+    swiglu=True,
+    squared_relu=False,
+    add_bias_linear=False,
+    add_qkv_bias=False,
+    qk_layernorm=False,
+    group_query_attention=False,
+    num_query_groups=1,
+    kv_channels=None,
+    untie_embeddings_and_output_weights=False,
+    make_vocab_size_divisible_by=128,
+    vocab_size=None,
+    tokenizer_type=None,
+    tokenizer_model=None,
+    vocab_file=None,
+    merge_file=None,
+    num_experts=None,
+    moe_router_topk=2,
+    encoder_num_layers=None,
+    decoder_num_layers=None,
+    apply_query_key_layer_scaling=False,
+    attention_softmax_in_fp32=False,
+    sequence_parallel=False,
+    tensor_model_parallel_size=1,
+    pipeline_model_parallel_size=1,
+    virtual_pipeline_model_parallel_size=None,
+    num_layers_per_virtual_pipeline_stage=None,
+    expert_model_parallel_size=1,
+    context_parallel_size=1,
+    data_parallel_size=1,
+    world_size=1,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    init_method_std=0.02,
+    use_legacy_models=False,
+    use_mcore_models=True,
+    transformer_impl="transformer_engine",
+    ckpt_format="torch",
+    iteration=1,
+    consumed_train_samples=0,
+    consumed_valid_samples=0,
+    train_iters=None,
+    micro_batch_size=1,
+    global_batch_size=None,
+    fp16=False,
+    bf16=False,
+    save=None,
+    load=None,
+)
+
+
+def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups,
+              kv_channels, max_position_embeddings, norm_epsilon, rotary_base, vocab_size,
+              params_dtype, **fields):
+    """A complete Megatron-LM args Namespace for a dense rotary GPT; `fields` override defaults."""
+    args = argparse.Namespace(**_MEGATRON_DEFAULTS)
+    args.num_layers = num_layers
+    args.hidden_size = hidden_size
+    args.ffn_hidden_size = ffn_hidden_size
+    args.num_attention_heads = num_attention_heads
+    args.group_query_attention = num_query_groups != num_attention_heads
+    args.num_query_groups = num_query_groups
+    args.kv_channels = kv_channels
+    args.max_position_embeddings = max_position_embeddings
+    args.seq_length = min(_MEGATRON_DEFAULTS["seq_length"], max_position_embeddings)
+    args.encoder_seq_length = args.seq_length
+    args.norm_epsilon = norm_epsilon
+    args.rotary_base = rotary_base
+    args.vocab_size = vocab_size
+    args.padded_vocab_size = vocab_size
+    for name, value in fields.items():
+        setattr(args, name, value)
+    set_dtype(args, params_dtype)
+    return args
+
+
+def complete(args):
+    """Fill attributes an older checkpoint's args lack with Megatron-LM's defaults."""
+    for name, value in _MEGATRON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def set_dtype(args, dtype):
+    """Keep params_dtype and Megatron's --bf16/--fp16 flags in agreement."""
+    args.params_dtype = dtype
+    args.bf16 = dtype == torch.bfloat16
+    args.fp16 = dtype == torch.float16
+
+
+def query_groups(args):
+    return args.num_query_groups if getattr(args, "group_query_attention", False) else args.num_attention_heads
+
+
+def head_dim(args):
+    return getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
+
+
+def ffn_size(args):
+    return getattr(args, "ffn_hidden_size", None) or 4 * args.hidden_size
+
+
+def untied(args):
+    return bool(getattr(args, "untie_embeddings_and_output_weights", False))
+
+
+def layers_per_stage(num_layers, pp, where):
+    """Megatron's even pipeline split; uneven first/last stages are not supported here."""
+    require(num_layers % pp == 0,
+            f"{where}: {num_layers} layers cannot be split evenly over pipeline size {pp}")
+    return num_layers // pp
+
+
+def check_tensor_parallel(args, tp, where):
+    """The shapes a TP size must divide, each a one-line refusal instead of a wrong checkpoint."""
+    require(tp >= 1, f"{where}: tensor parallel size must be at least 1, got {tp}")
+    for what, size in (("attention heads", args.num_attention_heads),
+                       ("query groups (KV heads)", query_groups(args)),
+                       ("ffn hidden size", ffn_size(args))):
+        require(size % tp == 0, f"{where}: tensor parallel size {tp} does not divide the {size} {what}")
+
+
+def plain_copy(args):
+    """A shallow copy, so a saver can change parallel sizes without touching the loader's namespace."""
+    return argparse.Namespace(**vars(args))

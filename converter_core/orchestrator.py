@@ -1,0 +1,114 @@
+"""Loader and saver in their own processes with one bounded queue between them, supervised: if
+either fails (exception, sys.exit, killed), the other is stopped at once and the run exits non-zero
+with a one-line reason. Nothing waits forever."""
+
+import os
+import sys
+import traceback
+from multiprocessing.connection import wait
+
+import torch.multiprocessing as mp
+
+from converter_core.errors import ConversionError
+from converter_core.protocol import EXIT
+
+GRACE_SECONDS = 10
+DEBUG = bool(os.environ.get("CONVERTER_CORE_DEBUG"))
+
+
+def _describe(error):
+    if isinstance(error, ConversionError):
+        return str(error)
+    if isinstance(error, SystemExit):
+        return str(error.code) if error.code not in (None, 0, 1) else "exited with an error"
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''} (unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)"
+
+
+def _run_side(role, function, queue, args, reports, saver_finished):
+    """Body of a child process: run the plugin, report a one-line failure, exit non-zero.
+
+    A loader stays alive after sending until the saver has finished: tensors cross the queue as
+    shared-memory handles that the sending process must still own when the saver opens them."""
+    try:
+        function(queue, args)
+        if role == "loader":
+            saver_finished.wait()
+    except BaseException as error:
+        if isinstance(error, SystemExit) and error.code in (None, 0):
+            return
+        if DEBUG:
+            traceback.print_exc()
+        reports.put((role, _describe(error)))
+        if role == "loader":
+            try:
+                queue.put_nowait(EXIT)
+            except Exception:
+                pass
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def run(args, loader, saver):
+    """Returns the process exit status."""
+    context = mp.get_context("fork")
+    queue = context.Queue(maxsize=args.max_queue_size)
+    reports = context.SimpleQueue()
+    saver_finished = context.Event()
+    print("Starting saver...", flush=True)
+    saver_process = context.Process(target=_run_side, name="saver",
+                                    args=("saver", saver.save_checkpoint, queue, args, reports, saver_finished))
+    saver_process.start()
+    print("Starting loader...", flush=True)
+    loader_process = context.Process(target=_run_side, name="loader",
+                                     args=("loader", loader.load_checkpoint, queue, args, reports, saver_finished))
+    loader_process.start()
+    processes = {"loader": loader_process, "saver": saver_process}
+    try:
+        failure = _supervise(processes, saver_finished)
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    for process in processes.values():
+        _stop(process)
+    if failure is None:
+        print("Done!", flush=True)
+        return 0
+    while not reports.empty():
+        role, reason = reports.get()
+        failure = f"{role} failed: {reason}"
+        break
+    print(f"converter_core: error: {failure}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _supervise(processes, saver_finished):
+    """Wait until both end well (None) or one fails (a reason); a finished saver gives the loader a grace period."""
+    running = dict(processes)
+    while running:
+        timeout = GRACE_SECONDS if "saver" not in running else None
+        ready = wait([p.sentinel for p in running.values()], timeout=timeout)
+        if not ready:
+            return "loader did not finish after the saver completed"
+        for role, process in list(running.items()):
+            if process.sentinel in ready:
+                process.join()
+                del running[role]
+                if role == "saver":
+                    saver_finished.set()
+                if process.exitcode != 0:
+                    return f"{role} " + (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
+                                         else f"exited with status {process.exitcode}")
+                if role == "loader" and "saver" in running:
+                    continue
+    return None
+
+
+def _stop(process):
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()

@@ -1,0 +1,50 @@
+"""Plugin discovery: stevedore entry points first (groups converter_core.loaders / converter_core.savers),
+then convert.py's rule: a module `loader_<name>` / `saver_<name>`, else `<name>`, on sys.path."""
+
+import importlib
+
+from stevedore import driver
+from stevedore.exception import NoMatches
+
+from converter_core.errors import ConversionError
+
+ALIASES = {"llama_mistral": "llama_hf", "core": "mcore", "legacy": "megatron"}
+
+
+def canonical(name):
+    return ALIASES.get(name, name)
+
+
+def load_plugin(kind, name):
+    """The plugin module for kind 'loader' or 'saver'."""
+    name = canonical(name)
+    module = _from_entry_point(kind, name) or _from_sys_path(kind, name)
+    if module is None:
+        raise ConversionError(f"Unable to load {kind} plugin {name}: no entry point in converter_core.{kind}s "
+                              f"and no module {kind}_{name} or {name} on sys.path")
+    if not hasattr(module, "add_arguments"):
+        raise ConversionError(f"{module.__name__} module is not a plugin (no add_arguments)")
+    entry = "load_checkpoint" if kind == "loader" else "save_checkpoint"
+    if not hasattr(module, entry):
+        raise ConversionError(f"{module.__name__} module is not a {kind} plugin (no {entry})")
+    print(f"Loaded {module.__name__} as the {kind}.", flush=True)
+    return module
+
+
+def _from_entry_point(kind, name):
+    try:
+        return driver.DriverManager(namespace=f"converter_core.{kind}s", name=name, invoke_on_load=False).driver
+    except NoMatches:
+        return None
+    except Exception as error:
+        raise ConversionError(f"{kind} plugin {name} failed to import: {error}") from None
+
+
+def _from_sys_path(kind, name):
+    for module_name in (f"{kind}_{name}", name):
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise ConversionError(f"{kind} plugin {module_name} failed to import: {error}") from None
+    return None

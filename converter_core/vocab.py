@@ -1,0 +1,51 @@
+"""The true vocabulary size of a Megatron checkpoint, whose tables are padded for TP."""
+
+import json
+from pathlib import Path
+
+from converter_core.errors import ConversionError, require
+
+
+def tokenizer_size(path):
+    """Token count of a tokenizer folder or file, added tokens included."""
+    path = Path(path)
+    require(path.exists(), f"{path}: no such tokenizer folder or file")
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and (path / "tokenizer.json").is_file() or path.name == "tokenizer.json":
+        from tokenizers import Tokenizer
+        file = path / "tokenizer.json" if path.is_dir() else path
+        try:
+            return Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+        except Exception as error:
+            raise ConversionError(f"{file}: unreadable tokenizer ({error})") from None
+    model = path / "tokenizer.model" if path.is_dir() else path
+    require(model.is_file(), f"{path}: no tokenizer.json or tokenizer.model")
+    import sentencepiece
+    try:
+        pieces = sentencepiece.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    except Exception as error:
+        raise ConversionError(f"{model}: unreadable SentencePiece model ({error})") from None
+    added_file = folder / "added_tokens.json"
+    added = json.loads(added_file.read_text()) if added_file.is_file() else {}
+    return max([pieces - 1, *added.values()]) + 1
+
+
+def true_vocab_size(args, md, margs):
+    """--true-vocab-size, else the tokenizer given, else the loader's metadata or the checkpoint's
+    args.vocab_size; else keep the padded rows and say so."""
+    if getattr(args, "true_vocab_size", None):
+        return args.true_vocab_size
+    if getattr(args, "tokenizer_model", None):
+        return tokenizer_size(args.tokenizer_model)
+    for value in (getattr(md, "true_vocab_size", None), getattr(margs, "vocab_size", None)):
+        if value:
+            return value
+    padded = margs.padded_vocab_size
+    print(f"warning: true vocabulary size unknown; keeping all {padded} padded rows "
+          "(give --true-vocab-size or --tokenizer-model to trim them)", flush=True)
+    return padded
+
+
+def trim(table, rows, what):
+    require(table.shape[0] >= rows, f"{what} has {table.shape[0]} rows, fewer than the vocabulary size {rows}")
+    return table[:rows]

@@ -1,0 +1,11 @@
+"""Loader for Hugging Face Llama 2/3/3.x, Mistral and Qwen2 folders (convert.py's llama_mistral)."""
+
+from converter_core import hf_stream
+
+
+def add_arguments(parser):
+    hf_stream.add_loader_arguments(parser, "Llama/Mistral/Qwen2 Hugging Face loader")
+
+
+def load_checkpoint(queue, args):
+    hf_stream.load(queue, args)
