@@ -1,0 +1,558 @@
+"""Megatron-Core as the independent truth for converter tests.
+
+A converted checkpoint is only right if the real target software loads it strictly and gives
+the source's logits. This module runs a real megatron-core GPTModel on the CPU (the patches are
+in DESIGN.md, "Testing against real implementations") to
+
+* compute logits from a Megatron-LM per-rank torch checkpoint (`mcore_logits`), and
+* write such a checkpoint from a seeded random model, with that model's own logits
+  (`save_mcore_checkpoint`).
+
+It must never import converter_core: the converter is judged against this module, not against
+itself. Megatron only ever runs in child processes (one per tensor-parallel rank), so its global
+parallel state never leaks into the pytest process.
+"""
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import re
+import socket
+import tempfile
+import time
+import warnings
+import zlib
+
+import torch
+import torch.multiprocessing as mp
+
+CHECKPOINT_FILE = "model_optim_rng.pt"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+DEFAULT_TIMEOUT = 300.0
+
+# Weights of the random model: big enough that attention is far from uniform and a transposed,
+# swapped or mis-split tensor visibly changes the logits.
+INIT_STD = 0.05
+NORM_LOW, NORM_HIGH = 0.5, 1.5
+
+# --------------------------------------------------------------------------------------------
+# Key names: TransformerEngine spec <-> local spec
+# --------------------------------------------------------------------------------------------
+
+# Per-layer names (after "decoder.layers.<i>.") that differ between the two specs.
+LOCAL_TO_TE = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+TE_TO_LOCAL = {te: local for local, te in LOCAL_TO_TE.items()}
+
+# Modules with an `_extra_state` entry: the local linears save None, TE modules save a tensor.
+LOCAL_EXTRA_STATE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+TE_EXTRA_STATE_MODULES = LOCAL_EXTRA_STATE_MODULES + ("self_attention.core_attention",)
+
+EXTRA_STATE = "._extra_state"
+LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
+
+
+def local_to_te_state_dict(state):
+    """Rename a local-spec state dict the way a TransformerEngine-spec model would save it."""
+    out = {}
+    layers = set()
+    for key, value in state.items():
+        match = LAYER_KEY.fullmatch(key)
+        if match:
+            prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
+            layers.add(prefix)
+            if rest in LOCAL_TO_TE:
+                key = prefix + LOCAL_TO_TE[rest]
+            elif rest.endswith(EXTRA_STATE) and rest[: -len(EXTRA_STATE)] in TE_EXTRA_STATE_MODULES:
+                value = _te_extra_state()
+        out[key] = value
+    for prefix in sorted(layers):
+        out[prefix + "self_attention.core_attention" + EXTRA_STATE] = _te_extra_state()
+    return out
+
+
+def te_to_local_state_dict(state):
+    """Map TransformerEngine names to local names; any key not in the table passes unchanged."""
+    out = {}
+    for key, value in state.items():
+        match = LAYER_KEY.fullmatch(key)
+        if match:
+            prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
+            module = rest[: -len(EXTRA_STATE)] if rest.endswith(EXTRA_STATE) else None
+            if rest in TE_TO_LOCAL:
+                key = prefix + TE_TO_LOCAL[rest]
+            elif module in LOCAL_EXTRA_STATE_MODULES:
+                value = None
+            elif module in TE_EXTRA_STATE_MODULES:
+                continue  # core_attention: the local model has no such entry
+        out[key] = value
+    return out
+
+
+def _te_extra_state():
+    """What TE (recent versions) stores for a module without FP8 metadata."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint folder layout (pure file system: safe to call in the pytest process)
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_layout(iter_dir):
+    """Return (tp, pp) read from the mp_rank_* folders, which must form a complete grid.
+
+    PP == 1 must use 'mp_rank_TT' and PP > 1 'mp_rank_TT_PPP', as Megatron-LM names them.
+    """
+    names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
+    if not names:
+        raise FileNotFoundError(f"{iter_dir}: no mp_rank_* folders")
+    ranks = set()
+    for name in names:
+        match = RANK_DIR.fullmatch(name)
+        if not match:
+            raise ValueError(f"{iter_dir}: unsupported rank folder {name!r}")
+        ranks.add((int(match.group(1)), None if match.group(2) is None else int(match.group(2))))
+    with_pp = {pp is not None for _, pp in ranks}
+    if len(with_pp) != 1:
+        raise ValueError(f"{iter_dir}: mixes folders with and without a pipeline rank: {names}")
+    tp = max(t for t, _ in ranks) + 1
+    pp = max(p for _, p in ranks) + 1 if with_pp == {True} else 1
+    if with_pp == {True} and pp == 1:
+        raise ValueError(f"{iter_dir}: PP == 1 checkpoints are named mp_rank_TT, got {names}")
+    expected = {(t, p if pp > 1 else None) for t in range(tp) for p in range(pp)}
+    if ranks != expected:
+        raise ValueError(f"{iter_dir}: rank folders {names} do not form a {tp}x{pp} grid")
+    for t, p in expected:
+        path = rank_file(iter_dir, t, p or 0, pp)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+    return tp, pp
+
+
+def rank_file(iter_dir, tp_rank, pp_rank, pp):
+    """Megatron-LM's file name for one (tp, pp) rank."""
+    folder = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(iter_dir, folder, CHECKPOINT_FILE)
+
+
+def padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp):
+    """Megatron's vocab padding: a multiple of make_vocab_size_divisible_by * tp."""
+    multiple = make_vocab_size_divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
+    """Float32 logits [batch, seq, padded_vocab] of the checkpoint in `iter_dir`, by megatron-core.
+
+    Every rank file is loaded strictly: a missing or unexpected key (including `_extra_state`
+    entries, which megatron-core's own load hook would otherwise fill in) raises.
+    `te_names=True` reads files written with TransformerEngine names.
+    """
+    iter_dir = os.fspath(iter_dir)
+    tp, pp = checkpoint_layout(iter_dir)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+    return _run_ranks(_logits_worker, tp, (iter_dir, pp, tokens, te_names), timeout)
+
+
+def megatron_args(*, tp=1, iteration=1, te_names=False, **overrides):
+    """A Megatron-LM style argparse.Namespace for a tiny Llama-like GPT model.
+
+    Names are Megatron-LM's argument names; `overrides` may set any of them (or add others).
+    Values derived from others (padded_vocab_size, kv_channels, group_query_attention, ...)
+    follow the overrides unless overridden themselves.
+    """
+    for fixed in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "iteration"):
+        if fixed in overrides:
+            raise ValueError(f"{fixed} is set by the harness, not by an override")
+    values = {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "ffn_hidden_size": 128,
+        "num_attention_heads": 4,
+        "num_query_groups": None,
+        "max_position_embeddings": 128,
+        "position_embedding_type": "rope",
+        "add_position_embedding": False,
+        "use_rotary_position_embeddings": False,
+        "rotary_base": 10000,
+        "rotary_percent": 1.0,
+        "rotary_interleaved": False,
+        "rotary_seq_len_interpolation_factor": None,
+        "use_rope_scaling": False,
+        "rope_scaling_factor": 8.0,
+        "normalization": "RMSNorm",
+        "norm_epsilon": 1e-5,
+        "apply_layernorm_1p": False,
+        "swiglu": True,
+        "squared_relu": False,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "untie_embeddings_and_output_weights": True,
+        "apply_query_key_layer_scaling": False,
+        "attention_dropout": 0.0,
+        "hidden_dropout": 0.0,
+        "vocab_size": 96,
+        "make_vocab_size_divisible_by": 128,
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_model": None,
+        "vocab_file": None,
+        "merge_file": None,
+        "num_experts": None,
+        "moe_ffn_hidden_size": None,
+        "mtp_num_layers": None,
+        "spec": None,
+        "params_dtype": torch.float32,
+        "fp16": False,
+        "bf16": False,
+        "sequence_parallel": False,
+        "virtual_pipeline_model_parallel_size": None,
+        "num_layers_per_virtual_pipeline_stage": None,
+        "expert_model_parallel_size": 1,
+        "context_parallel_size": 1,
+        "data_parallel_size": 1,
+        "use_cpu_initialization": True,
+        "init_method_std": INIT_STD,
+        "use_legacy_models": False,
+        "ckpt_format": "torch",
+        "consumed_train_samples": 0,
+        "consumed_valid_samples": 0,
+        "no_save_optim": True,
+        "no_save_rng": True,
+    }
+    values.update(overrides)
+    derived = {
+        "group_query_attention": values["num_query_groups"] not in (None, values["num_attention_heads"]),
+        "kv_channels": values["hidden_size"] // values["num_attention_heads"],
+        "seq_length": values["max_position_embeddings"],
+        "padded_vocab_size": padded_vocab_size(
+            values["vocab_size"], values["make_vocab_size_divisible_by"], tp
+        ),
+        "transformer_impl": "transformer_engine" if te_names else "local",
+        "world_size": tp,
+    }
+    values.update({k: v for k, v in derived.items() if k not in overrides})
+    if values["num_query_groups"] is None:
+        values["num_query_groups"] = 1  # Megatron-LM's default when GQA is off
+    values.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, iteration=iteration)
+    return argparse.Namespace(**values)
+
+
+def save_mcore_checkpoint(
+    save_dir,
+    *,
+    tokens,
+    tp=1,
+    seed=0,
+    te_names=False,
+    iteration=1,
+    timeout=DEFAULT_TIMEOUT,
+    **args_overrides,
+):
+    """Save a seeded random megatron-core GPTModel as Megatron-LM's `--ckpt-format torch` would.
+
+    Writes `<save_dir>/iter_{iteration:07d}/mp_rank_{tp:02d}/model_optim_rng.pt` for every TP
+    rank (PP == 1 only), then the tracker file. Returns (iteration_dir, logits), where logits
+    are what megatron-core computes for `tokens` with that same model before saving: the
+    reference a converted checkpoint must reproduce. `args_overrides` are Megatron-LM argument
+    names (see `megatron_args`).
+    """
+    args = megatron_args(tp=tp, iteration=iteration, te_names=te_names, **args_overrides)
+    save_dir = os.fspath(save_dir)
+    iter_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
+    if os.path.exists(iter_dir):
+        raise FileExistsError(f"{iter_dir} exists; stale rank files would mix with new ones")
+    os.makedirs(iter_dir)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    logits = _run_ranks(_save_worker, tp, (iter_dir, args, seed, te_names, tokens), timeout)
+    with open(os.path.join(save_dir, TRACKER_FILE), "w") as tracker:
+        tracker.write(str(iteration))
+    return iter_dir, logits
+
+
+# --------------------------------------------------------------------------------------------
+# Process management (parent side)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_ranks(worker, nprocs, worker_args, timeout):
+    """Run `worker(rank, nprocs, port, out_path, *worker_args)` in `nprocs` fresh processes.
+
+    Returns the tensor rank 0 saved at out_path. A failing child raises here with its
+    traceback; a child that hangs is killed after `timeout` seconds.
+    """
+    with tempfile.TemporaryDirectory(prefix="mcore_harness_") as tmp:
+        out_path = os.path.join(tmp, "rank0_logits.pt")
+        context = mp.spawn(
+            worker,
+            args=(nprocs, _free_port(), out_path) + tuple(worker_args),
+            nprocs=nprocs,
+            join=False,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"megatron-core children did not finish in {timeout:.0f} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+            last_line = str(error).strip().splitlines()[-1]
+            raise RuntimeError(f"megatron-core child failed: {last_line}\n{error}") from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join(10)
+        return torch.load(out_path, weights_only=True)
+
+
+def _free_port():
+    """A TCP port that was free a moment ago, for the gloo rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Child side: everything below runs in a spawned process, where megatron may be imported
+# --------------------------------------------------------------------------------------------
+
+
+def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
+    """One TP rank: build every PP stage locally, load its file strictly, chain the stages."""
+    with _megatron_cpu(rank, tp, port):
+        stages, total_layers = [], 0
+        for stage in range(pp):
+            path = rank_file(iter_dir, rank, stage, pp)
+            checkpoint = _read_rank_file(path)
+            args = _checked_args(checkpoint, path, tp, pp)
+            if stage == 0:
+                first_args = args
+            state = checkpoint["model"]
+            num_layers = _layer_count(state)
+            model = _gpt_model(args, num_layers, pre_process=stage == 0, post_process=stage == pp - 1)
+            _load_strictly(model, state, te_names, path)
+            stages.append(model)
+            total_layers += num_layers
+        if total_layers != first_args.num_layers:
+            raise ValueError(
+                f"{iter_dir}: stages hold {total_layers} layers, args.num_layers is "
+                f"{first_args.num_layers}"
+            )
+        logits = _forward(stages, tokens)
+        if rank == 0:
+            torch.save(logits, out_path)
+
+
+def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, tokens):
+    """One TP rank: random model, its logits, then the rank file as Megatron-LM writes it."""
+    with _megatron_cpu(rank, tp, port):
+        model = _gpt_model(args, args.num_layers, pre_process=True, post_process=True)
+        _randomize(model, seed, rank)
+        logits = _forward([model], tokens)
+        state = model.state_dict_for_save_checkpoint()
+        if te_names:
+            state = local_to_te_state_dict(state)
+        checkpoint = {
+            "args": args,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": args.iteration,
+            "model": state,
+            "num_floating_point_operations_so_far": 0,
+        }
+        path = rank_file(iter_dir, rank, 0, 1)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, path)
+        if rank == 0:
+            torch.save(logits, out_path)
+
+
+@contextlib.contextmanager
+def _megatron_cpu(rank, world_size, port):
+    """Patch megatron-core for the CPU and set up a gloo group with TP = world_size, PP = 1."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT),
+    )
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=world_size, pipeline_model_parallel_size=1
+    )
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    yield
+    # Only on success: tearing the group down while a failed peer is gone can abort this
+    # process (SIGABRT) before spawn records the real error.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _gpt_model(args, num_layers, pre_process, post_process):
+    """A local-spec GPTModel (one PP stage of `num_layers` layers) from Megatron-LM args."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for name, supported in (("position_embedding_type", "rope"), ("normalization", "RMSNorm")):
+        if getattr(args, name) != supported:
+            raise NotImplementedError(f"harness supports {name}={supported!r} only, got {getattr(args, name)!r}")
+    if getattr(args, "num_experts", None):
+        raise NotImplementedError("harness does not build MoE models")
+
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels,
+        ffn_hidden_size=args.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
+        tensor_model_parallel_size=torch.distributed.get_world_size(),
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=False,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=getattr(args, "use_rope_scaling", False),
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+    )
+    return model.eval()
+
+
+def _read_rank_file(path):
+    """torch.load with weights_only, allowing the Namespace and Megatron's enums in `args`."""
+    with torch.serialization.safe_globals(_args_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _args_globals():
+    """Classes Megatron-LM pickles inside `args`: the Namespace and a few megatron enums."""
+    from megatron.core import enums
+    from megatron.core.transformer import enums as transformer_enums
+
+    found = [argparse.Namespace, enums.ModelType]
+    for name in ("ModelType", "AttnBackend", "AttnMaskType", "CudaGraphScope"):
+        if hasattr(transformer_enums, name):
+            found.append(getattr(transformer_enums, name))
+    for name in ("Fp8Recipe", "Fp4Recipe"):
+        if hasattr(enums, name):
+            found.append(getattr(enums, name))
+    return found
+
+
+def _layer_count(state):
+    """Number of distinct (stage-local) layer indices in a state dict."""
+    return len({m.group(1) for m in map(LAYER_KEY.fullmatch, state) if m})
+
+
+def _checked_args(checkpoint, path, tp, pp):
+    """The file's args, after checking the top-level keys and that TP/PP match the folders."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
+    missing = {"args", "checkpoint_version", "iteration", "model"} - checkpoint.keys()
+    if missing:
+        raise KeyError(f"{path}: missing top-level keys {sorted(missing)}")
+    if checkpoint["checkpoint_version"] != CHECKPOINT_VERSION:
+        # Megatron-LM reads QKV and the TP size differently below 3.0.
+        raise ValueError(f"{path}: checkpoint_version {checkpoint['checkpoint_version']!r}, expected 3.0")
+    args = checkpoint["args"]
+    if not isinstance(args, argparse.Namespace):
+        raise TypeError(f"{path}: args is a {type(args).__name__}, expected argparse.Namespace")
+    found = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if found != (tp, pp):
+        raise ValueError(f"{path}: args say TP, PP = {found}, the rank folders say {(tp, pp)}")
+    return args
+
+
+def _load_strictly(model, state, te_names, path):
+    """Load exactly the keys the model (TE or local spec) saves; anything else raises."""
+    expected = model.state_dict()
+    if te_names:
+        expected = local_to_te_state_dict(expected)
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    if te_names:
+        state = te_to_local_state_dict(state)
+    state = {
+        key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+        for key, value in state.items()
+    }
+    model.load_state_dict(state, strict=True)
+
+
+def _randomize(model, seed, tp_rank):
+    """Seeded weights: N(0, INIT_STD) for matrices and biases, uniform around 1 for norms.
+
+    Tensor-parallel shards are drawn per rank; replicated tensors (norms, row-parallel biases)
+    are drawn from the name alone, so every rank holds the same copy, as in real training.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            sharded = getattr(param, "tensor_model_parallel", False)
+            key = f"{seed}:{name}:{tp_rank if sharded else 'replicated'}"
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            if param.dim() == 1 and not name.endswith("bias"):
+                values = torch.empty(param.shape).uniform_(NORM_LOW, NORM_HIGH, generator=generator)
+            else:
+                values = torch.randn(param.shape, generator=generator) * INIT_STD
+            param.copy_(values)
+
+
+def _forward(stages, tokens):
+    """Run the PP stages in order (no pipeline communication) and return float32 logits."""
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    mask = torch.triu(torch.ones(seq, seq), 1).bool()[None, None]
+    output = None
+    with torch.no_grad():
+        for model in stages:
+            if model.pre_process:
+                output = model(tokens, position_ids, mask)
+            else:
+                model.set_input_tensor(output)  # hidden states [seq, batch, hidden]
+                output = model(None, position_ids, mask)
+    return output.float().contiguous()
