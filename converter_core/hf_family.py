@@ -130,13 +130,15 @@ def config_from_args(args, vocab_size, families=FAMILIES):
         num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=groups,
-        head_dim=megatron_args.head_dim(args),
         hidden_act="silu",
         rms_norm_eps=args.norm_epsilon,
         max_position_embeddings=args.max_position_embeddings,
         vocab_size=vocab_size,
         tie_word_embeddings=not megatron_args.untied(args),
     )
+    head_dim = megatron_args.head_dim(args)
+    if "head_dim" in config or head_dim != args.hidden_size // args.num_attention_heads:
+        config["head_dim"] = head_dim
     if family.model_type == "llama":
         config.setdefault("attention_bias", False)
         config.setdefault("mlp_bias", False)

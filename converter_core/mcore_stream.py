@@ -168,11 +168,12 @@ def load(queue, args):
     iteration, folder = rank_files.read_tracker(args.load_dir)
     require(not (folder / "metadata.json").exists(), f"{folder}: torch_dist checkpoints are not supported yet")
     paths, tp, pp = rank_files.find_rank_files(folder)
-    states = {key: torch_file.load(path) for key, path in paths.items()}
     first = paths[0, 0]
-    for key, state in states.items():
-        require(isinstance(state, dict) and "args" in state, f"{paths[key]}: no 'args' in the checkpoint")
+    states = {(0, 0): torch_file.load(first)}
+    require(isinstance(states[0, 0], dict) and "args" in states[0, 0], f"{first}: no 'args' in the checkpoint")
     margs = megatron_args.complete(torch_file.sanitize_namespace(states[0, 0]["args"]))
+    rank_files.check_grid(folder, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
+    states.update({key: torch_file.load(path) for key, path in paths.items() if key != (0, 0)})
     version = states[0, 0].get("checkpoint_version", 0)
     require(version >= 2.0, f"{first}: checkpoint_version {version} uses an older QKV order; not supported")
     require((margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size) == (tp, pp),

@@ -53,11 +53,16 @@ def find_rank_files(iteration_folder):
     require(not (with_pp and without_pp), f"{folder}: mixes mp_rank_TT and mp_rank_TT_PPP folders")
     tp = max(t for t, _ in found) + 1
     pp = max(p for _, p in found) + 1
+    check_grid(folder, tp, pp if with_pp else 1)
+    return found, tp, pp
+
+
+def check_grid(iteration_folder, tp, pp):
+    """Every rank file of a TP x PP checkpoint exists."""
     for t in range(tp):
         for p in range(pp):
-            path = folder / rank_dir_name(t, p, pp if with_pp else 1) / RANK_FILE
+            path = Path(iteration_folder) / rank_dir_name(t, p, pp) / RANK_FILE
             require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp})")
-    return {key: path for key, path in found.items()}, tp, pp
 
 
 def write_tracker(save_dir, iteration):

@@ -8,9 +8,9 @@ together is written last. The result is an ordinary torch.save file (torch.load,
 Megatron's own classes (enums in the pickled args) and a one-line refusal for anything else.
 """
 
+import argparse
 import collections
 import io
-import os
 import pickle
 import sys
 
@@ -108,6 +108,8 @@ def plain_value(value):
 
 
 STAND_IN_MODULES = ("megatron.", "transformer_engine.", "modelopt.")
+# Plain classes whose construction runs no code: Megatron's args, old TE's BytesIO extra state.
+SAFE_CLASSES = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.BytesIO}
 
 
 def load(path, mmap=True):
@@ -118,11 +120,10 @@ def load(path, mmap=True):
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as error:
         raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
-    refused = [g for g in unsafe if not g.startswith(STAND_IN_MODULES) and g != "argparse.Namespace"]
+    refused = [g for g in unsafe if not g.startswith(STAND_IN_MODULES) and g not in SAFE_CLASSES]
     if refused:
         raise ConversionError(f"{path}: refusing to unpickle {', '.join(refused)}: it could run code")
-    import argparse
-    allowed = [argparse.Namespace] + [(_stand_in(g), g) for g in unsafe if g.startswith(STAND_IN_MODULES)]
+    allowed = list(SAFE_CLASSES.values()) + [(_stand_in(g), g) for g in unsafe if g.startswith(STAND_IN_MODULES)]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
