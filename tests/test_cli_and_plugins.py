@@ -131,3 +131,35 @@ def test_failing_loader_stops_the_saver(tmp_path):
                       ok=False, timeout=60, env=plugin_env(tmp_path, loader_broken=loader))
     assert "loader failed: ValueError: cannot read shard 3" in error_line(process)
     assert not (tmp_path / "o").exists()
+
+
+EXTRA_KEY_LOADER = """
+import converter_plugins.loader_llama_hf as real
+
+def add_arguments(parser):
+    real.add_arguments(parser)
+
+class Tamper:
+    def __init__(self, queue):
+        self.queue = queue
+    def put(self, item, *a, **k):
+        if isinstance(item, dict) and item.get("name") == "transformer layer 1":
+            item["surprise"] = item["dense weight"]
+        self.queue.put(item, *a, **k)
+
+def load_checkpoint(queue, args):
+    real.load_checkpoint(Tamper(queue), args)
+"""
+
+
+def test_leftover_keys_fail_unless_no_checking(tmp_path):
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=2)
+    env = plugin_env(tmp_path, loader_tamper=EXTRA_KEY_LOADER)
+    process = convert("--loader", "tamper", "--saver", "llama_hf", "--load-dir", source, "--save-dir", tmp_path / "a",
+                      ok=False, env=env)
+    assert "unexpected values in transformer layer 1: surprise" in error_line(process)
+    assert not (tmp_path / "a").exists()
+    convert("--loader", "tamper", "--saver", "llama_hf", "--load-dir", source, "--save-dir", tmp_path / "b",
+            "--no-checking", env=env)
+    assert (tmp_path / "b" / "config.json").exists()

@@ -1,5 +1,7 @@
 """HF -> Megatron-Core (TP 2, PP 2, TE names) -> HF is bit-exact, and resharding is bit-exact."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -17,6 +19,23 @@ def test_hf_mcore_hf_is_bit_exact(tmp_path, variant, dtype):
     assert_bit_identical(source, back)
     assert read_config(back) == read_config(source)
     assert ("lm_head.weight" in read_safetensors_folder(back)) == (variant != "tied")
+
+
+@pytest.mark.parametrize("layout", ["bin", "sharded-safetensors"])
+def test_pytorch_bin_and_sharded_sources(tmp_path, layout):
+    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    model = make_hf_model(tmp_path / "plain", "qwen2")
+    if layout == "bin":
+        source.mkdir()  # transformers 5 writes only safetensors; a .bin is torch.save of the state dict
+        torch.save(model.state_dict(), source / "pytorch_model.bin")
+        shutil.copy(tmp_path / "plain" / "config.json", source / "config.json")
+    else:
+        model.save_pretrained(source, max_shard_size="30KB")
+        assert (source / "model.safetensors.index.json").exists()
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", megatron,
+            "--target-tensor-parallel-size", 2)
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", megatron, "--save-dir", back)
+    assert_bit_identical(tmp_path / "plain", back)
 
 
 def test_reshard_tp1pp1_to_tp2pp2_and_back_is_bit_exact(tmp_path):
