@@ -1,11 +1,12 @@
-"""Loader for Megatron-Core checkpoints (per-rank torch files), convert.py's core/mcore loader."""
+"""Loader for Megatron-Core checkpoints (per-rank torch files), convert.py's core/mcore loader.
+Legacy Megatron-LM checkpoints are recognised too."""
 
-from converter_core import mcore_stream
+from converter_core import megatron_stream
 
 
 def add_arguments(parser):
-    mcore_stream.add_loader_arguments(parser, "Megatron-Core loader")
+    megatron_stream.add_loader_arguments(parser, "Megatron-Core loader")
 
 
 def load_checkpoint(queue, args):
-    mcore_stream.load(queue, args)
+    megatron_stream.load(queue, args)

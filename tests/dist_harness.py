@@ -81,7 +81,10 @@ def read_common(iter_dir):
     Needs megatron importable (for its enums); call it in a child or where that is fine.
     """
     path = os.path.join(os.fspath(iter_dir), COMMON_FILE)
-    with torch.serialization.safe_globals(_args_globals()):
+    # Only add what is not allowed yet: leaving `safe_globals` removes its classes even if
+    # megatron.core had registered them globally, and Megatron's own load of common.pt needs them.
+    allowed = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([g for g in _args_globals() if g not in allowed]):
         common = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(common, dict) or not {"args", "checkpoint_version", "iteration"} <= common.keys():
         raise KeyError(f"{path}: expected a dict with args, checkpoint_version and iteration")

@@ -8,6 +8,11 @@ in DESIGN.md, "Testing against real implementations") to
 * write such a checkpoint from a seeded random model, with that model's own logits
   (`save_mcore_checkpoint`).
 
+Args carrying MiniCPM's muP multipliers (MindSpeed-LLM's names: scale_emb, scale_depth,
+dim_model_base, rope_scaling_type="longrope" with long_factor/short_factor/
+rope_scaling_original_max_position_embeddings) make both run MiniCPM's forward
+(`apply_minicpm_multipliers`); args without them run exactly as before.
+
 It must never import converter_core: the converter is judged against this module, not against
 itself. Megatron only ever runs in child processes (one per tensor-parallel rank), so its global
 parallel state never leaks into the pytest process.
@@ -163,7 +168,8 @@ def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
 
     Every rank file is loaded strictly: a missing or unexpected key (including `_extra_state`
     entries, which megatron-core's own load hook would otherwise fill in) raises.
-    `te_names=True` reads files written with TransformerEngine names.
+    `te_names=True` reads files written with TransformerEngine names. MiniCPM multipliers found in
+    the args are applied (`apply_minicpm_multipliers`).
     """
     iter_dir = os.fspath(iter_dir)
     tp, pp = checkpoint_layout(iter_dir)
@@ -442,6 +448,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        **minicpm_config_overrides(args),
     )
     model = GPTModel(
         config=config,
@@ -458,7 +465,114 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         rope_scaling=getattr(args, "use_rope_scaling", False),
         rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
     )
+    apply_minicpm_multipliers(model, args)
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# MiniCPM's muP multipliers, from the checkpoint's args (MindSpeed-LLM's argument names)
+# --------------------------------------------------------------------------------------------
+
+MINICPM_ARGS = (
+    "scale_emb",
+    "scale_depth",
+    "dim_model_base",
+    "rope_scaling_type",
+    "long_factor",
+    "short_factor",
+    "rope_scaling_original_max_position_embeddings",
+)
+
+
+def minicpm_longrope(args):
+    """(factors, cos/sin multiplier) of MiniCPM's LongRoPE for these args, or None without it.
+
+    Like the remote modeling_minicpm.py, the choice is static: long factors only when
+    max_position_embeddings > original, and the multiplier sqrt(1 + ln(max/orig)/ln(orig)) is not
+    clamped (it is below 1 when max < orig).
+    """
+    kind = getattr(args, "rope_scaling_type", None)
+    if kind is None:
+        return None
+    if kind != "longrope":
+        raise NotImplementedError(f"harness supports rope_scaling_type 'longrope' only, got {kind!r}")
+    original = getattr(args, "rope_scaling_original_max_position_embeddings", None)
+    short, long = getattr(args, "short_factor", None), getattr(args, "long_factor", None)
+    if original is None or short is None or long is None:
+        raise ValueError("longrope needs short_factor, long_factor and rope_scaling_original_max_position_embeddings")
+    maximum = args.max_position_embeddings
+    factors = long if maximum > original else short
+    return [float(f) for f in factors], math.sqrt(1 + math.log(maximum / original) / math.log(original))
+
+
+def minicpm_config_overrides(args):
+    """TransformerConfig fields for LongRoPE's cos/sin multiplier m; empty when m == 1 or no LongRoPE.
+
+    Multiplying cos and sin by m multiplies every rotated q and k by m, so every q.k by m**2 and nothing
+    else: that is softmax_scale = m**2 / sqrt(head_dim). megatron-core 0.16.1 has no other hook for it
+    (its rope `mscale` is fed from YaRN config fields only).
+    """
+    choice = minicpm_longrope(args)
+    if choice is None or choice[1] == 1.0:
+        return {}
+    if args.rotary_percent != 1.0:
+        raise NotImplementedError("a LongRoPE multiplier with rotary_percent < 1 is not supported")
+    return {"softmax_scale": choice[1] ** 2 / math.sqrt(args.kv_channels)}
+
+
+def apply_minicpm_multipliers(model, args):
+    """Give a GPTModel MiniCPM's multipliers for whichever of MINICPM_ARGS `args` carries (None = absent).
+
+    scale_emb multiplies the embedding output; scale_depth / sqrt(args.num_layers) multiplies each
+    layer's self_attention and mlp outputs (both (output, bias) tuples) before the residual add;
+    dim_model_base divides the final norm's output by hidden_size / dim_model_base, before the output
+    layer; LongRoPE divides rotary_pos_emb.inv_freq by the chosen factors (the multiplier goes through
+    `minicpm_config_overrides`). Forward hooks only, so state dicts are unchanged.
+    """
+    scale_emb = getattr(args, "scale_emb", None)
+    scale_depth = getattr(args, "scale_depth", None)
+    dim_model_base = getattr(args, "dim_model_base", None)
+    if scale_emb is not None and model.pre_process:
+        model.embedding.register_forward_hook(_output_times(scale_emb))
+    if scale_depth is not None:
+        branch = scale_depth / math.sqrt(args.num_layers)
+        for layer in model.decoder.layers:
+            layer.self_attention.register_forward_hook(_output_and_bias_times(branch))
+            layer.mlp.register_forward_hook(_output_and_bias_times(branch))
+    if dim_model_base is not None and model.post_process:
+        divisor = args.hidden_size / dim_model_base  # divided, not multiplied by the inverse: as MiniCPM
+        model.decoder.final_layernorm.register_forward_hook(lambda module, inputs, output: output / divisor)
+    choice = minicpm_longrope(args)
+    if choice is not None:
+        rotary = model.rotary_pos_emb
+        if len(choice[0]) != rotary.inv_freq.numel():
+            raise ValueError(f"LongRoPE has {len(choice[0])} factors, the rotary embedding {rotary.inv_freq.numel()}")
+        # A plain attribute, read on every (lru-cached) forward: replace it before the first one.
+        rotary.inv_freq = rotary.inv_freq / torch.tensor(choice[0], dtype=rotary.inv_freq.dtype)
+    return model
+
+
+def _output_times(factor):
+    """Forward hook multiplying a module's tensor output."""
+
+    def hook(module, inputs, output):
+        if not torch.is_tensor(output):
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, expected a tensor")
+        return output * factor
+
+    return hook
+
+
+def _output_and_bias_times(factor):
+    """Forward hook scaling an (output, bias) pair, as attention and MLP modules return it."""
+
+    def hook(module, inputs, output):
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise TypeError(f"{type(module).__name__} did not return an (output, bias) pair")
+        out, bias = output
+        return out * factor, None if bias is None else bias * factor
+
+    return hook
 
 
 def _read_rank_file(path):

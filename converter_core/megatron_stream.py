@@ -1,12 +1,14 @@
-"""Megatron-Core checkpoints <-> message stream. The saver pads the vocabulary, splits tensors for the
-target TP/PP with the schema's rules, and hands them to a format sink; the loader does the reverse."""
+"""Megatron checkpoints (Megatron-Core or legacy GPT) <-> message stream. The saver pads the vocabulary,
+splits tensors for the target TP/PP with the schema's rules and hands them to a format sink; the loader
+merges them back. Which names and nesting is the schema's business (megatron_schema)."""
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
-from converter_core import layout, mcore_schema, megatron_args, protocol
+from converter_core import layout, megatron_args, megatron_schema, protocol
 from converter_core.errors import ConversionError, require
 from converter_core.formats import rank_files, torch_file
 from converter_core.output import StagedFolder
@@ -22,7 +24,7 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
                        help="PP size of the output (default: the source's, else 1)")
     group.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models only)")
     group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
-                       help="parameter names to write: TransformerEngine (default) or the local spec")
+                       help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
 
 
@@ -55,14 +57,14 @@ class RankFilesSink:
                 self.files[t, p] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
                 self.models[t, p] = {}
 
-    def put(self, stage, key, tensor, kind):
-        shards = layout.split(tensor, kind, self.tp)
-        for t, shard in enumerate(shards):
-            self.models[t, stage][key] = self.files[t, stage].tensor(shard)
+    def put(self, stage, path, tensor, kind):
+        for t, shard in enumerate(layout.split(tensor, kind, self.tp)):
+            megatron_schema.place(self.models[t, stage], path, self.files[t, stage].tensor(shard))
 
-    def put_value(self, stage, key, value):
+    def put_value(self, stage, path, value):
         for t in range(self.tp):
-            self.models[t, stage][key] = self.files[t, stage].tensor(value) if torch.is_tensor(value) else value
+            stored = self.files[t, stage].tensor(value) if torch.is_tensor(value) else value
+            megatron_schema.place(self.models[t, stage], path, stored)
 
     def finish(self, args):
         for (t, p), file in self.files.items():
@@ -75,27 +77,34 @@ class RankFilesSink:
         self.staged.abandon()
 
 
-def save(queue, args, make_sink=RankFilesSink):
-    receiver = protocol.Receiver(queue, args.checking)
-    md = receiver.metadata()
-    where = f"saver ({args.save_dir})"
-    protocol.check_supported(md, where)
+def output_args(md, args, tp, pp, schema, ckpt_format):
+    """The Megatron args written into the output: the stream's model args with the new layout."""
     margs = megatron_args.complete(torch_file.sanitize_namespace(megatron_args.plain_copy(md.checkpoint_args)))
-    tp = args.target_tensor_parallel_size or md.previous_tensor_parallel_size or 1
-    pp = args.target_pipeline_parallel_size or md.previous_pipeline_parallel_size or 1
-    require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
-    impl = args.saver_transformer_impl
-    megatron_args.check_tensor_parallel(margs, tp, where)
-    per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
-    require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
     margs.world_size, margs.data_parallel_size = tp * pp, 1
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
-    margs.transformer_impl, margs.ckpt_format = impl, "torch"
+    margs.transformer_impl, margs.ckpt_format = schema.impl, ckpt_format
+    margs.use_legacy_models, margs.use_mcore_models = schema.legacy, not schema.legacy
     margs.iteration = md.iteration
     margs.consumed_train_samples = getattr(md, "consumed_train_samples", 0)
     margs.consumed_valid_samples = getattr(md, "consumed_valid_samples", 0)
     megatron_args.set_dtype(margs, md.params_dtype)
+    return margs
+
+
+def save(queue, args, schema, make_sink=RankFilesSink, ckpt_format="torch"):
+    """Receive the stream and write it through `make_sink(save_dir, iteration, tp, pp)` in `schema`'s names."""
+    receiver = protocol.Receiver(queue, args.checking)
+    md = receiver.metadata()
+    where = f"saver ({args.save_dir})"
+    protocol.check_supported(md, where)
+    tp = args.target_tensor_parallel_size or md.previous_tensor_parallel_size or 1
+    pp = args.target_pipeline_parallel_size or md.previous_pipeline_parallel_size or 1
+    require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
+    margs = output_args(md, args, tp, pp, schema, ckpt_format)
+    megatron_args.check_tensor_parallel(margs, tp, where)
+    require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
+    per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
     dtype, last = md.params_dtype, pp - 1
     layer_shapes = protocol.layer_message_shapes(margs)
 
@@ -114,12 +123,11 @@ def save(queue, args, make_sink=RankFilesSink):
                     f"{where}: {table.shape[0]} vocabulary rows do not split over TP {tp}; give --true-vocab-size")
         margs.padded_vocab_size = table.shape[0]
         table = table.to(dtype)
-        sink.put(0, mcore_schema.WORD_EMBEDDINGS, table, layout.COLUMN)
+        sink.put(0, schema.word_embeddings, table, layout.COLUMN)
         if not md.output_layer and pp > 1:
-            sink.put(last, mcore_schema.OUTPUT_LAYER, table, layout.COLUMN)
+            sink.put(last, schema.tied_output_layer, table, layout.COLUMN)
 
-        entries = mcore_schema.layer_entries(margs, impl)
-        extra_states = mcore_schema.layer_extra_states(impl)
+        entries = schema.entries(margs)
         for index in range(md.num_layers):
             name = protocol.layer_name(index)
             message = receiver.get(name)
@@ -133,14 +141,14 @@ def save(queue, args, make_sink=RankFilesSink):
                             f"{where}: {name} {key!r} has shape {list(tensor.shape)}, expected {list(layer_shapes[key])}")
                     tensors.append(tensor.to(dtype))
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
-                sink.put(stage, mcore_schema.layer_key(local, entry.name), value, entry.kind)
-            for key, value in extra_states.items():
-                sink.put_value(stage, mcore_schema.layer_key(local, key), value)
+                sink.put(stage, schema.layer(local, entry.name), value, entry.kind)
+            for key, value in schema.layer_values().items():
+                sink.put_value(stage, schema.layer(local, key), value)
             receiver.check_consumed(message)
 
         message = receiver.get(protocol.FINAL_NORM)
-        for key, full_name in mcore_schema.final_norm_names(margs).items():
-            sink.put(last, full_name, message.pop(key).to(dtype), layout.REPLICATED)
+        for key in final_norm_keys(margs):
+            sink.put(last, schema.final_norm(key), message.pop(key).to(dtype), layout.REPLICATED)
         receiver.check_consumed(message)
         if md.output_layer:
             message = receiver.get(protocol.OUTPUT_LAYER)
@@ -149,8 +157,9 @@ def save(queue, args, make_sink=RankFilesSink):
             weight = layout.resize_vocab(weight, margs.padded_vocab_size) if md.true_vocab_size else weight
             require(weight.shape[0] == margs.padded_vocab_size,
                     f"{where}: output layer has {weight.shape[0]} rows, embeddings {margs.padded_vocab_size}")
-            sink.put(last, mcore_schema.OUTPUT_LAYER, weight.to(dtype), layout.COLUMN)
-        sink.put_value(last, mcore_schema.OUTPUT_LAYER_EXTRA_STATE, None)
+            sink.put(last, schema.output_layer, weight.to(dtype), layout.COLUMN)
+        for path, value in schema.last_stage_values().items():
+            sink.put_value(last, path, value)
         receiver.done()
         sink.finish(margs)
     except BaseException:
@@ -159,12 +168,25 @@ def save(queue, args, make_sink=RankFilesSink):
     print(f"saved TP {tp} x PP {pp} checkpoint to {args.save_dir}", flush=True)
 
 
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+def final_norm_keys(args):
+    return ["weight", "bias"] if args.normalization == "LayerNorm" else ["weight"]
+
+
+def _old_qkv_to_grouped(shard, version, heads):
+    """Checkpoint versions 0 and 1 ordered a rank's QKV rows [3, heads, d] / [heads, d, 3]; today's is
+    [heads, 3, d] (Megatron-LM's fix_query_key_value_ordering). Multi-head attention only."""
+    rest = shard.shape[1:]
+    head_dim = shard.shape[0] // (3 * heads)
+    if version == 0:
+        grouped = shard.view(3, heads, head_dim, *rest).transpose(0, 1)
+    else:
+        grouped = shard.view(heads, head_dim, 3, *rest).transpose(1, 2)
+    return grouped.reshape(shard.shape).contiguous()
 
 
 def load(queue, args):
-    """Stream a per-rank torch checkpoint: every rank file is memory-mapped, each layer's TP shards are
-    merged only when that layer is sent."""
+    """Stream a per-rank torch checkpoint (Megatron-Core or legacy): every rank file is memory-mapped,
+    and each layer's TP shards are merged only when that layer is sent."""
     iteration, folder = rank_files.read_tracker(args.load_dir)
     require(not (folder / "metadata.json").exists(), f"{folder}: torch_dist checkpoints are not supported yet")
     paths, tp, pp = rank_files.find_rank_files(folder)
@@ -174,70 +196,73 @@ def load(queue, args):
     margs = megatron_args.complete(torch_file.sanitize_namespace(states[0, 0]["args"]))
     rank_files.check_grid(folder, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
     states.update({key: torch_file.load(path) for key, path in paths.items() if key != (0, 0)})
-    version = states[0, 0].get("checkpoint_version", 0)
-    require(version >= 2.0, f"{first}: checkpoint_version {version} uses an older QKV order; not supported")
     require((margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size) == (tp, pp),
             f"{first}: args say TP {margs.tensor_model_parallel_size} x PP {margs.pipeline_model_parallel_size}, "
             f"files are TP {tp} x PP {pp}")
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(first))
-    chunks = sorted(k for k in states[0, 0] if re.fullmatch(r"model\d*", k))
+    version = states[0, 0].get("checkpoint_version", 0)
+    chunks = sorted((k for k in states[0, 0] if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
     require(chunks, f"{first}: no model state in the checkpoint")
-    chunks.sort(key=lambda k: int(k[5:] or 0))
+    schema = megatron_schema.detect(states[0, 0][chunks[0]])
+    if version < 2.0:
+        require(schema.legacy and megatron_args.query_groups(margs) == margs.num_attention_heads,
+                f"{first}: checkpoint_version {version} with grouped-query attention is not a known layout")
+    models = {}
+    for (t, p), state in states.items():
+        for chunk in chunks:
+            require(chunk in state, f"{paths[t, p]}: no {chunk!r} entry")
+            models[t, p, chunk] = schema.normalize(state[chunk])
 
-    def model(t, p, chunk):
-        state = states[t, p]
-        require(chunk in state, f"{paths[t, p]}: no {chunk!r} entry")
-        return state[chunk]
-
-    def tensor(t, p, chunk, key):
-        value = model(t, p, chunk).get(key)
-        require(torch.is_tensor(value), f"{paths[t, p]}: missing tensor {key}")
+    def tensor(t, p, chunk, path):
+        value = megatron_schema.lookup(models[t, p, chunk], path)
+        require(torch.is_tensor(value), f"{paths[t, p]}: missing tensor {'.'.join(path)}")
         return value
 
-    impl = mcore_schema.detect_impl(model(0, 0, chunks[0]))
     order = []  # global layer -> (pp rank, chunk, local index)
     for chunk in chunks:
         for p in range(pp):
-            indices = {int(m.group(1)) for k in model(0, p, chunk) if (m := _LAYER_KEY.match(k))}
+            indices = schema.layer_indices(models[0, p, chunk])
             require(indices == set(range(len(indices))), f"{paths[0, p]}: layer numbers {sorted(indices)} are not 0..n-1")
             order += [(p, chunk, j) for j in range(len(indices))]
-    require(len(order) == margs.num_layers,
-            f"{folder}: holds {len(order)} layers, args say {margs.num_layers}")
-    entries = mcore_schema.layer_entries(margs, impl)
+    require(len(order) == margs.num_layers, f"{folder}: holds {len(order)} layers, args say {margs.num_layers}")
+    entries = schema.entries(margs)
     layer_shapes = protocol.layer_message_shapes(margs)
+    heads_per_rank = margs.num_attention_heads // tp
     true_vocab = args.true_vocab_size or vocab_file_size(args.vocab_file) or margs.vocab_size
     md = protocol.make_metadata(margs, true_vocab_size=true_vocab, previous_tp=tp, previous_pp=pp,
                                 iteration=iteration or 1,
                                 consumed_train_samples=getattr(margs, "consumed_train_samples", 0) or 0,
                                 consumed_valid_samples=getattr(margs, "consumed_valid_samples", 0) or 0)
 
-    def merged(p, chunk, key, kind):
-        return layout.merge([tensor(t, p, chunk, key) for t in range(tp)], kind)
+    def merged(p, chunk, path, kind, old_qkv=False):
+        shards = [tensor(t, p, chunk, path) for t in range(tp)]
+        if old_qkv:
+            shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
+        return layout.merge(shards, kind)
 
     def messages():
-        table = merged(0, chunks[0], mcore_schema.WORD_EMBEDDINGS, layout.COLUMN)
+        table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN)
         require(table.shape[1] == margs.hidden_size,
-                f"{paths[0, 0]}: word embeddings are {list(table.shape)}, hidden size is {margs.hidden_size}")
+                f"{first}: word embeddings are {list(table.shape)}, hidden size is {margs.hidden_size}")
         yield protocol.EMBEDDINGS, {"word embeddings": table}
         for index, (p, chunk, local) in enumerate(order):
             message = {}
             for entry in entries:
-                value = merged(p, chunk, mcore_schema.layer_key(local, entry.name), entry.kind)
+                path = schema.layer(local, entry.name)
+                value = merged(p, chunk, path, entry.kind, old_qkv=version < 2.0 and "qkv" in entry.keys[0])
                 for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
                     require(tuple(part.shape) == layer_shapes[key],
-                            f"{paths[0, p]}: {mcore_schema.layer_key(local, entry.name)} gives {key!r} of shape "
-                            f"{list(part.shape)}, the args imply {list(layer_shapes[key])}")
+                            f"{paths[0, p]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
+                            f"the args imply {list(layer_shapes[key])}")
                     message[key] = part
             yield protocol.layer_name(index), message
         p, chunk = pp - 1, chunks[-1]
-        yield protocol.FINAL_NORM, {key: tensor(0, p, chunk, name) for key, name in mcore_schema.final_norm_names(margs).items()}
+        yield protocol.FINAL_NORM, {key: tensor(0, p, chunk, schema.final_norm(key)) for key in final_norm_keys(margs)}
         if md.output_layer:
-            weight = merged(p, chunk, mcore_schema.OUTPUT_LAYER, layout.COLUMN)
-            require(weight.shape == table_shape(table), f"{paths[0, p]}: output layer shape {list(weight.shape)} differs from the embeddings")
+            weight = merged(p, chunk, schema.output_layer, layout.COLUMN)
+            require(weight.shape == table.shape,
+                    f"{paths[0, p]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
-
-    def table_shape(table):
-        return table.shape
 
     protocol.send_model(queue, md, messages())
 
@@ -245,7 +270,6 @@ def load(queue, args):
 def vocab_file_size(path):
     if not path:
         return None
-    import json
     try:
         with open(path) as handle:
             return len(json.load(handle))

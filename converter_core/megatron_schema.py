@@ -1,0 +1,183 @@
+"""Where each message tensor lives in a Megatron checkpoint's `model` dict, and its tensor-parallel
+rule: Megatron-Core GPTModel (TransformerEngine or local names, flat keys) and the legacy Megatron-LM
+GPT model (nested dicts). Paths are tuples of dict keys. The per-rank and torch_dist formats share this.
+"""
+
+import collections
+import re
+
+import torch
+
+from converter_core import layout
+
+LOCAL = "local"
+TRANSFORMER_ENGINE = "transformer_engine"
+
+Entry = collections.namedtuple("Entry", "keys name kind")
+"""keys: message keys (two for SwiGLU fc1: W then V); name: parameter name inside one layer; kind: TP rule."""
+
+
+def layer_entries(args, names=None):
+    """The tensors of one transformer layer, under Megatron-Core local names unless `names` renames them."""
+    norm_bias = args.normalization == "LayerNorm"
+    entries = [Entry(("input norm weight",), "input_layernorm.weight", layout.REPLICATED)]
+    if norm_bias:
+        entries.append(Entry(("input norm bias",), "input_layernorm.bias", layout.REPLICATED))
+    entries.append(Entry(("qkv weight",), "self_attention.linear_qkv.weight", layout.COLUMN))
+    if args.add_qkv_bias or args.add_bias_linear:
+        entries.append(Entry(("qkv bias",), "self_attention.linear_qkv.bias", layout.COLUMN))
+    entries.append(Entry(("dense weight",), "self_attention.linear_proj.weight", layout.ROW))
+    if args.add_bias_linear:
+        entries.append(Entry(("dense bias",), "self_attention.linear_proj.bias", layout.REPLICATED))
+    entries.append(Entry(("post norm weight",), "pre_mlp_layernorm.weight", layout.REPLICATED))
+    if norm_bias:
+        entries.append(Entry(("post norm bias",), "pre_mlp_layernorm.bias", layout.REPLICATED))
+    if args.swiglu:
+        entries.append(Entry(("mlp l0 weight W", "mlp l0 weight V"), "mlp.linear_fc1.weight", layout.SWIGLU))
+        if args.add_bias_linear:
+            entries.append(Entry(("mlp l0 bias W", "mlp l0 bias V"), "mlp.linear_fc1.bias", layout.SWIGLU))
+    else:
+        entries.append(Entry(("mlp l0 weight",), "mlp.linear_fc1.weight", layout.COLUMN))
+        if args.add_bias_linear:
+            entries.append(Entry(("mlp l0 bias",), "mlp.linear_fc1.bias", layout.COLUMN))
+    entries.append(Entry(("mlp l1 weight",), "mlp.linear_fc2.weight", layout.ROW))
+    if args.add_bias_linear:
+        entries.append(Entry(("mlp l1 bias",), "mlp.linear_fc2.bias", layout.REPLICATED))
+    return [e._replace(name=names.get(e.name, e.name)) for e in entries] if names else entries
+
+
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+_LEGACY_NAMES = {
+    "input_layernorm.weight": "input_norm.weight",
+    "input_layernorm.bias": "input_norm.bias",
+    "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
+    "self_attention.linear_qkv.bias": "self_attention.query_key_value.bias",
+    "self_attention.linear_proj.weight": "self_attention.dense.weight",
+    "self_attention.linear_proj.bias": "self_attention.dense.bias",
+    "pre_mlp_layernorm.weight": "post_attention_norm.weight",
+    "pre_mlp_layernorm.bias": "post_attention_norm.bias",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+    "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
+}
+
+# Spellings of older legacy checkpoints, and what Megatron-LM renamed them to at load time.
+_LEGACY_RESPELLINGS = [("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                       ("final_layernorm", "final_norm"), (".attention.", ".self_attention.")]
+
+_CORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LEGACY_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+class CoreSchema:
+    """Megatron-Core GPTModel.state_dict(): flat keys, layer numbers local to the pipeline stage."""
+
+    legacy = False
+    word_embeddings = ("embedding.word_embeddings.weight",)
+    output_layer = ("output_layer.weight",)
+    tied_output_layer = ("output_layer.weight",)  # last stage of a tied model with PP > 1
+
+    def __init__(self, impl):
+        self.impl = impl
+        self.names = _TE_NAMES if impl == TRANSFORMER_ENGINE else None
+
+    def final_norm(self, key):
+        return (f"decoder.final_layernorm.{key}",)
+
+    def layer(self, index, name):
+        return (f"decoder.layers.{index}.{name}",)
+
+    def entries(self, args):
+        return layer_entries(args, self.names)
+
+    def layer_values(self):
+        """`_extra_state` entries a real model has per layer: None for Megatron's own linears, an empty
+        uint8 tensor for TransformerEngine modules (what TE >= 2.4 returns without FP8)."""
+        if self.impl == TRANSFORMER_ENGINE:
+            modules = ["self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj",
+                       "mlp.linear_fc1", "mlp.linear_fc2"]
+            return {f"{m}._extra_state": torch.empty(0, dtype=torch.uint8) for m in modules}
+        modules = ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+        return {f"{m}._extra_state": None for m in modules}
+
+    def last_stage_values(self):
+        return {("output_layer._extra_state",): None}
+
+    def layer_indices(self, model):
+        return {int(m.group(1)) for k in model if (m := _CORE_LAYER.match(k))}
+
+    @staticmethod
+    def normalize(model):
+        return model
+
+
+class LegacySchema:
+    """Legacy Megatron-LM GPTModel: nested `language_model` dicts, local (non-TE) names."""
+
+    legacy = True
+    impl = LOCAL
+    word_embeddings = ("language_model", "embedding", "word_embeddings", "weight")
+    output_layer = ("language_model", "output_layer", "weight")
+    tied_output_layer = ("word_embeddings_for_head", "weight")
+
+    def final_norm(self, key):
+        return ("language_model", "encoder", f"final_norm.{key}")
+
+    def layer(self, index, name):
+        return ("language_model", "encoder", f"layers.{index}.{name}")
+
+    def entries(self, args):
+        return layer_entries(args, _LEGACY_NAMES)
+
+    def layer_values(self):
+        return {}
+
+    def last_stage_values(self):
+        return {}
+
+    def layer_indices(self, model):
+        encoder = model.get("language_model", {}).get("encoder", {})
+        return {int(m.group(1)) for k in encoder if (m := _LEGACY_LAYER.match(k))}
+
+    @staticmethod
+    def normalize(model):
+        """A view with today's spellings (`encoder`, `input_norm`, ...), as Megatron-LM renamed at load."""
+        language_model = dict(model.get("language_model", {}))
+        if "transformer" in language_model and "encoder" not in language_model:
+            language_model["encoder"] = language_model.pop("transformer")
+        encoder = {}
+        for key, value in language_model.get("encoder", {}).items():
+            for old, new in _LEGACY_RESPELLINGS:
+                key = key.replace(old, new)
+            encoder[key] = value
+        language_model["encoder"] = encoder
+        return dict(model, language_model=language_model)
+
+
+def detect(model):
+    """The schema of a loaded `model` dict."""
+    if "language_model" in model:
+        return LegacySchema()
+    te = any(k.endswith("linear_qkv.layer_norm_weight") for k in model)
+    return CoreSchema(TRANSFORMER_ENGINE if te else LOCAL)
+
+
+def lookup(model, path):
+    for key in path:
+        if not isinstance(model, dict) or key not in model:
+            return None
+        model = model[key]
+    return model
+
+
+def place(model, path, value):
+    for key in path[:-1]:
+        model = model.setdefault(key, {})
+    model[path[-1]] = value
