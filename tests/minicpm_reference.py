@@ -49,25 +49,26 @@ def minicpm_config(*, tied=True, kv_heads=2, longrope=True, layers=4, hidden=64,
     base's ratio and the factor lists are resampled to head_dim/2 entries. `tied` and `longrope`
     are then ignored: tying and rope_scaling are what `base` says (edit the result to change them).
     """
-    head_dim = hidden // heads
+    half = hidden // heads // 2
     sizes = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
              "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "vocab_size": vocab}
     if base is not None:
         config = json.loads(json.dumps(base))  # deep copy
         ratio = base["hidden_size"] / base.get("dim_model_base", REMOTE_DEFAULTS["dim_model_base"])
+        if "num_key_value_heads" not in base and kv_heads == heads:
+            del sizes["num_key_value_heads"]  # absent means MHA: keep it absent
         config.update(sizes)
         if "dim_model_base" in base:
             dim_model_base = hidden / ratio
             config["dim_model_base"] = int(dim_model_base) if dim_model_base == int(dim_model_base) else dim_model_base
         if "head_dim" in base:
-            config["head_dim"] = head_dim
+            config["head_dim"] = hidden // heads
         scaling = config.get("rope_scaling")
         if scaling and "short_factor" in scaling:
-            scaling["short_factor"] = _resample(scaling["short_factor"], head_dim // 2)
-            scaling["long_factor"] = _resample(scaling["long_factor"], head_dim // 2)
+            scaling["short_factor"] = _resample(scaling["short_factor"], half)
+            scaling["long_factor"] = _resample(scaling["long_factor"], half)
         return config
 
-    half = head_dim // 2
     steps = [i / max(1, half - 1) for i in range(half)]
     rope_scaling = {
         "rope_type": "longrope",
@@ -117,6 +118,7 @@ def scalar(config, name):
 
 
 def head_dim(config):
+    """hidden/heads: MiniCPM-1/2/4 derive it (their configs carry no head_dim)."""
     return config["hidden_size"] // config["num_attention_heads"]
 
 
@@ -393,45 +395,41 @@ def save_minicpm_mcore_checkpoint(save_dir, state_dict, config, *, tp=1, make_vo
         rows[: weight.shape[0]] = weight
         return rows
 
-    full = {"embedding.word_embeddings.weight": padded(state_dict["model.embed_tokens.weight"])}
-    for i in range(config["num_hidden_layers"]):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+    def qkv(hf):
         q = state_dict[hf + "self_attn.q_proj.weight"].view(groups, heads // groups * dim, -1)
         k = state_dict[hf + "self_attn.k_proj.weight"].view(groups, dim, -1)
         v = state_dict[hf + "self_attn.v_proj.weight"].view(groups, dim, -1)
-        full[mc + "input_layernorm.weight"] = state_dict[hf + "input_layernorm.weight"]
-        full[mc + "self_attention.linear_qkv.weight"] = torch.cat((q, k, v), dim=1).reshape(-1, q.shape[-1])
-        full[mc + "self_attention.linear_proj.weight"] = state_dict[hf + "self_attn.o_proj.weight"]
-        full[mc + "pre_mlp_layernorm.weight"] = state_dict[hf + "post_attention_layernorm.weight"]
-        full[mc + "mlp.gate"] = state_dict[hf + "mlp.gate_proj.weight"]  # joined per rank below
-        full[mc + "mlp.up"] = state_dict[hf + "mlp.up_proj.weight"]
-        full[mc + "mlp.linear_fc2.weight"] = state_dict[hf + "mlp.down_proj.weight"]
-    full["decoder.final_layernorm.weight"] = state_dict["model.norm.weight"]
-    if args.untie_embeddings_and_output_weights:
-        full["output_layer.weight"] = padded(state_dict["lm_head.weight"])
+        return torch.cat((q, k, v), dim=1).reshape(-1, q.shape[-1])
 
     iter_dir = os.path.join(os.fspath(save_dir), f"iter_{iteration:07d}")
     for rank in range(tp):
-        model = {}
-        for name, tensor in full.items():
-            if name.endswith("mlp.gate"):
-                continue
-            if name.endswith("mlp.up"):
-                prefix = name[: -len("up")]
-                gate = full[prefix + "gate"].chunk(tp, dim=0)[rank]
-                model[prefix + "linear_fc1.weight"] = torch.cat((gate, tensor.chunk(tp, dim=0)[rank]))
-                model[prefix + "linear_fc1._extra_state"] = None
-            elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):  # row parallel
-                model[name] = tensor.chunk(tp, dim=1)[rank]
-                model[name.replace(".weight", "._extra_state")] = None
-            elif name.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
-                model[name] = tensor.chunk(tp, dim=0)[rank]  # column / vocab parallel: whole groups
-                if "linear_qkv" in name:
-                    model[name.replace(".weight", "._extra_state")] = None
-            else:
-                model[name] = tensor  # norms: replicated
+        def column(weight):  # column and vocab parallel: output rows split (whole query groups for QKV)
+            return weight.chunk(tp, dim=0)[rank].clone()
+
+        def row(weight):  # row parallel: input columns split
+            return weight.chunk(tp, dim=1)[rank].clone()
+
+        model = {"embedding.word_embeddings.weight": column(padded(state_dict["model.embed_tokens.weight"]))}
+        for i in range(config["num_hidden_layers"]):
+            hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+            fc1 = torch.cat((column(state_dict[hf + "mlp.gate_proj.weight"]),
+                             column(state_dict[hf + "mlp.up_proj.weight"])))
+            model.update({
+                mc + "input_layernorm.weight": state_dict[hf + "input_layernorm.weight"].clone(),
+                mc + "self_attention.linear_qkv.weight": column(qkv(hf)),
+                mc + "self_attention.linear_qkv._extra_state": None,
+                mc + "self_attention.linear_proj.weight": row(state_dict[hf + "self_attn.o_proj.weight"]),
+                mc + "self_attention.linear_proj._extra_state": None,
+                mc + "pre_mlp_layernorm.weight": state_dict[hf + "post_attention_layernorm.weight"].clone(),
+                mc + "mlp.linear_fc1.weight": fc1,
+                mc + "mlp.linear_fc1._extra_state": None,
+                mc + "mlp.linear_fc2.weight": row(state_dict[hf + "mlp.down_proj.weight"]),
+                mc + "mlp.linear_fc2._extra_state": None,
+            })
+        model["decoder.final_layernorm.weight"] = state_dict["model.norm.weight"].clone()
+        if args.untie_embeddings_and_output_weights:
+            model["output_layer.weight"] = column(padded(state_dict["lm_head.weight"]))
         model["output_layer._extra_state"] = None
-        model = {name: value.clone() if torch.is_tensor(value) else None for name, value in model.items()}
         checkpoint = {"args": argparse.Namespace(**vars(args)), "checkpoint_version": 3.0, "iteration": iteration,
                       "model": model, "num_floating_point_operations_so_far": 0}
         path = mcore_harness.rank_file(iter_dir, rank, 0, 1)
