@@ -161,6 +161,15 @@ class LegacySchema:
         return dict(model, language_model=language_model)
 
 
+def dist_layer_key(name):
+    """torch_dist stacks layers under one key, and uses TE-style norm names for both specs
+    (the local spec's sharded_state_dict_keys_map renames them)."""
+    return "decoder.layers." + _TE_NAMES.get(name, name)
+
+
+DIST_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
 def detect(model):
     """The schema of a loaded `model` dict."""
     if "language_model" in model:

@@ -10,7 +10,7 @@ import torch
 
 from converter_core import layout, megatron_args, megatron_schema, protocol
 from converter_core.errors import ConversionError, require
-from converter_core.formats import rank_files, torch_file
+from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
 
 CHECKPOINT_VERSION = 3.0
@@ -39,16 +39,23 @@ def add_loader_arguments(parser, title, default_impl="transformer_engine"):
                        help="accepted; the name style is detected from the checkpoint")
 
 
+def _staged_iteration(save_dir, iteration):
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    final = save_dir / rank_files.iteration_dir_name(iteration)
+    require(not final.exists(), f"{final}: already exists; choose another --save-dir")
+    return StagedFolder(final)
+
+
 class RankFilesSink:
     """Per-rank torch files (mp_rank_TT[_PPP]/model_optim_rng.pt), each streamed as tensors arrive."""
 
-    def __init__(self, save_dir, iteration, tp, pp):
-        self.save_dir = Path(save_dir)
+    per_rank = True
+
+    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers):
+        self.save_dir, self.schema = Path(save_dir), schema
         self.iteration, self.tp, self.pp = iteration, tp, pp
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        final = self.save_dir / rank_files.iteration_dir_name(iteration)
-        require(not final.exists(), f"{final}: already exists; choose another --save-dir")
-        self.staged = StagedFolder(final)
+        self.staged = _staged_iteration(save_dir, iteration)
         self.files, self.models = {}, {}
         for t in range(tp):
             for p in range(pp):
@@ -66,6 +73,12 @@ class RankFilesSink:
             stored = self.files[t, stage].tensor(value) if torch.is_tensor(value) else value
             megatron_schema.place(self.models[t, stage], path, stored)
 
+    def put_layer(self, index, stage, local, name, value, kind):
+        self.put(stage, self.schema.layer(local, name), value, kind)
+
+    def put_layer_value(self, index, stage, local, name, value):
+        self.put_value(stage, self.schema.layer(local, name), value)
+
     def finish(self, args):
         for (t, p), file in self.files.items():
             file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
@@ -77,6 +90,52 @@ class RankFilesSink:
         self.staged.abandon()
 
 
+class TorchDistSink:
+    """A torch_dist iteration folder: full (unsplit) tensors, layers stacked on a leading axis with one
+    chunk per layer, written as they arrive; Megatron reshards it to any TP/PP when loading."""
+
+    per_rank = False
+
+    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers):
+        self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, num_layers
+        self.staged = _staged_iteration(save_dir, iteration)
+        self.writer = torch_dist.DistWriter(self.staged.path)
+
+    def put(self, stage, path, tensor, kind):
+        key = ".".join(path)
+        self.writer.declare(key, tensor.dtype, tensor.shape)
+        self.writer.write_chunk(key, tensor, (0,) * tensor.dim())
+
+    def put_value(self, stage, path, value):
+        pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
+
+    def put_layer(self, index, stage, local, name, value, kind):
+        tensor = torch.cat(value, dim=0) if kind == layout.SWIGLU else value
+        key = megatron_schema.dist_layer_key(name)
+        if index == 0:
+            self.writer.declare(key, tensor.dtype, (self.num_layers, *tensor.shape))
+        self.writer.write_chunk(key, tensor.unsqueeze(0), (index,) + (0,) * tensor.dim())
+
+    def put_layer_value(self, index, stage, local, name, value):
+        module = name.removesuffix("._extra_state")
+        if module in megatron_schema.DIST_EXTRA_STATE_MODULES:
+            self.writer.write_object(f"decoder.layers.{name}/shard_{index}_{self.num_layers}", [value])
+
+    def finish(self, args):
+        self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                            "num_floating_point_operations_so_far": 0,
+                            "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}})
+        self.staged.commit()
+        rank_files.write_tracker(self.save_dir, self.iteration)
+
+    def abandon(self):
+        self.writer.abandon()
+        self.staged.abandon()
+
+
+SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}
+
+
 def output_args(md, args, tp, pp, schema, ckpt_format):
     """The Megatron args written into the output: the stream's model args with the new layout."""
     margs = megatron_args.complete(torch_file.sanitize_namespace(megatron_args.plain_copy(md.checkpoint_args)))
@@ -84,6 +143,7 @@ def output_args(md, args, tp, pp, schema, ckpt_format):
     margs.world_size, margs.data_parallel_size = tp * pp, 1
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
     margs.transformer_impl, margs.ckpt_format = schema.impl, ckpt_format
+    margs.use_dist_ckpt = ckpt_format == "torch_dist"
     margs.use_legacy_models, margs.use_mcore_models = schema.legacy, not schema.legacy
     margs.iteration = md.iteration
     margs.consumed_train_samples = getattr(md, "consumed_train_samples", 0)
@@ -92,8 +152,8 @@ def output_args(md, args, tp, pp, schema, ckpt_format):
     return margs
 
 
-def save(queue, args, schema, make_sink=RankFilesSink, ckpt_format="torch"):
-    """Receive the stream and write it through `make_sink(save_dir, iteration, tp, pp)` in `schema`'s names."""
+def save(queue, args, schema, ckpt_format="torch"):
+    """Receive the stream and write it in `schema`'s names through the sink of `ckpt_format`."""
     receiver = protocol.Receiver(queue, args.checking)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
@@ -108,7 +168,7 @@ def save(queue, args, schema, make_sink=RankFilesSink, ckpt_format="torch"):
     dtype, last = md.params_dtype, pp - 1
     layer_shapes = protocol.layer_message_shapes(margs)
 
-    sink = make_sink(args.save_dir, md.iteration, tp, pp)
+    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, md.num_layers)
     try:
         message = receiver.get(protocol.EMBEDDINGS)
         table = message.pop("word embeddings")
@@ -124,7 +184,7 @@ def save(queue, args, schema, make_sink=RankFilesSink, ckpt_format="torch"):
         margs.padded_vocab_size = table.shape[0]
         table = table.to(dtype)
         sink.put(0, schema.word_embeddings, table, layout.COLUMN)
-        if not md.output_layer and pp > 1:
+        if not md.output_layer and pp > 1 and sink.per_rank:
             sink.put(last, schema.tied_output_layer, table, layout.COLUMN)
 
         entries = schema.entries(margs)
@@ -141,9 +201,9 @@ def save(queue, args, schema, make_sink=RankFilesSink, ckpt_format="torch"):
                             f"{where}: {name} {key!r} has shape {list(tensor.shape)}, expected {list(layer_shapes[key])}")
                     tensors.append(tensor.to(dtype))
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
-                sink.put(stage, schema.layer(local, entry.name), value, entry.kind)
+                sink.put_layer(index, stage, local, entry.name, value, entry.kind)
             for key, value in schema.layer_values().items():
-                sink.put_value(stage, schema.layer(local, key), value)
+                sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
 
         message = receiver.get(protocol.FINAL_NORM)
@@ -188,7 +248,8 @@ def load(queue, args):
     """Stream a per-rank torch checkpoint (Megatron-Core or legacy): every rank file is memory-mapped,
     and each layer's TP shards are merged only when that layer is sent."""
     iteration, folder = rank_files.read_tracker(args.load_dir)
-    require(not (folder / "metadata.json").exists(), f"{folder}: torch_dist checkpoints are not supported yet")
+    if torch_dist.is_dist_checkpoint(folder):
+        return load_dist(queue, args, iteration, folder)
     paths, tp, pp = rank_files.find_rank_files(folder)
     first = paths[0, 0]
     states = {(0, 0): torch_file.load(first)}
@@ -228,11 +289,7 @@ def load(queue, args):
     entries = schema.entries(margs)
     layer_shapes = protocol.layer_message_shapes(margs)
     heads_per_rank = margs.num_attention_heads // tp
-    true_vocab = args.true_vocab_size or vocab_file_size(args.vocab_file) or margs.vocab_size
-    md = protocol.make_metadata(margs, true_vocab_size=true_vocab, previous_tp=tp, previous_pp=pp,
-                                iteration=iteration or 1,
-                                consumed_train_samples=getattr(margs, "consumed_train_samples", 0) or 0,
-                                consumed_valid_samples=getattr(margs, "consumed_valid_samples", 0) or 0)
+    md = _metadata_for(margs, args, iteration, tp, pp)
 
     def merged(p, chunk, path, kind, old_qkv=False):
         shards = [tensor(t, p, chunk, path) for t in range(tp)]
@@ -263,6 +320,70 @@ def load(queue, args):
             require(weight.shape == table.shape,
                     f"{paths[0, p]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
+
+    protocol.send_model(queue, md, messages())
+
+
+def _metadata_for(margs, args, iteration, tp, pp):
+    true_vocab = args.true_vocab_size or vocab_file_size(args.vocab_file) or margs.vocab_size
+    return protocol.make_metadata(margs, true_vocab_size=true_vocab, previous_tp=tp, previous_pp=pp,
+                                  iteration=iteration or 1,
+                                  consumed_train_samples=getattr(margs, "consumed_train_samples", 0) or 0,
+                                  consumed_valid_samples=getattr(margs, "consumed_valid_samples", 0) or 0)
+
+
+def load_dist(queue, args, iteration, folder):
+    """Stream a torch_dist checkpoint: args from common.pt, then each layer sliced out of the stacked
+    `decoder.layers.*` tensors (or per-layer keys), memory-mapped; optimizer and extra states skipped."""
+    margs = megatron_args.complete(torch_file.sanitize_namespace(torch_dist.read_common(folder)["args"]))
+    reader = torch_dist.DistReader(folder)
+    where = folder / torch_dist.DCP_METADATA
+    protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
+    layers, hidden = margs.num_layers, margs.hidden_size
+    layer_shapes = protocol.layer_message_shapes(margs)
+    entries = megatron_schema.layer_entries(margs)
+
+    def expected(entry):
+        shape = layer_shapes[entry.keys[0]]
+        return (2 * shape[0], *shape[1:]) if entry.kind == layout.SWIGLU else shape
+
+    def source_of(entry, index):
+        """(key, index along the stacked axis or None) holding `entry` of layer `index`."""
+        stacked = megatron_schema.dist_layer_key(entry.name)
+        if stacked in reader:
+            return stacked, index
+        return stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1), None
+
+    for entry in entries:
+        for index in range(layers):
+            key, position = source_of(entry, index)
+            require(key in reader, f"{where}: no tensor {key} (the args describe {layers} layers of this model)")
+            want = ((layers,) if position is not None else ()) + expected(entry)
+            require(reader.shape(key) == want,
+                    f"{where}: {key} has shape {list(reader.shape(key))}, the args in {torch_dist.COMMON} imply {list(want)}")
+            if position is not None:
+                break
+    table_key, norm_key = "embedding.word_embeddings.weight", "decoder.final_layernorm"
+    require(table_key in reader and reader.shape(table_key)[1:] == (hidden,),
+            f"{where}: {table_key} missing or not [vocab, {hidden}]")
+    untied = megatron_args.untied(margs)
+    if untied:
+        require(reader.shape("output_layer.weight") == reader.shape(table_key) if "output_layer.weight" in reader else False,
+                f"{where}: output_layer.weight missing or not shaped like the embeddings")
+    md = _metadata_for(margs, args, iteration, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
+
+    def messages():
+        yield protocol.EMBEDDINGS, {"word embeddings": reader.read(table_key)}
+        for index in range(layers):
+            message = {}
+            for entry in entries:
+                tensor = reader.read(*source_of(entry, index))
+                parts = torch.chunk(tensor, 2, dim=0) if entry.kind == layout.SWIGLU else (tensor,)
+                message.update(zip(entry.keys, parts))
+            yield protocol.layer_name(index), message
+        yield protocol.FINAL_NORM, {key: reader.read(f"{norm_key}.{key}") for key in final_norm_keys(margs)}
+        if untied:
+            yield protocol.OUTPUT_LAYER, {"weight": reader.read("output_layer.weight")}
 
     protocol.send_model(queue, md, messages())
 

@@ -159,9 +159,10 @@ def _load_worker(rank, tp, port, out_path, iter_dir, tokens):
         if args.padded_vocab_size % tp:
             raise ValueError(f"padded_vocab_size {args.padded_vocab_size} does not split over TP {tp}")
         model = _gpt_model(args, args.num_layers, pre_process=True, post_process=True)
-        metadata = _sharded_metadata(common.get("content_metadata"))
+        sharded = model.sharded_state_dict(metadata=_sharded_metadata(common.get("content_metadata")))
+        _check_vocab_shapes(sharded, iter_dir)
         loaded = dist_checkpointing.load(
-            {"model": model.sharded_state_dict(metadata=metadata)},
+            {"model": sharded},
             iter_dir,
             TorchDistLoadShardedStrategy(),
             validate_access_integrity=True,
@@ -171,3 +172,24 @@ def _load_worker(rank, tp, port, out_path, iter_dir, tokens):
         logits = _forward([model], tokens)
         if rank == 0:
             torch.save(logits, out_path)
+
+
+def _check_vocab_shapes(sharded, iter_dir):
+    """Refuse what Megatron would load silently: vocab tensors of another padded size.
+
+    Megatron marks the word embeddings and the output layer `allow_shape_mismatch` and then
+    zero-fills or crops them, so a wrongly padded vocabulary would otherwise pass.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(iter_dir).read_metadata().state_dict_metadata
+    for tensor in nested_values(sharded):
+        if isinstance(tensor, ShardedTensor) and tensor.allow_shape_mismatch and tensor.key in stored:
+            found = tuple(stored[tensor.key].size)
+            if found != tuple(tensor.global_shape):
+                raise ValueError(
+                    f"{iter_dir}: {tensor.key} has global shape {found}, the model built from "
+                    f"common.pt args expects {tuple(tensor.global_shape)}"
+                )

@@ -120,3 +120,12 @@ def test_tensor_mismatch_raises(tmp_path_factory, tmp_path, untied):
     edit_args(mismatched, untie_embeddings_and_output_weights=not untied)
     with pytest.raises(RuntimeError, match="output_layer.weight"):
         harness.dist_logits(mismatched, TOKENS)
+
+
+def test_vocab_padding_mismatch_raises(tmp_path_factory, tmp_path):
+    # Megatron itself would zero-fill the missing rows of an allow_shape_mismatch tensor.
+    iter_dir, _ = saved_checkpoint(tmp_path_factory, 1, True)
+    mismatched = copy_checkpoint(iter_dir, tmp_path)
+    edit_args(mismatched, padded_vocab_size=192)
+    with pytest.raises(RuntimeError, match=r"embedding.word_embeddings.weight has global shape \(128, 64\)"):
+        harness.dist_logits(mismatched, TOKENS)

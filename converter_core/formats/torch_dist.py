@@ -1,0 +1,241 @@
+"""Megatron-Core's torch_dist format (PyTorch DCP files plus common.pt and metadata.json), read and
+written in one process with no process group and without Megatron.
+
+Reading parses DCP's own layout: `.metadata` (a pickle, unpickled here with an allow list) maps every
+chunk of every tensor to a byte range of a `.distcp` file holding a torch.save zip; the tensor bytes
+inside are memory-mapped, so reading one layer of a stacked [L, ...] tensor touches only that layer.
+Writing appends each chunk as it arrives and writes `.metadata` last.
+"""
+
+import io
+import json
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy
+import torch
+from torch.distributed.checkpoint import filesystem
+from torch.distributed.checkpoint import metadata as dcp
+
+from converter_core.errors import ConversionError, require
+from converter_core.formats import torch_file
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+DCP_METADATA = ".metadata"
+COMMON = "common.pt"
+DATA_FILE = "__0_0.distcp"
+
+
+def is_dist_checkpoint(folder):
+    folder = Path(folder)
+    return (folder / "metadata.json").exists() or (folder / DCP_METADATA).exists()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata holds dataclasses of torch.distributed.checkpoint, torch sizes and dtypes;
+    nothing else may be constructed from an untrusted file."""
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in {
+                ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: it could run code")
+
+
+_STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+
+
+class _ChunkSpec:
+    """What the data.pkl of one chunk's torch.save describes: its storage record, dtype and view."""
+
+    def __init__(self, key, dtype):
+        self.key, self.dtype = key, dtype
+
+
+class _ChunkUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: (storage, offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch", "Size"):
+            return torch.Size
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a tensor chunk")
+
+    def persistent_load(self, saved_id):
+        _, dtype, key, _, _ = saved_id
+        return _ChunkSpec(key, dtype)
+
+
+class _Slice(io.RawIOBase):
+    """A read-only window [start, start + length) of a file, for zipfile."""
+
+    def __init__(self, handle, start, length):
+        self.handle, self.start, self.length, self.position = handle, start, length, 0
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        base = {0: 0, 1: self.position, 2: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self):
+        return self.position
+
+    def readinto(self, buffer):
+        size = max(0, min(len(buffer), self.length - self.position))
+        self.handle.seek(self.start + self.position)
+        data = self.handle.read(size)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+class DistReader:
+    """Tensors of a torch_dist iteration folder by key, whole or one index of the leading axis."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        path = self.folder / DCP_METADATA
+        require(path.is_file(), f"{path}: missing (a torch_dist checkpoint needs its DCP metadata)")
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
+            raise ConversionError(f"{path}: unreadable DCP metadata ({error})") from None
+        require(isinstance(metadata, dcp.Metadata), f"{path}: not DCP metadata")
+        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)}
+        self.storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+
+    def __contains__(self, key):
+        return key in self.tensors
+
+    def shape(self, key):
+        return tuple(self.tensors[key].size)
+
+    def read(self, key, index=None):
+        """The global tensor `key`, or its slice [index] along the first axis; assembled from chunks."""
+        require(key in self.tensors, f"{self.folder / DCP_METADATA}: no tensor {key}")
+        meta = self.tensors[key]
+        shape = tuple(meta.size) if index is None else tuple(meta.size)[1:]
+        result = torch.empty(shape, dtype=meta.properties.dtype)
+        covered = 0
+        for chunk in meta.chunks:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if index is not None and not offsets[0] <= index < offsets[0] + sizes[0]:
+                continue
+            view = self._chunk(key, offsets, sizes, meta.properties.dtype)
+            if index is not None:
+                view, offsets, sizes = view[index - offsets[0]], offsets[1:], sizes[1:]
+            result[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = view
+            covered += view.numel()
+        require(covered == result.numel(), f"{self.folder}: the chunks of {key} do not cover it")
+        return result
+
+    def _chunk(self, key, offsets, sizes, dtype):
+        info = self.storage.get((key, offsets))
+        require(info is not None, f"{self.folder / DCP_METADATA}: no storage entry for {key} at {list(offsets)}")
+        require(not getattr(info, "transform_descriptors", None), f"{self.folder}: {key} is stored transformed (unsupported)")
+        path = self.folder / info.relative_path
+        try:
+            return _mapped_tensor(path, info.offset, info.length, sizes, dtype)
+        except ConversionError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error, KeyError) as error:
+            raise ConversionError(f"{path}: cannot read {key} ({error}); the file may be truncated") from None
+
+
+def _mapped_tensor(path, start, length, sizes, dtype):
+    """Memory-map the tensor that a torch.save zip at [start, start + length) of `path` holds."""
+    require(path.is_file(), f"{path}: missing")
+    require(path.stat().st_size >= start + length, f"{path}: truncated (needs {start + length} bytes)")
+    with open(path, "rb") as handle:
+        archive = zipfile.ZipFile(_Slice(handle, start, length))
+        pickle_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(archive.read(pickle_name))).load()
+        record = archive.getinfo(pickle_name[:-len("data.pkl")] + f"data/{storage.key}")
+        require(record.compress_type == zipfile.ZIP_STORED, f"{path}: compressed tensor record")
+        handle.seek(start + record.header_offset)
+        header = handle.read(30)
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        data_start = start + record.header_offset + 30 + name_length + extra_length
+    require(storage.dtype == dtype and size == tuple(sizes), f"{path}: chunk is {storage.dtype} {list(size)}, "
+            f"the metadata says {dtype} {list(sizes)}")
+    nbytes = record.file_size
+    mapped = numpy.memmap(path, dtype=numpy.uint8, mode="r", offset=data_start, shape=(nbytes,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory: we never write through it
+        flat = torch.frombuffer(mapped, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+    return flat.as_strided(size, stride, offset)
+
+
+def read_common(folder):
+    path = Path(folder) / COMMON
+    require(path.is_file(), f"{path}: missing (a torch_dist checkpoint keeps its args there)")
+    common = torch_file.load(path, mmap=False)
+    require(isinstance(common, dict) and "args" in common, f"{path}: no 'args' in the common state")
+    return common
+
+
+class DistWriter:
+    """A torch_dist iteration folder written chunk by chunk; finish() writes .metadata, common.pt and
+    metadata.json, which is what makes it a checkpoint."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.handle = open(self.folder / DATA_FILE, "wb")
+        self.state = {}
+        self.storage = {}
+
+    def declare(self, key, dtype, shape):
+        self.state[key] = dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=dtype), torch.Size(shape), [])
+
+    def write_chunk(self, key, tensor, offsets):
+        meta = self.state[key]
+        require(tensor.dtype == meta.properties.dtype, f"{key}: chunk dtype {tensor.dtype} is not {meta.properties.dtype}")
+        start = self.handle.tell()
+        torch.save(tensor.detach().contiguous(), self.handle)
+        offsets = torch.Size(offsets)
+        meta.chunks.append(dcp.ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
+        self.storage[dcp.MetadataIndex(key, offsets)] = filesystem._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+
+    def write_object(self, key, value):
+        """A Megatron ShardedObject: torch.save of its value, stored as bytes."""
+        start = self.handle.tell()
+        torch.save(value, self.handle)
+        self.state[key] = dcp.BytesStorageMetadata()
+        self.storage[dcp.MetadataIndex(key)] = filesystem._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+
+    def finish(self, common):
+        for key, meta in self.state.items():
+            if isinstance(meta, dcp.TensorStorageMetadata):
+                covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
+                require(covered == meta.size.numel(), f"{self.folder}: {key} was not written completely")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        metadata = dcp.Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
+                                storage_meta=dcp.StorageMeta(), version="1.0.0")
+        with open(self.folder / DCP_METADATA, "wb") as handle:
+            pickle.dump(metadata, handle)
+        torch.save(common, self.folder / COMMON)
+        (self.folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+    def abandon(self):
+        if not self.handle.closed:
+            self.handle.close()
