@@ -1,21 +1,34 @@
-"""Hugging Face Llama-layout families (Llama, Mistral, Qwen2): a table of names and a few config
-fields, mapped to and from the Megatron args and the message stream. Loader and saver both use it.
+"""Hugging Face Llama-layout families (Llama, Mistral, Qwen2, MiniCPM): a table of names and a few
+config fields, mapped to and from the Megatron args and the message stream. Loader and saver both use it.
 """
 
 import collections
 import json
+import math
 
 import torch
 
 from converter_core import layout, megatron_args
 from converter_core.errors import ConversionError, require
 
-Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias")
+Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias mup")
 
-FAMILIES = {
-    "llama": Family("llama", "LlamaForCausalLM", False, False),
-    "mistral": Family("mistral", "MistralForCausalLM", False, False),
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", False, True),
+LLAMA_FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", False, False, False),
+    "mistral": Family("mistral", "MistralForCausalLM", False, False, False),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", False, True, False),
+}
+# MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (remote default).
+MINICPM_FAMILIES = {"minicpm": Family("minicpm", "MiniCPMForCausalLM", True, False, True)}
+FAMILIES = LLAMA_FAMILIES
+
+MUP_SCALARS = ("scale_emb", "scale_depth", "dim_model_base")
+MINICPM_AUTO_MAP = {
+    "AutoConfig": "configuration_minicpm.MiniCPMConfig",
+    "AutoModel": "modeling_minicpm.MiniCPMModel",
+    "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
+    "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
 }
 
 EMBED = "model.embed_tokens.weight"
@@ -46,7 +59,7 @@ def family_of(config, where, families=FAMILIES):
 
 def rope_settings(config):
     """(rope_theta, scaling dict or None) from either config style: transformers 5's rope_parameters
-    or the older rope_theta + rope_scaling."""
+    or the older rope_theta + rope_scaling ("type" or "rope_type")."""
     parameters = config.get("rope_parameters")
     if isinstance(parameters, dict):
         theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
@@ -61,14 +74,26 @@ def rope_settings(config):
     return float(theta), scaling
 
 
-def rope_args(config, where):
-    """Megatron's rotary arguments for a Llama-family config; refuses settings Megatron cannot express."""
+def rope_args(config, where, family):
+    """Megatron's rotary arguments for a config; refuses settings Megatron cannot express.
+
+    Llama-3 scaling maps to Megatron-Core's own; MiniCPM's LongRoPE to the arguments Megatron forks
+    use for it (rope_scaling_type, long_factor, short_factor, ...); MiniCPM's dynamic NTK equals plain
+    rope up to max_position_embeddings, so only the stored config.json keeps it."""
     theta, scaling = rope_settings(config)
     fields = {"rotary_base": theta}
-    if scaling is None:
+    kind = scaling and scaling.get("rope_type")
+    if kind is None or kind == "dynamic" and family.mup:
         return fields
-    kind = scaling.get("rope_type")
-    require(kind == "llama3", f"{where}: rope scaling {kind!r} has no Megatron-Core equivalent")
+    if kind == "longrope" and family.mup:
+        half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
+        for name in ("long_factor", "short_factor"):
+            require(len(scaling.get(name) or ()) == half, f"{where}: LongRoPE {name} needs {half} entries")
+        fields.update(rope_scaling_type="longrope", long_factor=[float(f) for f in scaling["long_factor"]],
+                      short_factor=[float(f) for f in scaling["short_factor"]],
+                      rope_scaling_original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+        return fields
+    require(kind == "llama3" and not family.mup, f"{where}: rope scaling {kind!r} has no Megatron-Core equivalent")
     for name, value in LLAMA3_FIXED.items():
         require(float(scaling.get(name, value)) == value,
                 f"{where}: llama3 rope scaling with {name}={scaling.get(name)} cannot be expressed in "
@@ -89,7 +114,12 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
     require(heads % groups == 0, f"{where}: {heads} attention heads are not a multiple of {groups} KV heads")
-    fields.update(rope_args(config, where) if "rotary_base" not in fields else {})
+    fields.update(rope_args(config, where, family))
+    if family.mup:
+        for name in MUP_SCALARS:
+            require(isinstance(config.get(name), (int, float)),
+                    f"{where}: {name} is missing; MiniCPM's remote default (1) is silently wrong, so it must be given")
+            fields[name] = config[name]
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -112,6 +142,25 @@ def stored_config(args):
     return json.loads(text) if text else None
 
 
+def has_mup(args):
+    return any(getattr(args, name, None) is not None for name in MUP_SCALARS)
+
+
+def mup_scalars(args):
+    """(scale_emb, scale_depth, dim_model_base); a stream without them is the identity MiniCPM."""
+    if has_mup(args):
+        return tuple(getattr(args, name) for name in MUP_SCALARS)
+    return 1, math.sqrt(args.num_layers), args.hidden_size
+
+
+def longrope_static_choice(args):
+    """(factors, cos/sin multiplier) MiniCPM's remote code uses: it builds its rope cache once at
+    max_position_embeddings, so long factors only when that exceeds the original length."""
+    original, maximum = args.rope_scaling_original_max_position_embeddings, args.max_position_embeddings
+    factors = args.long_factor if maximum > original else args.short_factor
+    return list(factors), math.sqrt(1 + math.log(maximum / original) / math.log(original))
+
+
 def config_from_args(args, vocab_size, families=FAMILIES):
     """config.json for the model in `args`: the stored HF config when there is one, with every field
     Megatron knows taken from the args (they win: the checkpoint may have been changed since)."""
@@ -124,7 +173,6 @@ def config_from_args(args, vocab_size, families=FAMILIES):
     groups = megatron_args.query_groups(args)
     config.update(
         architectures=[family.architecture],
-        model_type=family.model_type,
         hidden_size=args.hidden_size,
         intermediate_size=megatron_args.ffn_size(args),
         num_hidden_layers=args.num_layers,
@@ -134,41 +182,88 @@ def config_from_args(args, vocab_size, families=FAMILIES):
         rms_norm_eps=args.norm_epsilon,
         max_position_embeddings=args.max_position_embeddings,
         vocab_size=vocab_size,
-        tie_word_embeddings=not megatron_args.untied(args),
     )
+    tied = not megatron_args.untied(args)
+    if not stored or "tie_word_embeddings" in stored or tied != family.tied_by_default:
+        config["tie_word_embeddings"] = tied  # a stored config that relied on the default keeps doing so
+    if not stored or "model_type" in stored:
+        config["model_type"] = family.model_type  # MiniCPM hub configs have none; keep it that way
     head_dim = megatron_args.head_dim(args)
     if "head_dim" in config or head_dim != args.hidden_size // args.num_attention_heads:
         config["head_dim"] = head_dim
     if family.model_type == "llama":
         config.setdefault("attention_bias", False)
         config.setdefault("mlp_bias", False)
-    _set_rope(config, args)
+    if family.mup:
+        config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
+        config.setdefault("auto_map", MINICPM_AUTO_MAP)
+    _set_rope(config, args, family)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]
     return config
 
 
-def _set_rope(config, args):
-    """Write the args' rotary settings in the config's own style, unless it already says the same."""
-    scaling = None
+MINICPM_ONLY_FIELDS = MUP_SCALARS + ("auto_map", "mup_denominator", "rope_scaling", "rope_parameters",
+                                     "model_type", "architectures", "_name_or_path", "sparse_config")
+
+
+def folded_llama_args(args, where):
+    """Args for writing a MiniCPM stream as a plain LlamaForCausalLM (scalars folded into the weights).
+    Settings a Llama cannot reproduce are refused rather than written as a different model."""
+    stored = stored_config(args) or {}
+    require(not stored.get("sparse_config"),
+            f"{where}: sparse_config (InfLLM v2 sparse attention) has no Llama equivalent; use --saver minicpm_hf")
+    _, scaling = rope_settings(stored)
+    require(not scaling or scaling.get("rope_type") == "longrope",
+            f"{where}: MiniCPM rope scaling {scaling and scaling.get('rope_type')!r} has no Llama equivalent; "
+            "use --saver minicpm_hf")
+    llama = {k: v for k, v in stored.items() if k not in MINICPM_ONLY_FIELDS}
+    llama.update(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    folded = megatron_args.plain_copy(args)
+    folded.hf_config_json = json.dumps(llama, sort_keys=True)
+    folded.untie_embeddings_and_output_weights = True  # embeddings x scale_emb, head / width: never equal
+    return folded
+
+
+def _rope_from_args(args, family):
+    """The rope scaling dict the args describe, in the target family's own semantics."""
     if getattr(args, "use_rope_scaling", False):
-        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
+        return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
+    kind = getattr(args, "rope_scaling_type", None)
+    if kind != "longrope":
+        require(kind is None, f"rope scaling {kind!r} in the checkpoint args is not supported")
+        return None
+    original = args.rope_scaling_original_max_position_embeddings
+    if family.mup:
+        return {"rope_type": "longrope", "long_factor": list(args.long_factor),
+                "short_factor": list(args.short_factor), "original_max_position_embeddings": original}
+    # transformers' Llama picks short or long per call and scales by its own attention factor; pinning
+    # both lists and the factor to MiniCPM's static choice gives the same frequencies at every length.
+    factors, multiplier = longrope_static_choice(args)
+    return {"rope_type": "longrope", "long_factor": factors, "short_factor": factors,
+            "original_max_position_embeddings": original, "attention_factor": multiplier}
+
+
+def _set_rope(config, args, family):
+    """Write the args' rotary settings in the config's own style, unless it already says the same."""
+    scaling = _rope_from_args(args, family)
     theta, current = rope_settings(config)
     if config and theta == float(args.rotary_base) and _same_scaling(current, scaling):
         return
     if isinstance(config.get("rope_parameters"), dict):
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base),
-                                     **(scaling or {})}
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base), **(scaling or {})}
     else:
         config["rope_theta"] = float(args.rotary_base)
         config["rope_scaling"] = scaling
 
 
 def _same_scaling(current, wanted):
-    if current is None or wanted is None:
-        return current is None and wanted is None
-    return all(float(current.get(k, -1)) == float(v) for k, v in wanted.items() if k != "rope_type") \
-        and current.get("rope_type") == wanted["rope_type"]
+    if wanted is None:  # dynamic NTK has no Megatron form; the stored config keeps it
+        return current is None or current.get("rope_type") == "dynamic"
+    if current is None or current.get("rope_type") != wanted["rope_type"]:
+        return False
+    return all(current.get(k) == v if isinstance(v, list) else float(current.get(k, -1)) == float(v)
+               for k, v in wanted.items() if k != "rope_type")
 
 
 def expected_shapes(args, vocab_rows):

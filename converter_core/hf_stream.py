@@ -1,6 +1,7 @@
 """Hugging Face folder <-> message stream, for every Llama-layout family (the plugins pass their table)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def add_saver_arguments(parser, title):
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
 
 
-def load(queue, args, families=hf_family.FAMILIES, extra_fields=None):
+def load(queue, args, families=hf_family.FAMILIES):
     """Stream an HF folder: metadata, then one layer at a time (never the whole state dict)."""
     folder = Path(args.load_dir)
     require(folder.is_dir(), f"{folder}: no such model folder")
@@ -63,7 +64,6 @@ def load(queue, args, families=hf_family.FAMILIES, extra_fields=None):
         require(hf_family.LM_HEAD in weights, f"{folder}: config.json says untied embeddings but there is no lm_head.weight")
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
                   tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder))
-    fields.update(extra_fields(config, str(config_path)) if extra_fields else {})
     try:
         margs = hf_family.args_from_config(config, str(config_path), dtype, untied, families, **fields)
     except KeyError as missing:
@@ -94,44 +94,52 @@ def load(queue, args, families=hf_family.FAMILIES, extra_fields=None):
     protocol.send_model(queue, md, messages())
 
 
-def save(queue, args, families=hf_family.FAMILIES, adapt=None):
-    """Write the stream as an HF folder. `adapt(margs, config, writer_tensors)` lets a family change the
-    config and tensors (MiniCPM scalars); the default writes them as they come."""
+def save(queue, args, families=hf_family.FAMILIES):
+    """Write the stream as an HF folder of one of `families`. A stream with MiniCPM's muP scalars
+    written as a family without them gets the scalars folded into the weights."""
     receiver = protocol.Receiver(queue, args.checking)
     md = receiver.metadata()
-    where = f"saver {Path(args.save_dir).name}"
+    where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where)
     margs = megatron_args.plain_copy(md.checkpoint_args)
     require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
         margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
+    fold = hf_family.has_mup(margs) and not any(f.mup for f in families.values())
+    if fold:
+        margs = hf_family.folded_llama_args(margs, where)
     rows = vocab.true_vocab_size(args, md, margs)
     dtype = md.params_dtype
     config = hf_family.config_from_args(margs, rows, families)
     shapes = hf_family.expected_shapes(margs, rows)
+    scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
+    residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
     staged = StagedFolder(args.save_dir)
     try:
         writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
                                        hf.parse_size(args.max_shard_size))
 
-        def write(name, tensor):
-            writer.write(name, tensor.to(dtype))
+        def write(name, tensor, factor=1):
+            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(dtype))
 
         message = receiver.get(protocol.EMBEDDINGS)
-        write(hf_family.EMBED, vocab.trim(message.pop("word embeddings"), rows, "word embeddings"))
+        embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
+        write(hf_family.EMBED, embeddings, scale_emb)
+        if fold and not md.output_layer:
+            write(hf_family.LM_HEAD, embeddings, 1 / width)
         receiver.check_consumed(message)
         for index in range(md.num_layers):
             message = receiver.get(protocol.layer_name(index))
             for name, tensor in hf_family.message_to_layer(message, index, margs).items():
-                write(name, tensor)
+                write(name, tensor, residual if name.endswith(("o_proj.weight", "down_proj.weight")) else 1)
             receiver.check_consumed(message)
         message = receiver.get(protocol.FINAL_NORM)
         write(hf_family.NORM, message.pop("weight"))
         receiver.check_consumed(message)
         if md.output_layer:
             message = receiver.get(protocol.OUTPUT_LAYER)
-            write(hf_family.LM_HEAD, vocab.trim(message.pop("weight"), rows, "output layer"))
+            write(hf_family.LM_HEAD, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
             receiver.check_consumed(message)
         receiver.done()
         writer.finish()
@@ -144,6 +152,9 @@ def save(queue, args, families=hf_family.FAMILIES, adapt=None):
     except BaseException:
         staged.abandon()
         raise
+    if fold:
+        print(f"folded MiniCPM's muP scalars into the weights for {config['architectures'][0]}: embeddings "
+              f"x{scale_emb:g}, attention and MLP outputs x{residual:.6g}, output layer /{width:g} (untied)", flush=True)
     print(f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}", flush=True)
 
 

@@ -1,0 +1,12 @@
+"""Loader for Hugging Face MiniCPM 1/2/4 folders (MiniCPMForCausalLM); the muP scalars and LongRoPE
+travel in the Megatron args under the names Megatron forks use for MiniCPM."""
+
+from converter_core import hf_family, hf_stream
+
+
+def add_arguments(parser):
+    hf_stream.add_loader_arguments(parser, "MiniCPM Hugging Face loader")
+
+
+def load_checkpoint(queue, args):
+    hf_stream.load(queue, args, hf_family.MINICPM_FAMILIES)

@@ -1,0 +1,11 @@
+"""Saver for Hugging Face MiniCPM folders that MiniCPM's remote code loads (scalars always explicit)."""
+
+from converter_core import hf_family, hf_stream
+
+
+def add_arguments(parser):
+    hf_stream.add_saver_arguments(parser, "MiniCPM Hugging Face saver")
+
+
+def save_checkpoint(queue, args):
+    hf_stream.save(queue, args, hf_family.MINICPM_FAMILIES)

@@ -1,0 +1,141 @@
+"""MiniCPM <-> Megatron-Core both ways, and MiniCPM -> plain Llama. The truth is a MiniCPM forward written
+from the published formulas (minicpm_reference), megatron-core with MiniCPM's multipliers (mcore_harness),
+and transformers' LlamaForCausalLM."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from helpers import SHARED, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder, tokens_for
+from mcore_harness import mcore_logits
+from minicpm_reference import make_minicpm_folder, minicpm_config, minicpm_logits
+
+FIXTURE = SHARED / "fixtures" / "minicpm4-0.5b"
+TOKENIZER_FILES = ["added_tokens.json", "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+
+
+def to_mcore(source, target, *flags):
+    convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", target,
+            "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2, *flags)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_minicpm_mcore_minicpm_is_bit_exact(tmp_path, tied, kv_heads):
+    make_minicpm_folder(tmp_path / "hf", minicpm_config(tied=tied, kv_heads=kv_heads), dtype=torch.bfloat16)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    args = torch.load(next((tmp_path / "mcore").glob("iter_*/mp_rank_00_000/model_optim_rng.pt")), weights_only=False)["args"]
+    assert (args.scale_emb, args.scale_depth, args.dim_model_base, args.rope_scaling_type) == (12, 1.4, 16, "longrope")
+    assert args.rope_scaling_original_max_position_embeddings == 256 and len(args.long_factor) == 8
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "back")
+    assert_bit_identical(tmp_path / "hf", tmp_path / "back")
+    assert read_config(tmp_path / "back") == read_config(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("tied,longrope", [(True, True), (False, False)])
+def test_mcore_with_minicpm_multipliers_gives_minicpm_logits(tmp_path, tied, longrope):
+    config = minicpm_config(tied=tied, longrope=longrope)
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore", "--saver-transformer-impl", "local")
+    tokens = tokens_for(96, 32)
+    logits = mcore_logits(tmp_path / "mcore" / "iter_0000001", tokens)
+    torch.testing.assert_close(logits[..., :96], minicpm_logits(state, config, tokens), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("longrope", [True, False], ids=["longrope", "plain-rope"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_minicpm_to_llama_folds_the_scalars(tmp_path, tied, longrope):
+    config = minicpm_config(tied=tied, longrope=longrope)
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    process = convert("--loader", "minicpm_hf", "--saver", "llama_hf", "--load-dir", tmp_path / "hf",
+                      "--save-dir", tmp_path / "llama")
+    assert "folded MiniCPM's muP scalars into the weights for LlamaForCausalLM" in process.stdout
+    llama_config = read_config(tmp_path / "llama")
+    assert (llama_config["model_type"], llama_config["tie_word_embeddings"]) == ("llama", False)
+    assert not {"scale_emb", "scale_depth", "dim_model_base", "auto_map"} & set(llama_config)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    tokens = tokens_for(96, 32)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    torch.testing.assert_close(logits, minicpm_logits(state, config, tokens), atol=1e-3, rtol=0)
+
+
+def test_minicpm_to_llama_longer_than_the_original_context(tmp_path):
+    """max_position_embeddings above the original: MiniCPM always uses the long factors and its own
+    attention scale; the Llama config must pin the same at every length."""
+    config = minicpm_config()
+    config["max_position_embeddings"] = 1024
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    convert("--loader", "minicpm_hf", "--saver", "llama_hf", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "llama")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    tokens = tokens_for(96, 32)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    torch.testing.assert_close(logits, minicpm_logits(state, config, tokens), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("setting", ["sparse_config", "dynamic"])
+def test_settings_without_a_llama_equivalent_are_refused(tmp_path, setting):
+    config = minicpm_config(longrope=False)
+    if setting == "sparse_config":
+        config["sparse_config"] = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                                   "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
+    else:
+        config["rope_scaling"] = {"type": "dynamic", "factor": 4.0}
+    make_minicpm_folder(tmp_path / "hf", config)
+    process = convert("--loader", "minicpm_hf", "--saver", "llama_hf", "--load-dir", tmp_path / "hf",
+                      "--save-dir", tmp_path / "llama", ok=False)
+    assert "no Llama equivalent" in error_line(process)
+    assert not (tmp_path / "llama").exists()
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")  # both are carried through to Megatron and back untouched
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "back")
+    assert read_config(tmp_path / "back") == config
+
+
+def test_real_minicpm4_config_and_tokenizer_round_trip(tmp_path):
+    real = json.loads((FIXTURE / "config.json").read_text())
+    config = minicpm_config(base=real, vocab=real["vocab_size"])  # the real vocabulary, for the real tokenizer
+    config["sparse_config"] = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                               "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
+    assert "tie_word_embeddings" not in config and "model_type" not in config  # as shipped: tied by default
+    make_minicpm_folder(tmp_path / "hf", config)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore", "--tokenizer-model", FIXTURE)
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "back",
+            "--tokenizer-model", FIXTURE)
+    assert read_config(tmp_path / "back") == config
+    assert "lm_head.weight" not in read_safetensors_folder(tmp_path / "back")
+    assert_bit_identical(tmp_path / "hf", tmp_path / "back")
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "back" / name).read_bytes() == (FIXTURE / name).read_bytes()
+
+
+def test_minicpm_from_megatron_args_alone(tmp_path):
+    """No HF config anywhere: the MiniCPM config.json comes from the Megatron args, scalars explicit."""
+    config = minicpm_config(tied=False)
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    for path in (tmp_path / "mcore").glob("iter_*/*/model_optim_rng.pt"):
+        checkpoint = torch.load(path, weights_only=False)
+        del checkpoint["args"].hf_config_json
+        torch.save(checkpoint, path)
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "back")
+    written = read_config(tmp_path / "back")
+    assert written["architectures"] == ["MiniCPMForCausalLM"] and written["model_type"] == "minicpm"
+    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_minicpm.MiniCPMForCausalLM"
+    assert (written["scale_emb"], written["scale_depth"], written["dim_model_base"]) == (12, 1.4, 16)
+    assert written["rope_scaling"] == config["rope_scaling"]
+    tokens = tokens_for(96, 32)
+    torch.testing.assert_close(minicpm_logits(read_safetensors_folder(tmp_path / "back"), written, tokens),
+                               minicpm_logits(state, config, tokens), atol=0, rtol=0)
+
+
+def test_missing_scalar_is_refused(tmp_path):
+    config = minicpm_config()
+    del config["dim_model_base"]
+    make_minicpm_folder(tmp_path / "hf", config)
+    process = convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", tmp_path / "hf",
+                      "--save-dir", tmp_path / "mcore", ok=False)
+    assert "dim_model_base is missing" in error_line(process)
