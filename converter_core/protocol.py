@@ -113,7 +113,9 @@ class Receiver:
 
     def done(self):
         value = self._get()
-        require(value == DONE, f'expected "done" after the last message, got {getattr(value, "get", lambda k: value)("name")!r}')
+        if not (isinstance(value, str) and value == DONE):
+            name = value.get("name") if isinstance(value, dict) else type(value).__name__
+            raise ConversionError(f'got more data ({name!r}) but was expecting "done"')
 
     def check_consumed(self, message):
         """Every key a saver did not pop is an error unless --no-checking (as Megatron's check_message)."""

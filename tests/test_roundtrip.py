@@ -58,3 +58,34 @@ def test_reshard_tp1pp1_to_tp2pp2_and_back_is_bit_exact(tmp_path):
         else:
             assert last["model"][key] is None and value is None, key
     assert vars(first["args"]) == vars(last["args"])
+
+
+# What Megatron-LM's load_args_from_checkpoint reads (megatron/training/checkpointing.py) for a dense GPT.
+MEGATRON_LM_RESUME_ARGS = [
+    "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "kv_channels",
+    "max_position_embeddings", "num_query_groups", "group_query_attention", "position_embedding_type",
+    "add_position_embedding", "use_rotary_position_embeddings", "rotary_base", "rotary_percent", "rotary_interleaved",
+    "add_bias_linear", "add_qkv_bias", "squared_relu", "swiglu", "untie_embeddings_and_output_weights",
+    "apply_layernorm_1p", "normalization", "apply_query_key_layer_scaling", "attention_dropout", "hidden_dropout",
+    "num_experts", "tokenizer_model", "tokenizer_type", "padded_vocab_size", "ckpt_format",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size", "norm_epsilon", "params_dtype", "bf16", "fp16", "iteration"]
+
+
+def test_rank_files_need_nothing_but_torch_and_argparse(tmp_path):
+    source = tmp_path / "hf"
+    make_hf_model(source, "llama31", dtype=torch.bfloat16)
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "mcore",
+            "--target-pipeline-parallel-size", 2)
+    for path in sorted((tmp_path / "mcore").glob("iter_0000001/mp_rank_*/model_optim_rng.pt")):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == ["argparse.Namespace"]
+        with torch.serialization.safe_globals([__import__("argparse").Namespace]):
+            state = torch.load(path, weights_only=True)
+        assert sorted(state) == ["args", "checkpoint_version", "iteration", "model", "num_floating_point_operations_so_far"]
+        assert (state["checkpoint_version"], state["iteration"]) == (3.0, 1)
+        args = state["args"]
+        assert not [name for name in MEGATRON_LM_RESUME_ARGS if not hasattr(args, name)]
+        assert (args.num_layers, args.hidden_size, args.num_query_groups, args.group_query_attention) == (4, 64, 2, True)
+        assert (args.rotary_base, args.use_rope_scaling, args.rope_scaling_factor, args.norm_epsilon) == (10000.0, True, 8.0, 1e-5)
+        assert (args.params_dtype, args.bf16, args.padded_vocab_size, args.vocab_size) == (torch.bfloat16, True, 128, 96)
+        assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (1, 2)
