@@ -56,8 +56,7 @@ def load(queue, args, families=hf_family.FAMILIES):
     config = hf.read_json(config_path)
     require(isinstance(config, dict), f"{config_path}: expected a JSON object")
     weights = hf.HFWeights(folder)
-    embed = weights.get(hf_family.EMBED)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else embed.dtype
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(hf_family.EMBED)
     family = hf_family.family_of(config, str(config_path), families)
     untied = not config.get("tie_word_embeddings", family.tied_by_default)
     if untied:
@@ -75,7 +74,7 @@ def load(queue, args, families=hf_family.FAMILIES):
         raise ConversionError(f"{folder}: weights hold tensors config.json does not describe, e.g. {unknown[0]}")
 
     def read(name):
-        tensor = weights.get(name) if name != hf_family.EMBED else embed
+        tensor = weights.get(name)
         require(tuple(tensor.shape) == shapes[name],
                 f"{weights.file_of[name]}: {name} has shape {list(tensor.shape)}, config.json implies {list(shapes[name])}")
         return tensor.to(dtype)

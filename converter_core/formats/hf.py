@@ -63,6 +63,14 @@ class HFWeights:
     def names(self):
         return list(self.file_of)
 
+    def dtype(self, name):
+        """The stored dtype of `name`, without reading its data."""
+        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
+        handle = self._handle(self.file_of[name])
+        if isinstance(handle, _BinFile):
+            return handle.get_tensor(name).dtype
+        return _DTYPES_BY_NAME[handle.get_slice(name).get_dtype()]
+
     def get(self, name):
         require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
         path = self.file_of[name]
@@ -91,6 +99,9 @@ class _BinFile:
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                 torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def parse_size(text):
