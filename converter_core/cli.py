@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from converter_core import orchestrator, plugins
 from converter_core.errors import ConversionError
@@ -35,12 +36,20 @@ def parse(argv):
     return args, loader, saver
 
 
+def check_folders(load_dir, save_dir):
+    """The source is never modified: refuse an output inside it, or around it (its tracker file)."""
+    source, target = Path(load_dir).resolve(), Path(save_dir).resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise ConversionError(f"--save-dir {save_dir} overlaps --load-dir {load_dir}; the source is never written to")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, loader, saver = parse(argv)
         if args.max_queue_size < 1:
             raise ConversionError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
+        check_folders(args.load_dir, args.save_dir)
     except ConversionError as error:
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -89,8 +89,21 @@ def load(queue, args, families=hf_family.FAMILIES):
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": read(hf_family.LM_HEAD)}
 
-    md = protocol.make_metadata(margs, true_vocab_size=args.true_vocab_size or config["vocab_size"])
+    md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
     protocol.send_model(queue, md, messages())
+
+
+def loader_vocab_size(args, config, folder):
+    """convert.py's order: --true-vocab-size, else the tokenizer given, else config.json's vocab_size."""
+    if args.true_vocab_size:
+        return args.true_vocab_size
+    if args.tokenizer_model:
+        size = vocab.tokenizer_size(args.tokenizer_model)
+        if size != config["vocab_size"]:
+            print(f"note: the tokenizer has {size} tokens and {folder}/config.json {config['vocab_size']} rows; "
+                  f"the Megatron checkpoint is padded from {size}", flush=True)
+        return size
+    return config["vocab_size"]
 
 
 def save(queue, args, families=hf_family.FAMILIES):
@@ -99,7 +112,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     receiver = protocol.Receiver(queue, args.checking)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
-    protocol.check_supported(md, where)
+    protocol.check_supported(md, where, to_hf=True)
     margs = megatron_args.plain_copy(md.checkpoint_args)
     require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
@@ -114,6 +127,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     shapes = hf_family.expected_shapes(margs, rows)
     scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
     residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
+    layer_shapes, hidden = protocol.layer_message_shapes(margs), margs.hidden_size
     staged = StagedFolder(args.save_dir)
     try:
         writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
@@ -122,22 +136,22 @@ def save(queue, args, families=hf_family.FAMILIES):
         def write(name, tensor, factor=1):
             writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(dtype))
 
-        message = receiver.get(protocol.EMBEDDINGS)
+        message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
         write(hf_family.EMBED, embeddings, scale_emb)
         if fold and not md.output_layer:
             write(hf_family.LM_HEAD, embeddings, 1 / width)
         receiver.check_consumed(message)
         for index in range(md.num_layers):
-            message = receiver.get(protocol.layer_name(index))
+            message = receiver.get(protocol.layer_name(index), layer_shapes)
             for name, tensor in hf_family.message_to_layer(message, index, margs).items():
                 write(name, tensor, residual if name.endswith(("o_proj.weight", "down_proj.weight")) else 1)
             receiver.check_consumed(message)
-        message = receiver.get(protocol.FINAL_NORM)
+        message = receiver.get(protocol.FINAL_NORM, {"weight": (hidden,)})
         write(hf_family.NORM, message.pop("weight"))
         receiver.check_consumed(message)
         if md.output_layer:
-            message = receiver.get(protocol.OUTPUT_LAYER)
+            message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, hidden)})
             write(hf_family.LM_HEAD, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
             receiver.check_consumed(message)
         receiver.done()

@@ -15,7 +15,7 @@ from converter_core.errors import require
 _MEGATRON_DEFAULTS = dict(
     seq_length=4096,
     position_embedding_type="rope",
-    add_position_embedding=False,
+    add_position_embedding=True,  # Megatron-LM's default, also for rope runs (its resume check compares it)
     use_rotary_position_embeddings=True,
     rotary_percent=1.0,
     rotary_interleaved=False,

@@ -2,6 +2,7 @@
 splits tensors for the target TP/PP with the schema's rules and hands them to a format sink; the loader
 merges them back. Which names and nesting is the schema's business (megatron_schema)."""
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -142,6 +143,10 @@ def output_args(md, args, tp, pp, schema, ckpt_format):
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
     margs.world_size, margs.data_parallel_size = tp * pp, 1
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
+    for uneven in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                   "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                   "pipeline_model_parallel_layout"):
+        setattr(margs, uneven, None)  # the output splits layers evenly
     margs.transformer_impl, margs.ckpt_format = schema.impl, ckpt_format
     margs.use_dist_ckpt = ckpt_format == "torch_dist"
     margs.use_legacy_models, margs.use_mcore_models = schema.legacy, not schema.legacy
@@ -160,6 +165,7 @@ def save(queue, args, schema, ckpt_format="torch"):
     protocol.check_supported(md, where)
     tp = args.target_tensor_parallel_size or md.previous_tensor_parallel_size or 1
     pp = args.target_pipeline_parallel_size or md.previous_pipeline_parallel_size or 1
+    require(tp >= 1 and pp >= 1, f"{where}: parallel sizes must be at least 1, got TP {tp}, PP {pp}")
     require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
     margs = output_args(md, args, tp, pp, schema, ckpt_format)
     megatron_args.check_tensor_parallel(margs, tp, where)
@@ -170,7 +176,7 @@ def save(queue, args, schema, ckpt_format="torch"):
 
     sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, md.num_layers)
     try:
-        message = receiver.get(protocol.EMBEDDINGS)
+        message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
         receiver.check_consumed(message)
         if md.true_vocab_size:
@@ -189,29 +195,22 @@ def save(queue, args, schema, ckpt_format="torch"):
 
         entries = schema.entries(margs)
         for index in range(md.num_layers):
-            name = protocol.layer_name(index)
-            message = receiver.get(name)
+            message = receiver.get(protocol.layer_name(index), layer_shapes)
             stage, local = divmod(index, per_stage)
             for entry in entries:
-                tensors = []
-                for key in entry.keys:
-                    require(key in message, f"{where}: {name} lacks {key!r}")
-                    tensor = message.pop(key)
-                    require(tuple(tensor.shape) == layer_shapes[key],
-                            f"{where}: {name} {key!r} has shape {list(tensor.shape)}, expected {list(layer_shapes[key])}")
-                    tensors.append(tensor.to(dtype))
+                tensors = [message.pop(key).to(dtype) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
                 sink.put_layer(index, stage, local, entry.name, value, entry.kind)
             for key, value in schema.layer_values().items():
                 sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
 
-        message = receiver.get(protocol.FINAL_NORM)
+        message = receiver.get(protocol.FINAL_NORM, {key: (margs.hidden_size,) for key in final_norm_keys(margs)})
         for key in final_norm_keys(margs):
             sink.put(last, schema.final_norm(key), message.pop(key).to(dtype), layout.REPLICATED)
         receiver.check_consumed(message)
         if md.output_layer:
-            message = receiver.get(protocol.OUTPUT_LAYER)
+            message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, margs.hidden_size)})
             weight = message.pop("weight")
             receiver.check_consumed(message)
             weight = layout.resize_vocab(weight, margs.padded_vocab_size) if md.true_vocab_size else weight
@@ -254,6 +253,7 @@ def load(queue, args):
     first = paths[0, 0]
     states = {(0, 0): torch_file.load(first)}
     require(isinstance(states[0, 0], dict) and "args" in states[0, 0], f"{first}: no 'args' in the checkpoint")
+    require(isinstance(states[0, 0]["args"], argparse.Namespace), f"{first}: 'args' is not an argparse.Namespace")
     margs = megatron_args.complete(torch_file.sanitize_namespace(states[0, 0]["args"]))
     rank_files.check_grid(folder, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
     states.update({key: torch_file.load(path) for key, path in paths.items() if key != (0, 0)})
@@ -287,6 +287,7 @@ def load(queue, args):
             order += [(p, chunk, j) for j in range(len(indices))]
     require(len(order) == margs.num_layers, f"{folder}: holds {len(order)} layers, args say {margs.num_layers}")
     entries = schema.entries(margs)
+    _check_nothing_left_out(models, paths, schema, entries, margs)
     layer_shapes = protocol.layer_message_shapes(margs)
     heads_per_rank = margs.num_attention_heads // tp
     md = _metadata_for(margs, args, iteration, tp, pp)
@@ -322,6 +323,26 @@ def load(queue, args):
             yield protocol.OUTPUT_LAYER, {"weight": weight}
 
     protocol.send_model(queue, md, messages())
+
+
+def _tensor_paths(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _tensor_paths(value, prefix + (key,))
+        elif torch.is_tensor(value):
+            yield prefix + (key,)
+
+
+def _check_nothing_left_out(models, paths, schema, entries, margs):
+    """Every tensor of every rank file is one this converter carries: a parameter it does not know
+    (qk norms, MoE experts, ...) is refused rather than dropped."""
+    for (t, p, chunk), model in models.items():
+        known = {schema.word_embeddings, schema.output_layer, schema.tied_output_layer}
+        known |= {schema.final_norm(key) for key in final_norm_keys(margs)}
+        known |= {schema.layer(j, e.name) for j in schema.layer_indices(model) for e in entries}
+        for path in _tensor_paths(model):
+            require(path in known or path[-1].endswith("_extra_state"),
+                    f"{paths[t, p]}: holds {'.'.join(path)}, a parameter this converter does not carry")
 
 
 def _metadata_for(margs, args, iteration, tp, pp):

@@ -33,12 +33,15 @@ def _run_side(role, function, queue, args, reports, saver_finished):
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
     shared-memory handles that the sending process must still own when the saver opens them."""
     try:
-        function(queue, args)
+        try:
+            function(queue, args)
+        except SystemExit as error:
+            if error.code not in (None, 0):
+                raise
         if role == "loader":
+            queue.put(EXIT)  # harmless after "done"; ends a saver still waiting if the loader never sent it
             saver_finished.wait()
     except BaseException as error:
-        if isinstance(error, SystemExit) and error.code in (None, 0):
-            return
         if DEBUG:
             traceback.print_exc()
         reports.put((role, _describe(error)))

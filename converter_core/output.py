@@ -13,6 +13,7 @@ class StagedFolder:
 
     def __init__(self, target, must_be_new=True):
         self.target = Path(target)
+        require(not self.target.exists() or self.target.is_dir(), f"{self.target}: exists and is not a folder")
         if must_be_new:
             require(not self.target.exists() or not any(self.target.iterdir()),
                     f"{self.target}: already exists and is not empty; choose a new --save-dir")

@@ -36,7 +36,7 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
         output_layer=args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
         linear_bias=args.add_bias_linear,
-        qkv_bias=args.add_qkv_bias,
+        qkv_bias=args.add_qkv_bias or args.add_bias_linear,
         norm_has_bias=args.normalization == "LayerNorm",
         swiglu=args.swiglu,
         previous_tensor_parallel_size=previous_tp,
@@ -48,17 +48,50 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
         consumed_valid_samples=consumed_valid_samples,
         use_legacy_models=False,
         use_mcore_models=True,
-        num_experts=None,
     )
 
 
-def check_supported(md, where):
-    """Our savers handle dense decoder-only GPT models with rotary positions; say so instead of writing junk."""
+# Megatron features whose tensors or maths this converter does not carry: refused, never dropped.
+_UNSUPPORTED = {"num_experts": "mixture-of-experts layers", "qk_layernorm": "qk_layernorm",
+                "mtp_num_layers": "multi-token prediction layers", "multi_latent_attention": "multi-latent attention",
+                "heterogeneous_layers_config_path": "heterogeneous layers",
+                "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
+# Settings a Llama-layout HF config cannot say.
+_NOT_IN_HF = {"apply_layernorm_1p": "apply_layernorm_1p (norm weights stored minus one)",
+              "rotary_interleaved": "interleaved rotary embeddings",
+              "rotary_seq_len_interpolation_factor": "rotary sequence-length interpolation"}
+
+
+def check_supported(md, where, to_hf=False):
+    """Our plugins handle dense decoder-only GPT models with rotary positions; anything else is refused
+    in one line instead of being written as a different model."""
     require(md.model_type == "GPT", f"{where}: model type {md.model_type} is not supported (GPT only)")
-    require(not getattr(md.checkpoint_args, "num_experts", None),
-            f"{where}: mixture-of-experts checkpoints are not supported")
     require(md.position_embedding_type == "rope",
             f"{where}: position embedding {md.position_embedding_type!r} is not supported (rope only)")
+    args = md.checkpoint_args
+    for name, what in _UNSUPPORTED.items():
+        require(not getattr(args, name, None), f"{where}: {what} ({name}={getattr(args, name, None)!r}) is not supported")
+    if to_hf:
+        for name, what in _NOT_IN_HF.items():
+            require(not getattr(args, name, None), f"{where}: {what} has no Hugging Face equivalent")
+        require(getattr(args, "rotary_percent", 1.0) == 1.0,
+                f"{where}: rotary_percent {getattr(args, 'rotary_percent', None)} has no Hugging Face Llama equivalent")
+
+
+class exit_on_failure:
+    """Megatron's loader contract: on any failure put "exit" on the queue, then re-raise, so a saver
+    (ours or Megatron's, even under convert.py) stops instead of waiting forever."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None and not (kind is SystemExit and error.code in (None, 0)):
+            self.queue.put(EXIT)
+        return False
 
 
 def send(queue, name, message):
@@ -74,14 +107,6 @@ def send_model(queue, md, messages):
     for name, tensors in messages:
         send(queue, name, tensors)
     queue.put(DONE)
-
-
-def expected_names(md):
-    """The message names a saver must receive, in order, after the metadata."""
-    names = [EMBEDDINGS] + [layer_name(i) for i in range(md.num_layers)] + [FINAL_NORM]
-    if md.output_layer:
-        names.append(OUTPUT_LAYER)
-    return names
 
 
 class Receiver:
@@ -103,11 +128,19 @@ class Receiver:
                 f"expected the metadata namespace first, got {type(md).__name__}")
         return md
 
-    def get(self, name):
+    def get(self, name, shapes=None):
+        """The next message, which must be `name`; with `shapes` ({key: shape}, None for any size) every
+        key must be present with that shape."""
         message = self._get()
-        require(isinstance(message, dict), f'expected message "{name}", got {message!r}'[:200])
+        if not isinstance(message, dict):
+            raise ConversionError(f'expected message "{name}", got {type(message).__name__}')
         if self.checking and message.get("name") != name:
             raise ConversionError(f'unexpected message: expecting "{name}" but got "{message.get("name")}"')
+        for key, shape in (shapes or {}).items():
+            require(key in message, f'message "{name}" lacks {key!r}')
+            got = tuple(getattr(message[key], "shape", ()))
+            require(len(got) == len(shape) and all(w is None or w == g for w, g in zip(shape, got)),
+                    f'message "{name}": {key!r} has shape {list(got)}, the model args imply {list(shape)}')
         print(f"received {name}", flush=True)
         return message
 

@@ -1,6 +1,6 @@
 """Loader for Hugging Face Llama 2/3/3.x, Mistral and Qwen2 folders (convert.py's llama_mistral)."""
 
-from converter_core import hf_stream
+from converter_core import hf_stream, protocol
 
 
 def add_arguments(parser):
@@ -8,4 +8,5 @@ def add_arguments(parser):
 
 
 def load_checkpoint(queue, args):
-    hf_stream.load(queue, args)
+    with protocol.exit_on_failure(queue):
+        hf_stream.load(queue, args)

@@ -1,7 +1,7 @@
 """Loader for legacy Megatron-LM GPT checkpoints (convert.py's megatron/legacy loader), any TP/PP.
 Megatron-Core checkpoints are recognised too."""
 
-from converter_core import megatron_stream
+from converter_core import megatron_stream, protocol
 
 
 def add_arguments(parser):
@@ -9,4 +9,5 @@ def add_arguments(parser):
 
 
 def load_checkpoint(queue, args):
-    megatron_stream.load(queue, args)
+    with protocol.exit_on_failure(queue):
+        megatron_stream.load(queue, args)

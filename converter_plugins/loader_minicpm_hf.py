@@ -1,7 +1,7 @@
 """Loader for Hugging Face MiniCPM 1/2/4 folders (MiniCPMForCausalLM); the muP scalars and LongRoPE
 travel in the Megatron args under the names Megatron forks use for MiniCPM."""
 
-from converter_core import hf_family, hf_stream
+from converter_core import hf_family, hf_stream, protocol
 
 
 def add_arguments(parser):
@@ -9,4 +9,5 @@ def add_arguments(parser):
 
 
 def load_checkpoint(queue, args):
-    hf_stream.load(queue, args, hf_family.MINICPM_FAMILIES)
+    with protocol.exit_on_failure(queue):
+        hf_stream.load(queue, args, hf_family.MINICPM_FAMILIES)

@@ -102,3 +102,10 @@ def assert_bit_identical(folder_a, folder_b):
 
 def read_config(folder):
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def write_tokenizer(folder, size):
+    """A word-level tokenizer.json of `size` tokens: enough for the converter to count the vocabulary."""
+    from tokenizers import Tokenizer, models
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0")).save(str(Path(folder) / "tokenizer.json"))

@@ -7,8 +7,9 @@ import textwrap
 import time
 
 import pytest
+import torch
 
-from helpers import convert, error_line, make_hf_model
+from helpers import convert, error_line, make_hf_model, write_tokenizer
 
 RECORDING_SAVER = '''
 import json, os
@@ -40,11 +41,15 @@ def test_convert_py_command_line_from_megatron_docs(tmp_path):
     """docs/llama_mistral.md's command, unchanged apart from the program name."""
     source = tmp_path / "hf"
     make_hf_model(source)
+    write_tokenizer(source, 90)  # as convert.py, the tokenizer gives the true vocabulary size
     convert("--loader", "llama_mistral", "--saver", "core", "--checkpoint-type", "hf", "--model-size", "llama3",
             "--load-dir", source, "--save-dir", tmp_path / "out", "--tokenizer-model", source,
             "--target-tensor-parallel-size", 2, "--bf16")
     assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert sorted(p.name for p in (tmp_path / "out" / "iter_0000001").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    state = torch.load(tmp_path / "out" / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
+    assert (state["args"].vocab_size, state["args"].padded_vocab_size, state["args"].tokenizer_model) == (90, 256, str(source))
+    assert state["model"]["embedding.word_embeddings.weight"].dtype == torch.bfloat16
 
 
 def test_megatron_style_saver_on_sys_path_sees_megatrons_stream(tmp_path):
@@ -127,7 +132,7 @@ def test_failing_loader_stops_the_saver(tmp_path):
     def load_checkpoint(queue, args):
         raise ValueError("cannot read shard 3")
     '''
-    process = convert("--loader", "broken", "--saver", "mcore", "--load-dir", tmp_path, "--save-dir", tmp_path / "o",
+    process = convert("--loader", "broken", "--saver", "mcore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "o",
                       ok=False, timeout=60, env=plugin_env(tmp_path, loader_broken=loader))
     assert "loader failed: ValueError: cannot read shard 3" in error_line(process)
     assert not (tmp_path / "o").exists()
@@ -163,3 +168,45 @@ def test_leftover_keys_fail_unless_no_checking(tmp_path):
     convert("--loader", "tamper", "--saver", "llama_hf", "--load-dir", source, "--save-dir", tmp_path / "b",
             "--no-checking", env=env)
     assert (tmp_path / "b" / "config.json").exists()
+
+
+def test_output_overlapping_the_source_is_refused(tmp_path):
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=2)
+    before = sorted(p.name for p in source.iterdir())
+    for target in (source, source / "inside", tmp_path):
+        process = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", target, ok=False)
+        assert "overlaps --load-dir" in error_line(process)
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_loader_ending_without_done_does_not_hang(tmp_path):
+    loader = '''
+    import types
+    def add_arguments(parser):
+        pass
+    def load_checkpoint(queue, args):
+        pass  # returns without sending anything
+    '''
+    process = convert("--loader", "silent", "--saver", "mcore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "o",
+                      ok=False, timeout=60, env=plugin_env(tmp_path, loader_silent=loader))
+    assert "saver failed: loader exited" in error_line(process)
+
+
+def test_our_loaders_put_exit_themselves_as_convert_py_expects(tmp_path):
+    """Under Megatron's convert.py the loader runs in its main process; a failing loader must still
+    release Megatron's saver by putting "exit" on the queue, then raise."""
+    import argparse
+    import queue as queues
+    from converter_plugins import loader_llama_hf, loader_mcore
+    parser = argparse.ArgumentParser()
+    loader_llama_hf.add_arguments(parser)
+    for plugin in (loader_llama_hf, loader_mcore):
+        parser = argparse.ArgumentParser(conflict_handler="resolve")
+        plugin.add_arguments(parser)
+        args = parser.parse_args([])
+        args.load_dir, args.checking = str(tmp_path / "missing"), True
+        queue = queues.Queue()
+        with pytest.raises(Exception):
+            plugin.load_checkpoint(queue, args)
+        assert queue.get_nowait() == "exit"

@@ -12,7 +12,8 @@ import transformers
 from megatron.core.enums import ModelType
 from megatron.core.transformer.enums import AttnBackend
 
-from helpers import convert, error_line, hf_logits, make_hf_model, read_config, read_safetensors_folder, tokens_for
+from helpers import (convert, error_line, hf_logits, make_hf_model, read_config, read_safetensors_folder, tokens_for,
+                     write_tokenizer)
 from mcore_harness import save_mcore_checkpoint
 
 VOCAB = 96
@@ -68,10 +69,7 @@ def test_true_vocab_size_order(tmp_path):
     assert read_config(tmp_path / "padded")["vocab_size"] == 128
     to_hf(tmp_path / "mcore", tmp_path / "flag", "--true-vocab-size", 90)
     assert read_safetensors_folder(tmp_path / "flag")["model.embed_tokens.weight"].shape[0] == 90
-    from tokenizers import Tokenizer, models
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(93)}, unk_token="t0"))
-    (tmp_path / "tok").mkdir()
-    tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
+    write_tokenizer(tmp_path / "tok", 93)
     to_hf(tmp_path / "mcore", tmp_path / "tokenizer", "--tokenizer-model", tmp_path / "tok")
     assert read_config(tmp_path / "tokenizer")["vocab_size"] == 93
     assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
@@ -189,3 +187,26 @@ def test_shapes_that_do_not_fit_the_args(tmp_path):
     line = error_line(to_hf(megatron, tmp_path / "out", ok=False))
     assert "mp_rank_00/model_optim_rng.pt" in line and "mlp.linear_fc1.weight" in line and "[128, 64]" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_parameters_we_do_not_carry_are_refused(tmp_path):
+    megatron = converted_mcore(tmp_path)
+    rank_file = megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["model"]["decoder.layers.0.self_attention.q_layernorm.weight"] = torch.ones(16)
+    torch.save(state, rank_file)
+    line = error_line(to_hf(megatron, tmp_path / "out", ok=False))
+    assert "decoder.layers.0.self_attention.q_layernorm.weight, a parameter this converter does not carry" in line
+    state["args"].qk_layernorm = True
+    torch.save(state, rank_file)
+    assert "qk_layernorm" in error_line(to_hf(megatron, tmp_path / "out", ok=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_hf_cannot_express_are_refused(tmp_path):
+    megatron = converted_mcore(tmp_path)
+    rank_file = megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["args"].rotary_percent = 0.5
+    torch.save(state, rank_file)
+    assert "rotary_percent 0.5 has no Hugging Face Llama equivalent" in error_line(to_hf(megatron, tmp_path / "out", ok=False))

@@ -69,7 +69,9 @@ class HFWeights:
         handle = self._handle(self.file_of[name])
         if isinstance(handle, _BinFile):
             return handle.get_tensor(name).dtype
-        return _DTYPES_BY_NAME[handle.get_slice(name).get_dtype()]
+        stored = handle.get_slice(name).get_dtype()
+        require(stored in _DTYPES_BY_NAME, f"{self.file_of[name]}: {name} has dtype {stored}, which is not supported")
+        return _DTYPES_BY_NAME[stored]
 
     def get(self, name):
         require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")

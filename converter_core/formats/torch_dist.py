@@ -36,16 +36,27 @@ def is_dist_checkpoint(folder):
     return (folder / "metadata.json").exists() or (folder / DCP_METADATA).exists()
 
 
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    # Megatron keeps its save plans in the metadata (Metadata.all_local_plans).
+    ("torch.distributed.checkpoint.planner", "SavePlan"), ("torch.distributed.checkpoint.planner", "WriteItem"),
+    ("torch.distributed.checkpoint.planner", "WriteItemType"), ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's .metadata holds dataclasses of torch.distributed.checkpoint, torch sizes and dtypes;
     nothing else may be constructed from an untrusted file."""
 
     def find_class(self, module, name):
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in {
-                ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}:
+        if "." not in name and (module, name) in _METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None),
+                                                                (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: it could run code")
 
@@ -166,7 +177,9 @@ def _mapped_tensor(path, start, length, sizes, dtype):
     require(path.stat().st_size >= start + length, f"{path}: truncated (needs {start + length} bytes)")
     with open(path, "rb") as handle:
         archive = zipfile.ZipFile(_Slice(handle, start, length))
-        pickle_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        pickle_names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        require(len(pickle_names) == 1, f"{path}: the item at byte {start} is not a torch.save archive")
+        pickle_name = pickle_names[0]
         storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(archive.read(pickle_name))).load()
         record = archive.getinfo(pickle_name[:-len("data.pkl")] + f"data/{storage.key}")
         require(record.compress_type == zipfile.ZIP_STORED, f"{path}: compressed tensor record")
