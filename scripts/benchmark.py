@@ -68,23 +68,37 @@ def warm(folder):
                     pass
 
 
+def memory(pid):
+    """(RssAnon, RssShmem, RssFile) of a process in bytes. RSS alone misleads for a memory-mapping
+    reader: clean pages of the mapped source file count in it, though the kernel can drop them at will."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon:", "RssShmem:", "RssFile:")):
+                name, value, _ = line.split()
+                fields[name[:-1]] = int(value) * 1024
+    return fields["RssAnon"], fields["RssShmem"], fields["RssFile"]
+
+
 def measure(command):
-    """(seconds, peak RSS of the largest process, peak RSS summed over the process tree) in bytes."""
+    """(seconds, peak private memory summed over the processes, peak shared memory of one process,
+    peak RSS summed over the processes), in bytes."""
     started = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    largest = total = 0
+    private = shared = resident = 0
     while process.poll() is None:
         try:
-            tree = [process] + process.children(recursive=True)
-            sizes = [p.memory_info().rss for p in tree]
-        except psutil.Error:
+            sizes = [memory(p.pid) for p in [process] + process.children(recursive=True)]
+        except (psutil.Error, OSError, KeyError):
             continue
-        largest, total = max(largest, max(sizes)), max(total, sum(sizes))
+        private = max(private, sum(s[0] for s in sizes))
+        shared = max(shared, max(s[1] for s in sizes))
+        resident = max(resident, sum(sum(s) for s in sizes))
         time.sleep(0.02)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
-    return seconds, largest, total
+    return seconds, private, shared, resident
 
 
 def main():
@@ -111,17 +125,18 @@ def main():
     model_bytes = folder_bytes(source)
     print(f"model: {model_bytes / 1e9:.2f} GB of bf16 safetensors ({model_bytes // 2 / 1e9:.2f} B parameters), "
           f"--max-queue-size {options.max_queue_size}, {psutil.cpu_count()} CPUs\n")
-    print("| direction | read GB | seconds | GB/s | `cp -r` seconds | time / cp | peak RSS, largest process | peak RSS, all processes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| direction | read GB | seconds | GB/s | `cp -r` seconds | time / cp | peak private memory | peak shared memory (queue) | peak RSS incl. mapped files |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, load, save, flags in runs:
         for folder in (save, work / "copy"):
             shutil.rmtree(folder, ignore_errors=True)
         warm(load)
-        copy_seconds, _, _ = measure(["cp", "-r", str(load), str(work / "copy")])
-        seconds, largest, total = measure(convert + ["--load-dir", str(load), "--save-dir", str(save)] + flags)
+        copy_seconds = measure(["cp", "-r", str(load), str(work / "copy")])[0]
+        seconds, private, shared, resident = measure(convert + ["--load-dir", str(load), "--save-dir", str(save)] + flags)
         size = folder_bytes(load)
         print(f"| {name} | {size / 1e9:.2f} | {seconds:.1f} | {size / 1e9 / seconds:.2f} | {copy_seconds:.1f} | "
-              f"{seconds / copy_seconds:.1f}x | {largest / 2**30:.2f} GiB | {total / 2**30:.2f} GiB |", flush=True)
+              f"{seconds / copy_seconds:.1f}x | {private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | "
+              f"{resident / 2**30:.2f} GiB |", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
 
 

@@ -114,3 +114,31 @@ def test_unsafe_dcp_metadata_is_refused(tmp_path):
     (iteration / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     assert_fails_cleanly(tmp_path, tmp_path / "dist", [".metadata", "refusing to unpickle posix.system"])
     assert not marker.exists()
+
+
+def test_per_layer_keys_are_read_too(tmp_path):
+    """Checkpoints with non-homogeneous layers keep `decoder.layers.{i}.` keys instead of stacking them;
+    rewritten here with torch's own DCP writer from a stacked one."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    make_hf_model(tmp_path / "hf", dtype=torch.bfloat16)
+    hf_to_dist(tmp_path / "hf", tmp_path / "dist", "--saver-transformer-impl", "local")
+    stacked_dir = tmp_path / "dist" / "iter_0000001"
+    metadata = dcp.FileSystemReader(str(stacked_dir)).read_metadata()
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
+    dcp.load(tensors, checkpoint_id=str(stacked_dir), no_dist=True)
+    per_layer = {}
+    for key, tensor in tensors.items():
+        if key.startswith("decoder.layers."):
+            for i in range(tensor.shape[0]):
+                per_layer[key.replace("decoder.layers.", f"decoder.layers.{i}.", 1)] = tensor[i].clone()
+        else:
+            per_layer[key] = tensor
+    target = tmp_path / "per-layer" / "iter_0000001"
+    dcp.save(per_layer, checkpoint_id=str(target), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(stacked_dir / name, target / name)
+    (tmp_path / "per-layer" / "latest_checkpointed_iteration.txt").write_text("1")
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "per-layer", "--save-dir", tmp_path / "back")
+    assert_bit_identical(tmp_path / "hf", tmp_path / "back")

@@ -179,14 +179,11 @@ def _mapped_tensor(path, start, length, sizes, dtype):
         archive = zipfile.ZipFile(_Slice(handle, start, length))
         pickle_names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         require(len(pickle_names) == 1, f"{path}: the item at byte {start} is not a torch.save archive")
-        pickle_name = pickle_names[0]
-        storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(archive.read(pickle_name))).load()
-        record = archive.getinfo(pickle_name[:-len("data.pkl")] + f"data/{storage.key}")
-        require(record.compress_type == zipfile.ZIP_STORED, f"{path}: compressed tensor record")
-        handle.seek(start + record.header_offset)
-        header = handle.read(30)
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        data_start = start + record.header_offset + 30 + name_length + extra_length
+        pickle_info = archive.getinfo(pickle_names[0])
+        handle.seek(_data_offset(handle, start, pickle_info))
+        storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(handle.read(pickle_info.file_size))).load()
+        record = archive.getinfo(pickle_names[0][:-len("data.pkl")] + f"data/{storage.key}")
+        data_start = _data_offset(handle, start, record)
     require(storage.dtype == dtype and size == tuple(sizes), f"{path}: chunk is {storage.dtype} {list(size)}, "
             f"the metadata says {dtype} {list(sizes)}")
     nbytes = record.file_size
@@ -195,6 +192,15 @@ def _mapped_tensor(path, start, length, sizes, dtype):
         warnings.simplefilter("ignore")  # read-only memory: we never write through it
         flat = torch.frombuffer(mapped, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
     return flat.as_strided(size, stride, offset)
+
+
+def _data_offset(handle, start, record):
+    """Where a stored (uncompressed) zip record's bytes begin. Read directly, not through zipfile, so
+    archives written without CRC32 (as we write them) read as well as torch's own."""
+    require(record.compress_type == zipfile.ZIP_STORED, f"{handle.name}: compressed record {record.filename}")
+    handle.seek(start + record.header_offset)
+    name_length, extra_length = struct.unpack("<HH", handle.read(30)[26:30])
+    return start + record.header_offset + 30 + name_length + extra_length
 
 
 def read_common(folder):
@@ -222,7 +228,11 @@ class DistWriter:
         meta = self.state[key]
         require(tensor.dtype == meta.properties.dtype, f"{key}: chunk dtype {tensor.dtype} is not {meta.properties.dtype}")
         start = self.handle.tell()
-        torch.save(tensor.detach().contiguous(), self.handle)
+        torch.serialization.set_crc32_options(False)  # as torch_file: unchecked by torch.load, and slow
+        try:
+            torch.save(tensor.detach().contiguous(), self.handle)
+        finally:
+            torch.serialization.set_crc32_options(True)
         offsets = torch.Size(offsets)
         meta.chunks.append(dcp.ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
         self.storage[dcp.MetadataIndex(key, offsets)] = filesystem._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
