@@ -17,8 +17,9 @@ def base_parser(add_help=True):
     parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
     parser.add_argument("--load-dir", type=str, required=True, help="source checkpoint folder")
     parser.add_argument("--save-dir", type=str, required=True, help="output folder")
-    parser.add_argument("--max-queue-size", type=int, default=50,
-                        help="messages (one per layer) allowed in flight between loader and saver")
+    parser.add_argument("--max-queue-size", type=int, default=2,
+                        help="messages (one per layer) in flight between loader and saver; convert.py's default "
+                             "is 50, ours 2 so memory stays at a few layers however many the model has")
     parser.add_argument("--no-checking", action="store_false", dest="checking",
                         help="do not check message order and leftover keys")
     return parser

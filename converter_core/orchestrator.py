@@ -2,6 +2,7 @@
 either fails (exception, sys.exit, killed), the other is stopped at once and the run exits non-zero
 with a one-line reason. Nothing waits forever."""
 
+import ctypes
 import os
 import sys
 import traceback
@@ -54,8 +55,24 @@ def _run_side(role, function, queue, args, reports, saver_finished):
         os._exit(1)
 
 
+def _release_freed_tensors():
+    """Layer tensors are tens of MB. glibc raises its mmap threshold after the first such free and then
+    keeps later ones in its heap, so freed layers pile up as private memory; a fixed threshold returns
+    each to the system at once. Set before forking so both sides inherit it; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 def run(args, loader, saver):
     """Returns the process exit status."""
+    _release_freed_tensors()
     context = mp.get_context("fork")
     queue = context.Queue(maxsize=args.max_queue_size)
     reports = context.SimpleQueue()

@@ -68,16 +68,20 @@ def warm(folder):
                     pass
 
 
-def memory(pid):
-    """(RssAnon, RssShmem, RssFile) of a process in bytes. RSS alone misleads for a memory-mapping
-    reader: clean pages of the mapped source file count in it, though the kernel can drop them at will."""
+def memory(process):
+    """(private, shared memory, resident) bytes of a process. Private is Private_Dirty: memory this
+    process wrote and nobody else maps, i.e. its own heap. Neither the torch pages the forked loader
+    and saver share with their parent, nor clean pages of a memory-mapped source file (which RSS and
+    USS both count, though the kernel can drop them at will) are in it."""
     fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("RssAnon:", "RssShmem:", "RssFile:")):
-                name, value, _ = line.split()
-                fields[name[:-1]] = int(value) * 1024
-    return fields["RssAnon"], fields["RssShmem"], fields["RssFile"]
+    with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0][:-1]] = int(parts[1]) * 1024
+    with open(f"/proc/{process.pid}/status") as status:
+        shmem = next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssShmem:"))
+    return fields["Private_Dirty"], shmem, fields["Rss"]
 
 
 def measure(command):
@@ -88,12 +92,12 @@ def measure(command):
     private = shared = resident = 0
     while process.poll() is None:
         try:
-            sizes = [memory(p.pid) for p in [process] + process.children(recursive=True)]
-        except (psutil.Error, OSError, KeyError):
+            sizes = [memory(p) for p in [process] + process.children(recursive=True)]
+        except (psutil.Error, OSError, StopIteration, KeyError):
             continue
         private = max(private, sum(s[0] for s in sizes))
         shared = max(shared, max(s[1] for s in sizes))
-        resident = max(resident, sum(sum(s) for s in sizes))
+        resident = max(resident, sum(s[2] for s in sizes))
         time.sleep(0.02)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
@@ -104,7 +108,7 @@ def measure(command):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("work", nargs="?", default=None)
-    parser.add_argument("--max-queue-size", type=int, default=50)
+    parser.add_argument("--max-queue-size", type=int, default=2)
     options = parser.parse_args()
     work = Path(options.work or tempfile.mkdtemp(prefix="converter-core-bench-"))
     source = work / "hf"
@@ -125,7 +129,7 @@ def main():
     model_bytes = folder_bytes(source)
     print(f"model: {model_bytes / 1e9:.2f} GB of bf16 safetensors ({model_bytes // 2 / 1e9:.2f} B parameters), "
           f"--max-queue-size {options.max_queue_size}, {psutil.cpu_count()} CPUs\n")
-    print("| direction | read GB | seconds | GB/s | `cp -r` seconds | time / cp | peak private memory | peak shared memory (queue) | peak RSS incl. mapped files |")
+    print("| direction | read GB | seconds | GB/s | `cp -r` seconds | time / cp | peak private memory (Private_Dirty, summed) | peak shared memory (queue) | peak RSS, summed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, load, save, flags in runs:
         for folder in (save, work / "copy"):
