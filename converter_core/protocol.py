@@ -160,26 +160,17 @@ class Receiver:
 
 
 def layer_message_shapes(args):
-    """{message key: shape} of one dense "transformer layer N" message (reference §2.4)."""
-    from converter_core import megatron_args
+    """{message key: shape} of one dense "transformer layer N" message (reference §2.4); which keys a
+    layer has is megatron_schema.layer_entries' decision, made in that one place."""
+    from converter_core import megatron_args, megatron_schema
     hidden, heads = args.hidden_size, args.num_attention_heads
     groups, head_dim, ffn = megatron_args.query_groups(args), megatron_args.head_dim(args), megatron_args.ffn_size(args)
     qkv_rows = (heads + 2 * groups) * head_dim
-    shapes = {"input norm weight": (hidden,), "post norm weight": (hidden,),
-              "qkv weight": (qkv_rows, hidden), "dense weight": (hidden, heads * head_dim),
-              "mlp l1 weight": (hidden, ffn)}
-    if args.normalization == "LayerNorm":
-        shapes.update({"input norm bias": (hidden,), "post norm bias": (hidden,)})
-    if args.add_qkv_bias or args.add_bias_linear:
-        shapes["qkv bias"] = (qkv_rows,)
-    if args.add_bias_linear:
-        shapes.update({"dense bias": (hidden,), "mlp l1 bias": (hidden,)})
-    if args.swiglu:
-        shapes.update({"mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden)})
-        if args.add_bias_linear:
-            shapes.update({"mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,)})
-    else:
-        shapes["mlp l0 weight"] = (ffn, hidden)
-        if args.add_bias_linear:
-            shapes["mlp l0 bias"] = (ffn,)
-    return shapes
+    every_shape = {
+        "input norm weight": (hidden,), "input norm bias": (hidden,), "post norm weight": (hidden,),
+        "post norm bias": (hidden,), "qkv weight": (qkv_rows, hidden), "qkv bias": (qkv_rows,),
+        "dense weight": (hidden, heads * head_dim), "dense bias": (hidden,),
+        "mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden), "mlp l0 weight": (ffn, hidden),
+        "mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,), "mlp l0 bias": (ffn,),
+        "mlp l1 weight": (hidden, ffn), "mlp l1 bias": (hidden,)}
+    return {key: every_shape[key] for entry in megatron_schema.layer_entries(args) for key in entry.keys}
