@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from converter_core import orchestrator, plugins
+from converter_core import flags, orchestrator, plugins
 from converter_core.errors import ConversionError
 
 
@@ -17,7 +17,7 @@ def base_parser(add_help=True):
     parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
     parser.add_argument("--load-dir", type=str, required=True, help="source checkpoint folder")
     parser.add_argument("--save-dir", type=str, required=True, help="output folder")
-    parser.add_argument("--max-queue-size", type=int, default=2,
+    parser.add_argument("--max-queue-size", type=flags.positive_int, default=2,
                         help="messages (one per layer) in flight between loader and saver; convert.py's default "
                              "is 50, ours 2 so memory stays at a few layers however many the model has")
     parser.add_argument("--no-checking", action="store_false", dest="checking",
@@ -48,8 +48,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, loader, saver = parse(argv)
-        if args.max_queue_size < 1:
-            raise ConversionError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
         check_folders(args.load_dir, args.save_dir)
     except ConversionError as error:
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import hf_family, layout, megatron_args, protocol, vocab
+from converter_core import flags, hf_family, layout, megatron_args, protocol, vocab
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder
@@ -23,12 +23,13 @@ def add_loader_arguments(parser, title):
                        help="accepted for convert.py command lines; the shape comes from config.json")
     group.add_argument("--bf16", action="store_true", help="convert the weights to bfloat16")
     group.add_argument("--fp16", action="store_true", help="convert the weights to float16")
-    group.add_argument("--true-vocab-size", type=int, default=None,
-                       help="vocabulary rows to keep (default: config.json vocab_size)")
+    group.add_argument("--true-vocab-size", type=flags.positive_int, default=None,
+                       help="vocabulary rows the Megatron checkpoint is padded from (default: the tokenizer's "
+                            "size when --tokenizer-model is given, else config.json vocab_size)")
     group.add_argument("--vocab-file", type=str, default=None, help="accepted and unused, as convert.py")
     group.add_argument("--tokenizer-model", type=str, default=None,
                        help="tokenizer folder or file recorded in the Megatron args")
-    group.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+    group.add_argument("--make-vocab-size-divisible-by", type=flags.positive_int, default=None,
                        help="Megatron vocabulary padding multiple (default 128)")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
     group.add_argument("--loader-transformer-impl", default="local", choices=["local", "transformer_engine"],
@@ -41,8 +42,8 @@ def add_saver_arguments(parser, title):
                        help="HF folder whose config.json is the starting point and whose non-weight files are copied")
     group.add_argument("--tokenizer-model", type=str, default=None,
                        help="tokenizer folder or tokenizer.model to copy into the output")
-    group.add_argument("--true-vocab-size", type=int, default=None, help="vocabulary rows to keep")
-    group.add_argument("--max-shard-size", type=str, default="50GB",
+    group.add_argument("--true-vocab-size", type=flags.positive_int, default=None, help="vocabulary rows to keep")
+    group.add_argument("--max-shard-size", type=flags.byte_size, default="50GB",
                        help="largest safetensors shard before splitting with an index (default 50GB, as transformers 5)")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
 
@@ -131,7 +132,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     staged = StagedFolder(args.save_dir)
     try:
         writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
-                                       hf.parse_size(args.max_shard_size))
+                                       args.max_shard_size)
 
         def write(name, tensor, factor=1):
             writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(dtype))

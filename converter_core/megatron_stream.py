@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import layout, megatron_args, megatron_schema, protocol
+from converter_core import flags, layout, megatron_args, megatron_schema, protocol
 from converter_core.errors import ConversionError, require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
@@ -19,11 +19,11 @@ CHECKPOINT_VERSION = 3.0
 
 def add_saver_arguments(parser, title, default_impl="transformer_engine"):
     group = parser.add_argument_group(title=title)
-    group.add_argument("--target-tensor-parallel-size", type=int, default=None,
+    group.add_argument("--target-tensor-parallel-size", type=flags.positive_int, default=None,
                        help="TP size of the output (default: the source's, else 1)")
-    group.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+    group.add_argument("--target-pipeline-parallel-size", type=flags.positive_int, default=None,
                        help="PP size of the output (default: the source's, else 1)")
-    group.add_argument("--target-expert-parallel-size", type=int, default=1, help="must be 1 (dense models only)")
+    group.add_argument("--target-expert-parallel-size", type=flags.positive_int, default=1, help="must be 1 (dense models only)")
     group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
                        help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
@@ -31,7 +31,7 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
 
 def add_loader_arguments(parser, title, default_impl="transformer_engine"):
     group = parser.add_argument_group(title=title)
-    group.add_argument("--true-vocab-size", type=int, default=None, help="vocabulary rows without padding")
+    group.add_argument("--true-vocab-size", type=flags.positive_int, default=None, help="vocabulary rows without padding")
     group.add_argument("--vocab-file", type=str, default=None, help="JSON vocabulary whose length is the true vocab size")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
     group.add_argument("--position-embedding-type", default="learned_absolute", choices=["learned_absolute", "rope"],

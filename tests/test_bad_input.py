@@ -89,3 +89,24 @@ def test_source_is_never_modified(tmp_path):
     before = {p.name: p.read_bytes() for p in source.iterdir()}
     convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "out")
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+@pytest.mark.parametrize("flag,value", [("--target-tensor-parallel-size", "0"), ("--target-pipeline-parallel-size", "-1"),
+                                        ("--max-queue-size", "0"), ("--true-vocab-size", "abc"),
+                                        ("--make-vocab-size-divisible-by", "0")])
+def test_bad_flag_values_stop_before_anything_runs(tmp_path, flag, value):
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=2)
+    line = error_line(to_mcore(source, tmp_path / "out", flag, value))
+    assert f"argument {flag}: must be a positive integer, got '{value}'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_shard_size(tmp_path):
+    source, megatron = tmp_path / "hf", tmp_path / "mcore"
+    make_hf_model(source, num_hidden_layers=2)
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", megatron)
+    process = convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", megatron, "--save-dir", tmp_path / "out",
+                      "--max-shard-size", "lots", ok=False)
+    assert "argument --max-shard-size: must be a size such as 5GB or 500MB, got 'lots'" in error_line(process)
+    assert not (tmp_path / "out").exists()

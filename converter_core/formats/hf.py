@@ -106,16 +106,6 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
-def parse_size(text):
-    """'5GB', '500MB', '10KB' or a plain byte count, as transformers' max_shard_size."""
-    text = str(text).strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10),
-                         ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
-
-
 class PlannedSafetensors:
     """Writes a known list of tensors into safetensors shards (and an index when more than one).
 

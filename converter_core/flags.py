@@ -1,0 +1,33 @@
+"""argparse types shared by the plugins' flags, so a bad value stops the run at parse time with
+argparse's own one-line error, before any process starts or any file is touched."""
+
+import argparse
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def byte_size(text):
+    """'5GB', '500MB', '10KiB' or a plain byte count, as transformers' max_shard_size; returns bytes."""
+    upper = str(text).strip().upper()
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                         ("KB", 10**3), ("B", 1)):
+        if upper.endswith(unit):
+            upper, scale = upper[:-len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        value = int(float(upper) * scale)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a size such as 5GB or 500MB, got {text!r}")
+    return value
