@@ -9,7 +9,7 @@ import math
 import torch
 
 from converter_core import layout, megatron_args
-from converter_core.errors import ConversionError, require
+from converter_core.errors import require
 
 Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias mup")
 

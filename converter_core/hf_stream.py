@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, hf_family, layout, megatron_args, protocol, vocab
+from converter_core import flags, hf_family, megatron_args, protocol, vocab
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder

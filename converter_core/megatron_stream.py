@@ -3,14 +3,13 @@ splits tensors for the target TP/PP with the schema's rules and hands them to a 
 merges them back. Which names and nesting is the schema's business (megatron_schema)."""
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from converter_core import flags, layout, megatron_args, megatron_schema, protocol
-from converter_core.errors import ConversionError, require
+from converter_core import flags, layout, megatron_args, megatron_schema, protocol, vocab
+from converter_core.errors import require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
 
@@ -346,7 +345,7 @@ def _check_nothing_left_out(models, paths, schema, entries, margs):
 
 
 def _metadata_for(margs, args, iteration, tp, pp):
-    true_vocab = args.true_vocab_size or vocab_file_size(args.vocab_file) or margs.vocab_size
+    true_vocab = args.true_vocab_size or vocab.vocab_file_size(args.vocab_file) or margs.vocab_size
     return protocol.make_metadata(margs, true_vocab_size=true_vocab, previous_tp=tp, previous_pp=pp,
                                   iteration=iteration or 1,
                                   consumed_train_samples=getattr(margs, "consumed_train_samples", 0) or 0,
@@ -407,13 +406,3 @@ def load_dist(queue, args, iteration, folder):
             yield protocol.OUTPUT_LAYER, {"weight": reader.read("output_layer.weight")}
 
     protocol.send_model(queue, md, messages())
-
-
-def vocab_file_size(path):
-    if not path:
-        return None
-    try:
-        with open(path) as handle:
-            return len(json.load(handle))
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{path}: cannot read the vocabulary file ({error})") from None

@@ -46,8 +46,8 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
         checkpoint_args=args,
         consumed_train_samples=consumed_train_samples,
         consumed_valid_samples=consumed_valid_samples,
-        use_legacy_models=False,
-        use_mcore_models=True,
+        use_legacy_models=bool(getattr(args, "use_legacy_models", False)),
+        use_mcore_models=not getattr(args, "use_legacy_models", False),
     )
 
 

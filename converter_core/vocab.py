@@ -1,9 +1,9 @@
 """The true vocabulary size of a Megatron checkpoint, whose tables are padded for TP."""
 
-import json
 from pathlib import Path
 
 from converter_core.errors import ConversionError, require
+from converter_core.formats import hf
 
 
 def tokenizer_size(path):
@@ -26,8 +26,13 @@ def tokenizer_size(path):
     except Exception as error:
         raise ConversionError(f"{model}: unreadable SentencePiece model ({error})") from None
     added_file = folder / "added_tokens.json"
-    added = json.loads(added_file.read_text()) if added_file.is_file() else {}
+    added = hf.read_json(added_file) if added_file.is_file() else {}
     return max([pieces - 1, *added.values()]) + 1
+
+
+def vocab_file_size(path):
+    """convert.py's --vocab-file: the length of a JSON vocabulary."""
+    return len(hf.read_json(path)) if path else None
 
 
 def true_vocab_size(args, md, margs):

@@ -68,6 +68,19 @@ LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
 
 
+# The tiny model both harness self-tests use.
+TINY_ARGS = dict(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=96,
+    make_vocab_size_divisible_by=64,  # 96 pads to 128 at TP 1 and at TP 2
+)
+TINY_TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
 def local_to_te_state_dict(state):
     """Rename a local-spec state dict the way a TransformerEngine-spec model would save it."""
     out = {}

@@ -2,10 +2,8 @@
 
 import json
 import os
-import shutil
 
 import pytest
-import torch
 
 from helpers import convert, error_line, make_hf_model
 

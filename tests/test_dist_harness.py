@@ -13,16 +13,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import dist_harness as harness
 
-TINY = dict(
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=96,
-    make_vocab_size_divisible_by=64,  # 96 pads to 128 at TP 1 and at TP 2
-)
-TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+from mcore_harness import TINY_ARGS as TINY, TINY_TOKENS as TOKENS
 ATOL = 1e-5
 _SAVED = {}
 

@@ -3,7 +3,6 @@ from the published formulas (minicpm_reference), megatron-core with MiniCPM's mu
 and transformers' LlamaForCausalLM."""
 
 import json
-import shutil
 
 import pytest
 import torch
