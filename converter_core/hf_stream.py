@@ -114,7 +114,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where, to_hf=True)
-    margs = megatron_args.plain_copy(md.checkpoint_args)
+    margs = megatron_args.complete(megatron_args.plain_copy(md.checkpoint_args), f"{where}: metadata")
     require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:

@@ -95,7 +95,7 @@ def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, 
     args.max_position_embeddings = max_position_embeddings
     args.seq_length = min(_MEGATRON_DEFAULTS["seq_length"], max_position_embeddings)
     args.encoder_seq_length = args.seq_length
-    args.norm_epsilon = norm_epsilon
+    args.layernorm_epsilon = args.norm_epsilon = norm_epsilon
     args.rotary_base = rotary_base
     args.vocab_size = vocab_size
     args.padded_vocab_size = vocab_size
@@ -105,11 +105,37 @@ def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, 
     return args
 
 
-def complete(args):
-    """Fill attributes an older checkpoint's args lack with Megatron-LM's defaults."""
+# Fields Megatron-LM renamed over time: (today's name, older names). A value is read under whichever
+# name a checkpoint has, and written under all of them, so Megatron-LM main and older Megatron-LM
+# (and their convert.py plugins) each find it under the name they read.
+RENAMED = (
+    ("layernorm_epsilon", ("norm_epsilon",)),
+)
+# Required to know the model at all; everything else has a default or is derived.
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
+
+
+def complete(args, where="checkpoint args"):
+    """Make any Megatron-LM args Namespace (any version, ours or a foreign plugin's) complete for the
+    converter: renamed fields under every name, missing fields derived or defaulted. Returns args."""
+    missing = [name for name in REQUIRED if getattr(args, name, None) is None]
+    require(not missing, f"{where}: no {', '.join(missing)} in the Megatron args")
+    for today, older in RENAMED:
+        names = (today, *older)
+        value = next((getattr(args, n) for n in names if getattr(args, n, None) is not None), None)
+        for name in names:
+            setattr(args, name, value if value is not None else 1e-5 if today == "layernorm_epsilon" else None)
     for name, value in _MEGATRON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)
+    if getattr(args, "max_position_embeddings", None) is None:
+        args.max_position_embeddings = args.seq_length
+    if getattr(args, "rotary_base", None) is None:
+        args.rotary_base = 10000
+    if getattr(args, "params_dtype", None) is None:
+        args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    args.use_legacy_models = bool(args.use_legacy_models) or getattr(args, "use_mcore_models", True) is False
+    args.use_mcore_models = not args.use_legacy_models
     return args
 
 

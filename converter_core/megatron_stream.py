@@ -138,7 +138,7 @@ SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}
 
 def output_args(md, args, tp, pp, schema, ckpt_format):
     """The Megatron args written into the output: the stream's model args with the new layout."""
-    margs = megatron_args.complete(torch_file.sanitize_namespace(megatron_args.plain_copy(md.checkpoint_args)))
+    margs = megatron_args.complete(torch_file.storable_namespace(md.checkpoint_args), "saver: metadata checkpoint_args")
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
     margs.world_size, margs.data_parallel_size = tp * pp, 1
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
@@ -253,7 +253,7 @@ def load(queue, args):
     states = {(0, 0): torch_file.load(first)}
     require(isinstance(states[0, 0], dict) and "args" in states[0, 0], f"{first}: no 'args' in the checkpoint")
     require(isinstance(states[0, 0]["args"], argparse.Namespace), f"{first}: 'args' is not an argparse.Namespace")
-    margs = megatron_args.complete(torch_file.sanitize_namespace(states[0, 0]["args"]))
+    margs = megatron_args.complete(states[0, 0]["args"], str(first))
     rank_files.check_grid(folder, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
     states.update({key: torch_file.load(path) for key, path in paths.items() if key != (0, 0)})
     require((margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size) == (tp, pp),
@@ -355,7 +355,7 @@ def _metadata_for(margs, args, iteration, tp, pp):
 def load_dist(queue, args, iteration, folder):
     """Stream a torch_dist checkpoint: args from common.pt, then each layer sliced out of the stacked
     `decoder.layers.*` tensors (or per-layer keys), memory-mapped; optimizer and extra states skipped."""
-    margs = megatron_args.complete(torch_file.sanitize_namespace(torch_dist.read_common(folder)["args"]))
+    margs = megatron_args.complete(torch_dist.read_common(folder)["args"], str(folder / torch_dist.COMMON))
     reader = torch_dist.DistReader(folder)
     where = folder / torch_dist.DCP_METADATA
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))

@@ -24,6 +24,7 @@ import datetime
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -34,6 +35,9 @@ import torch
 import torch.multiprocessing as mp
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
+# The args Namespace Megatron-LM's own parse_args returns today (see its README).
+MEGATRON_LM_ARGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared",
+                                     "fixtures", "megatron-lm-args", "pretrain_gpt_args.pt")
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 DEFAULT_TIMEOUT = 300.0
@@ -192,12 +196,14 @@ def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
     return _run_ranks(_logits_worker, tp, (iter_dir, pp, tokens, te_names), timeout)
 
 
-def megatron_args(*, tp=1, iteration=1, te_names=False, **overrides):
+def megatron_args(*, tp=1, iteration=1, te_names=False, base=None, **overrides):
     """A Megatron-LM style argparse.Namespace for a tiny Llama-like GPT model.
 
     Names are Megatron-LM's argument names; `overrides` may set any of them (or add others).
     Values derived from others (padded_vocab_size, kv_channels, group_query_attention, ...)
-    follow the overrides unless overridden themselves.
+    follow the overrides unless overridden themselves. With `base` (a Namespace such as the one
+    Megatron-LM itself writes), every field of `base` is kept except the model's, which are set as
+    here; the norm epsilon then goes under whichever name `base` uses.
     """
     for fixed in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "iteration"):
         if fixed in overrides:
@@ -257,6 +263,10 @@ def megatron_args(*, tp=1, iteration=1, te_names=False, **overrides):
         "no_save_optim": True,
         "no_save_rng": True,
     }
+    if base is not None:
+        epsilon_name = "layernorm_epsilon" if hasattr(base, "layernorm_epsilon") else "norm_epsilon"
+        values[epsilon_name] = values.pop("norm_epsilon")
+        values = {**vars(base), **values}
     values.update(overrides)
     derived = {
         "group_query_attention": values["num_query_groups"] not in (None, values["num_attention_heads"]),
@@ -451,7 +461,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         kv_channels=args.kv_channels,
         ffn_hidden_size=args.ffn_hidden_size,
         normalization="RMSNorm",
-        layernorm_epsilon=args.norm_epsilon,
+        layernorm_epsilon=norm_epsilon(args),
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         add_bias_linear=args.add_bias_linear,
@@ -588,6 +598,16 @@ def _output_and_bias_times(factor):
     return hook
 
 
+def megatron_lm_args():
+    """The fixture Namespace, read as Megatron-LM reads its own checkpoints (weights_only, its classes allowed)."""
+    return _read_rank_file(MEGATRON_LM_ARGS_FILE)
+
+
+def norm_epsilon(args):
+    """Megatron-LM has named it norm_epsilon (2023-2025) and layernorm_epsilon (before, and since 2026)."""
+    return args.layernorm_epsilon if hasattr(args, "layernorm_epsilon") else args.norm_epsilon
+
+
 def _read_rank_file(path):
     """torch.load with weights_only, allowing the Namespace and Megatron's enums in `args`."""
     with torch.serialization.safe_globals(_args_globals()):
@@ -599,7 +619,7 @@ def _args_globals():
     from megatron.core import enums
     from megatron.core.transformer import enums as transformer_enums
 
-    found = [argparse.Namespace, enums.ModelType]
+    found = [argparse.Namespace, enums.ModelType, signal.Signals]
     for name in ("ModelType", "AttnBackend", "AttnMaskType", "CudaGraphScope"):
         if hasattr(transformer_enums, name):
             found.append(getattr(transformer_enums, name))

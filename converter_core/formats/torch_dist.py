@@ -256,7 +256,7 @@ class DistWriter:
                                 storage_meta=dcp.StorageMeta(), version="1.0.0")
         with open(self.folder / DCP_METADATA, "wb") as handle:
             pickle.dump(metadata, handle)
-        torch.save(common, self.folder / COMMON)
+        torch_file.save(self.folder / COMMON, common)
         (self.folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
     def abandon(self):

@@ -10,8 +10,10 @@ Megatron's own classes (enums in the pickled args) and a one-line refusal for an
 
 import argparse
 import collections
+import enum
 import io
 import pickle
+import signal
 import sys
 
 import torch
@@ -41,12 +43,29 @@ class _TensorRef:
                 (self.storage, 0, torch.Size(self.shape), tuple(stride), False, collections.OrderedDict()))
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(pickle._Pickler):
+    """torch.save's pickle of the object tree. The pure-Python pickler, because a stand-in must be
+    written under the name of the class it stands for (the C pickler insists the name resolves here);
+    data.pkl is small, so its speed does not matter."""
+
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
             storage_type = getattr(torch, _STORAGE_TYPE_NAMES[obj.dtype])
             return ("storage", storage_type, obj.key, "cpu", obj.numel)
         return None
+
+    def reducer_override(self, obj):
+        if hasattr(type(obj), "stand_in_for"):
+            return (type(obj), obj.args) if obj.state is None else (type(obj), obj.args, obj.state)
+        return NotImplemented
+
+    def save_global(self, obj, name=None):
+        qualified_name = getattr(obj, "stand_in_for", None)
+        if qualified_name is None or not isinstance(obj, type):
+            return super().save_global(obj, name)
+        module, _, name = qualified_name.rpartition(".")
+        self.write(pickle.GLOBAL + module.encode() + b"\n" + name.encode() + b"\n")
+        self.memoize(obj)
 
 
 class StreamingTorchFile:
@@ -83,34 +102,63 @@ class StreamingTorchFile:
         self._writer = None
 
 
+_STAND_IN_CLASSES = {}
+
+
 def _stand_in(qualified_name):
-    """An inert class named like a Megatron class; it only records how it was built."""
+    """An inert class named like a Megatron class (mostly enums in the pickled args): building one only
+    records its arguments. Our files write it back under its original name; between processes it
+    travels through restore_stand_in."""
+    if qualified_name in _STAND_IN_CLASSES:
+        return _STAND_IN_CLASSES[qualified_name]
     module, _, name = qualified_name.rpartition(".")
 
-    def init(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
+    def init(self, *args):
+        self.args, self.state = args, None
 
     def setstate(self, state):
         self.state = state
 
     def reduce(self):
-        # Never write our stand-in into an output: it degrades to its plain value.
-        raise TypeError(f"{qualified_name} stand-in must be converted with plain_value() before saving")
+        return restore_stand_in, (qualified_name, self.args, self.state)
 
-    return type(name, (), {"__module__": module, "__init__": init, "__setstate__": setstate,
-                           "__reduce__": reduce, "stand_in_for": qualified_name})
+    def describe(self):
+        return f"{qualified_name}{self.args!r}"
+
+    def equal(self, other):
+        return type(other) is type(self) and (other.args, other.state) == (self.args, self.state)
+
+    def hashed(self):
+        return hash((qualified_name, repr(self.args)))
+
+    cls = type(name, (), {"__module__": module, "__init__": init, "__setstate__": setstate, "__reduce__": reduce,
+                          "__repr__": describe, "__eq__": equal, "__hash__": hashed, "args": (), "state": None,
+                          "stand_in_for": qualified_name})
+    _STAND_IN_CLASSES[qualified_name] = cls
+    return cls
 
 
-def plain_value(value):
-    """A stand-in (e.g. a Megatron enum) as a builtin: the enum's value, else its class name."""
-    if hasattr(type(value), "stand_in_for"):
-        return value.args[0] if len(getattr(value, "args", ())) == 1 else type(value).stand_in_for
+def restore_stand_in(qualified_name, args, state):
+    """Unpickles a stand-in sent to another process: the real enum when that process has already
+    imported its module (Megatron's own saver under our CLI), else the stand-in again. Never imports."""
+    module, _, name = qualified_name.rpartition(".")
+    real = getattr(sys.modules.get(module), name, None)
+    if isinstance(real, enum.EnumMeta) and state is None:
+        return real(*args)
+    value = _stand_in(qualified_name)(*args)
+    if state is not None:
+        value.__setstate__(state)
     return value
 
 
+def is_stand_in(value):
+    return hasattr(type(value), "stand_in_for")
+
+
 STAND_IN_MODULES = ("megatron.", "transformer_engine.", "modelopt.")
-# Plain classes whose construction runs no code: Megatron's args, old TE's BytesIO extra state.
-SAFE_CLASSES = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.BytesIO}
+# Plain classes whose construction runs no code: Megatron's args, old TE's BytesIO extra state, and
+# the signal number Megatron-LM keeps in args.exit_signal.
+SAFE_CLASSES = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.BytesIO, "signal.Signals": signal.Signals}
 
 
 def load(path, mmap=True):
@@ -137,8 +185,31 @@ def _first_line(error):
     return text[0] if text else type(error).__name__
 
 
-def sanitize_namespace(args):
-    """Replace stand-ins inside a loaded args Namespace by plain values, so it can be saved anywhere."""
-    for name, value in vars(args).items():
-        setattr(args, name, plain_value(value))
-    return args
+def storable(value):
+    """`value` as something our safe loader reads back and Megatron-LM understands: builtins, torch
+    dtypes, Namespaces, signal numbers and Megatron's enums (real or stand-in) stay; any other object
+    in a foreign plugin's args becomes its enum value or its text."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype)) and not isinstance(value, enum.Enum):
+        return value
+    if is_stand_in(value) or isinstance(value, signal.Signals):
+        return value
+    if isinstance(value, enum.Enum):
+        return value if type(value).__module__.startswith(STAND_IN_MODULES) else storable(value.value)
+    if isinstance(value, (list, tuple)):
+        items = [storable(item) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, argparse.Namespace):
+        return storable_namespace(value)
+    return str(value)
+
+
+def storable_namespace(args):
+    """A copy of an args Namespace holding only storable values."""
+    return argparse.Namespace(**{name: storable(value) for name, value in vars(args).items()})
+
+
+def save(path, obj):
+    """torch.save of a tensor-free object (common.pt), through our pickler."""
+    StreamingTorchFile(path).close(obj)
