@@ -8,25 +8,28 @@ from converter_core import flags, orchestrator, plugins
 from converter_core.errors import ConversionError
 
 
-def base_parser(add_help=True):
+def base_parser(add_help=True, required=True):
     parser = argparse.ArgumentParser(prog="converter_core", description="Megatron Checkpoint Converter Arguments",
-                                     allow_abbrev=False, conflict_handler="resolve", add_help=add_help)
-    parser.add_argument("--model-type", type=str, required=True, choices=["GPT", "BERT"],
-                        help="model family (only GPT is supported by the built-in plugins)")
+                                     allow_abbrev=False, conflict_handler="resolve", add_help=add_help,
+                                     epilog=plugins.installed_summary())
+    parser.add_argument("--model-type", type=str, required=required, choices=["GPT", "BERT"],
+                        help="model family (the built-in plugins convert GPT models only)")
     parser.add_argument("--loader", type=str, default="megatron", help="loader plugin name (default megatron)")
     parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
-    parser.add_argument("--load-dir", type=str, required=True, help="source checkpoint folder")
-    parser.add_argument("--save-dir", type=str, required=True, help="output folder")
-    parser.add_argument("--max-queue-size", type=flags.positive_int, default=2,
-                        help="messages (one per layer) in flight between loader and saver; convert.py's default "
-                             "is 50, ours 2 so memory stays at a few layers however many the model has")
+    parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder")
+    parser.add_argument("--save-dir", type=str, required=required, help="output folder")
+    parser.add_argument("--max-queue-size", type=flags.queue_size, default=2,
+                        help="messages (one per layer) in flight between loader and saver, 0 for no limit; "
+                             "convert.py's default is 50, ours 2 so memory stays at a few layers")
     parser.add_argument("--no-checking", action="store_false", dest="checking",
                         help="do not check message order and leftover keys")
     return parser
 
 
 def parse(argv):
-    known, _ = base_parser(add_help=False).parse_known_args(argv)
+    """As convert.py: a first pass finds the plugins, which then add their flags. `--help` works alone
+    (it shows the default plugins' flags, or those of the --loader/--saver given, and lists the rest)."""
+    known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
     parser = base_parser()
     loader = plugins.load_plugin("loader", known.loader)
     saver = plugins.load_plugin("saver", known.saver)
@@ -34,6 +37,11 @@ def parse(argv):
     saver.add_arguments(parser)
     args = parser.parse_args(argv)
     args.loader, args.saver = plugins.canonical(args.loader), plugins.canonical(args.saver)
+    for role, plugin in (("loader", loader), ("saver", saver)):
+        model_types = getattr(plugin, "MODEL_TYPES", None)
+        if model_types is not None and args.model_type not in model_types:
+            raise ConversionError(f"--model-type {args.model_type}: the {getattr(args, role)} {role} converts "
+                                  f"{' and '.join(model_types)} models only")
     return args, loader, saver
 
 

@@ -14,6 +14,14 @@ def positive_int(text):
     return value
 
 
+def queue_size(text):
+    """convert.py's --max-queue-size: 0 (or less) means unbounded, as multiprocessing.Queue reads it."""
+    try:
+        return max(0, int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def byte_size(text):
     """'5GB', '500MB', '10KiB' or a plain byte count, as transformers' max_shard_size; returns bytes."""
     upper = str(text).strip().upper()

@@ -12,6 +12,9 @@ from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder
 
+# loader_llama_mistral.py's --model-size choices (Megatron-LM, last version 2026-03).
+MODEL_SIZES = ("llama2-7B", "llama2-13B", "llama2-70B", "llama2-7Bf", "llama2-13Bf", "llama2-70Bf", "llama3", "mistral",
+               "yi-34B", "qwen2.5")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
@@ -19,8 +22,8 @@ def add_loader_arguments(parser, title):
     group = parser.add_argument_group(title=title)
     group.add_argument("--checkpoint-type", choices=["hf", "meta"], default="hf",
                        help="only 'hf' is supported; kept for convert.py command lines")
-    group.add_argument("--model-size", type=str, default=None,
-                       help="accepted for convert.py command lines; the shape comes from config.json")
+    group.add_argument("--model-size", type=str, default=None, choices=MODEL_SIZES,
+                       help="accepted for convert.py command lines (its choices); the shape comes from config.json")
     group.add_argument("--bf16", action="store_true", help="convert the weights to bfloat16")
     group.add_argument("--fp16", action="store_true", help="convert the weights to float16")
     group.add_argument("--true-vocab-size", type=flags.positive_int, default=None,
@@ -39,7 +42,9 @@ def add_loader_arguments(parser, title):
 def add_saver_arguments(parser, title):
     group = parser.add_argument_group(title=title)
     group.add_argument("--hf-reference-dir", type=str, default=None,
-                       help="HF folder whose config.json is the starting point and whose non-weight files are copied")
+                       help="HF folder whose config.json is the starting point and whose non-weight files are "
+                            "copied (remote-code .py files come from here, else from the HF folder the checkpoint "
+                            "was made from)")
     group.add_argument("--tokenizer-model", type=str, default=None,
                        help="tokenizer folder or tokenizer.model to copy into the output")
     group.add_argument("--true-vocab-size", type=flags.positive_int, default=None, help="vocabulary rows to keep")
@@ -63,7 +68,8 @@ def load(queue, args, families=hf_family.FAMILIES):
     if untied:
         require(hf_family.LM_HEAD in weights, f"{folder}: config.json says untied embeddings but there is no lm_head.weight")
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
-                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder))
+                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder),
+                  hf_source_dir=str(folder.resolve()))
     try:
         margs = hf_family.args_from_config(config, str(config_path), dtype, untied, families, **fields)
     except KeyError as missing:
@@ -114,7 +120,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where, to_hf=True)
-    margs = megatron_args.complete(megatron_args.plain_copy(md.checkpoint_args), f"{where}: metadata")
+    margs = megatron_args.plain_copy(md.checkpoint_args)
     require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
@@ -129,6 +135,7 @@ def save(queue, args, families=hf_family.FAMILIES):
     scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
     residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
     layer_shapes, hidden = protocol.layer_message_shapes(margs), margs.hidden_size
+    code_folder, code_files = remote_code_source(args, margs, config, where)
     staged = StagedFolder(args.save_dir)
     try:
         writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
@@ -158,6 +165,9 @@ def save(queue, args, families=hf_family.FAMILIES):
         receiver.done()
         writer.finish()
         copy_side_files(args, staged.path)
+        for name in code_files:
+            (staged.path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(code_folder / name, staged.path / name)
         write_json(staged.path / hf.CONFIG, config)
         generation = generation_config(config)
         if generation and not (staged.path / "generation_config.json").exists():
@@ -170,6 +180,30 @@ def save(queue, args, families=hf_family.FAMILIES):
         print(f"folded MiniCPM's muP scalars into the weights for {config['architectures'][0]}: embeddings "
               f"x{scale_emb:g}, attention and MLP outputs x{residual:.6g}, output layer /{width:g} (untied)", flush=True)
     print(f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}", flush=True)
+
+
+def remote_code_files(config):
+    """The .py files that config.json's auto_map has transformers import from the model folder."""
+    files = set()
+    for value in (config.get("auto_map") or {}).values():
+        for reference in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(reference, str) and "--" not in reference:  # "repo--module.Class" lives elsewhere
+                files.add(reference.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return sorted(files)
+
+
+def remote_code_source(args, margs, config, where):
+    """(folder, files): where the output's remote-code files come from, checked before anything is
+    written: --hf-reference-dir, else the HF folder the stream started from, if it still holds them."""
+    files = remote_code_files(config)
+    if not files:
+        return None, []
+    for folder in (args.hf_reference_dir, getattr(margs, "hf_source_dir", None)):
+        if folder and all((Path(folder) / name).is_file() for name in files):
+            return Path(folder), files
+    raise ConversionError(f"{where}: config.json's auto_map needs {', '.join(files)}, and the source HF folder "
+                          "recorded in the checkpoint does not hold them; give --hf-reference-dir with a folder that does "
+                          "(e.g. the original model)")
 
 
 def write_json(path, value):

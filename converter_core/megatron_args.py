@@ -102,39 +102,48 @@ def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, 
     for name, value in fields.items():
         setattr(args, name, value)
     set_dtype(args, params_dtype)
-    return args
+    return complete(args)
 
 
-# Fields Megatron-LM renamed over time: (today's name, older names). A value is read under whichever
-# name a checkpoint has, and written under all of them, so Megatron-LM main and older Megatron-LM
-# (and their convert.py plugins) each find it under the name they read.
+# Fields Megatron-LM renamed, (today's name, older name, default), from its argument history: the
+# `--norm-epsilon` and `--apply-layernorm-1p` flags kept their spelling while their destinations became
+# TransformerConfig's names in January 2026 (before September 2023 the epsilon was layernorm_epsilon
+# too). A value is read under whichever name a checkpoint has and written under both, so Megatron-LM
+# main, older Megatron-LM and either's convert.py plugins each find it where they look.
 RENAMED = (
-    ("layernorm_epsilon", ("norm_epsilon",)),
+    ("layernorm_epsilon", "norm_epsilon", 1e-5),
+    ("layernorm_zero_centered_gamma", "apply_layernorm_1p", False),
 )
-# Required to know the model at all; everything else has a default or is derived.
+# Older flags read in the opposite sense (only read: today's Megatron-LM ignores them).
+INVERTED = (("add_bias_linear", "disable_bias_linear"), ("use_legacy_models", "use_mcore_models"))
+# Without these there is no model to convert; everything else has a default or is derived.
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
 
 
 def complete(args, where="checkpoint args"):
     """Make any Megatron-LM args Namespace (any version, ours or a foreign plugin's) complete for the
-    converter: renamed fields under every name, missing fields derived or defaulted. Returns args."""
-    missing = [name for name in REQUIRED if getattr(args, name, None) is None]
-    require(not missing, f"{where}: no {', '.join(missing)} in the Megatron args")
-    for today, older in RENAMED:
-        names = (today, *older)
-        value = next((getattr(args, n) for n in names if getattr(args, n, None) is not None), None)
-        for name in names:
-            setattr(args, name, value if value is not None else 1e-5 if today == "layernorm_epsilon" else None)
+    converter, in place: renamed fields under both names, missing fields derived or defaulted."""
+    missing = [name for name in REQUIRED if not isinstance(getattr(args, name, None), int)]
+    require(not missing, f"{where}: no usable {', '.join(missing)} in the Megatron args")
+    present = vars(args)
+    for today, older, default in RENAMED:
+        value = present[today] if present.get(today) is not None else present.get(older)
+        setattr(args, today, default if value is None else value)
+        setattr(args, older, default if value is None else value)
+    for today, older in INVERTED:
+        if present.get(today) is None and present.get(older) is not None:
+            setattr(args, today, not present[older])
+    if present.get("position_embedding_type") is None:
+        args.position_embedding_type = "rope" if present.get("use_rotary_position_embeddings") else "learned_absolute"
     for name, value in _MEGATRON_DEFAULTS.items():
-        if not hasattr(args, name):
+        if present.get(name) is None:
             setattr(args, name, value)
-    if getattr(args, "max_position_embeddings", None) is None:
+    if present.get("max_position_embeddings") is None:
         args.max_position_embeddings = args.seq_length
-    if getattr(args, "rotary_base", None) is None:
+    if present.get("rotary_base") is None:
         args.rotary_base = 10000
-    if getattr(args, "params_dtype", None) is None:
+    if present.get("params_dtype") is None:
         args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    args.use_legacy_models = bool(args.use_legacy_models) or getattr(args, "use_mcore_models", True) is False
     args.use_mcore_models = not args.use_legacy_models
     return args
 

@@ -40,9 +40,7 @@ def add_loader_arguments(parser, title, default_impl="transformer_engine"):
 
 
 def _staged_iteration(save_dir, iteration):
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    final = save_dir / rank_files.iteration_dir_name(iteration)
+    final = Path(save_dir) / rank_files.iteration_dir_name(iteration)
     require(not final.exists(), f"{final}: already exists; choose another --save-dir")
     return StagedFolder(final)
 
@@ -138,7 +136,7 @@ SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}
 
 def output_args(md, args, tp, pp, schema, ckpt_format):
     """The Megatron args written into the output: the stream's model args with the new layout."""
-    margs = megatron_args.complete(torch_file.storable_namespace(md.checkpoint_args), "saver: metadata checkpoint_args")
+    margs = megatron_args.plain_copy(md.checkpoint_args)
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
     margs.world_size, margs.data_parallel_size = tp * pp, 1
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None

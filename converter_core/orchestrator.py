@@ -88,29 +88,46 @@ def run(args, loader, saver):
     processes = {"loader": loader_process, "saver": saver_process}
     try:
         failure = _supervise(processes, saver_finished)
+        if failure and failure[0] == "saver" and loader_process.is_alive():
+            # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
+            loader_process.join(LOADER_REPORT_SECONDS)
     except KeyboardInterrupt:
-        failure = "interrupted"
+        failure = (None, "interrupted")
     for process in processes.values():
         _stop(process)
     if failure is None:
         print("Done!", flush=True)
         return 0
-    while not reports.empty():
-        role, reason = reports.get()
-        failure = f"{role} failed: {reason}"
-        break
-    print(f"converter_core: error: {failure}", file=sys.stderr, flush=True)
+    print(f"converter_core: error: {_true_cause(failure, reports)}", file=sys.stderr, flush=True)
     return 1
 
 
+LOADER_REPORT_SECONDS = 5
+
+
+def _true_cause(failure, reports):
+    """One line naming the side that failed first and why: the loader's own error wins (a saver only
+    ever fails second, on its "exit"), then a process killed by a signal, then the saver's error."""
+    role, observed = failure
+    said = {}
+    while not reports.empty():
+        side, reason = reports.get()
+        said.setdefault(side, reason)
+    if "loader" in said:
+        return f"loader failed: {said['loader']}"
+    if role in said and "killed" not in observed:
+        return f"{role} failed: {said[role]}"
+    return observed
+
+
 def _supervise(processes, saver_finished):
-    """Wait until both end well (None) or one fails (a reason); a finished saver gives the loader a grace period."""
+    """Wait until both end well (None) or one fails: (role, what was observed)."""
     running = dict(processes)
     while running:
         timeout = GRACE_SECONDS if "saver" not in running else None
         ready = wait([p.sentinel for p in running.values()], timeout=timeout)
         if not ready:
-            return "loader did not finish after the saver completed"
+            return "loader", "loader did not finish after the saver completed"
         for role, process in list(running.items()):
             if process.sentinel in ready:
                 process.join()
@@ -118,10 +135,8 @@ def _supervise(processes, saver_finished):
                 if role == "saver":
                     saver_finished.set()
                 if process.exitcode != 0:
-                    return f"{role} " + (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
-                                         else f"exited with status {process.exitcode}")
-                if role == "loader" and "saver" in running:
-                    continue
+                    return role, f"{role} " + (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
+                                               else f"exited with status {process.exitcode}")
     return None
 
 

@@ -20,6 +20,7 @@ class StagedFolder:
         self.path = self.target.with_name(f".{self.target.name}.partial")
         if self.path.exists():
             shutil.rmtree(self.path)
+        self.created_parents = [folder for folder in self.path.parents if not folder.exists()]
         self.path.mkdir(parents=True)
 
     def commit(self):
@@ -28,4 +29,10 @@ class StagedFolder:
         os.replace(self.path, self.target)
 
     def abandon(self):
+        """Remove the staged folder, and the folders above it that this run created, if still empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        for folder in self.created_parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                break

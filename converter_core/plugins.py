@@ -2,6 +2,7 @@
 then convert.py's rule: a module `loader_<name>` / `saver_<name>`, else `<name>`, on sys.path."""
 
 import importlib
+import importlib.metadata
 
 from stevedore import driver
 from stevedore.exception import NoMatches
@@ -31,7 +32,20 @@ def load_plugin(kind, name):
     return module
 
 
+def installed(kind):
+    """Names of the installed `kind` ('loader' or 'saver') plugins, from the entry points."""
+    return sorted({entry.name for entry in importlib.metadata.entry_points(group=f"converter_core.{kind}s")})
+
+
+def installed_summary():
+    aliases = ", ".join(f"{alias}={name}" for alias, name in sorted(ALIASES.items()))
+    return (f"Installed loaders: {', '.join(installed('loader'))}. Installed savers: {', '.join(installed('saver'))}. "
+            f"Aliases: {aliases}. A module loader_<name> / saver_<name> or <name> on sys.path is a plugin too.")
+
+
 def _from_entry_point(kind, name):
+    if name not in installed(kind):
+        return None  # asking stevedore for a name it lacks makes some of its versions log a warning
     try:
         return driver.DriverManager(namespace=f"converter_core.{kind}s", name=name, invoke_on_load=False).driver
     except NoMatches:

@@ -4,9 +4,12 @@ full (unsharded) tensors in Megatron layout, then "done"; the string "exit" mean
 Both directions use the same stream, so any of our loaders feeds any saver, ours or Megatron's.
 """
 
+import argparse
 import types
 
+from converter_core import megatron_args
 from converter_core.errors import ConversionError, require
+from converter_core.formats import torch_file
 
 EMBEDDINGS = "embeddings"
 FINAL_NORM = "final norm"
@@ -78,6 +81,10 @@ def check_supported(md, where, to_hf=False):
                 f"{where}: rotary_percent {getattr(args, 'rotary_percent', None)} has no Hugging Face Llama equivalent")
 
 
+class LoaderExited(ConversionError):
+    """The loader sent "exit": the saver stops, and the loader's own report says why."""
+
+
 class exit_on_failure:
     """Megatron's loader contract: on any failure put "exit" on the queue, then re-raise, so a saver
     (ours or Megatron's, even under convert.py) stops instead of waiting forever."""
@@ -119,13 +126,19 @@ class Receiver:
     def _get(self):
         value = self.queue.get()
         if isinstance(value, str) and value == EXIT:
-            raise ConversionError("loader exited, exiting saver")
+            raise LoaderExited("loader exited, exiting saver")
         return value
 
     def metadata(self):
+        """The metadata namespace, its checkpoint_args completed and made storable whichever loader
+        (and Megatron-LM version) sent them."""
         md = self._get()
         require(isinstance(md, types.SimpleNamespace) or hasattr(md, "checkpoint_args"),
                 f"expected the metadata namespace first, got {type(md).__name__}")
+        require(isinstance(getattr(md, "checkpoint_args", None), argparse.Namespace),
+                "the loader's metadata has no checkpoint_args Namespace")
+        md.checkpoint_args = megatron_args.complete(torch_file.storable_namespace(md.checkpoint_args),
+                                                    "metadata checkpoint_args")
         return md
 
     def get(self, name, shapes=None):
@@ -162,7 +175,7 @@ class Receiver:
 def layer_message_shapes(args):
     """{message key: shape} of one dense "transformer layer N" message (reference §2.4); which keys a
     layer has is megatron_schema.layer_entries' decision, made in that one place."""
-    from converter_core import megatron_args, megatron_schema
+    from converter_core import megatron_schema
     hidden, heads = args.hidden_size, args.num_attention_heads
     groups, head_dim, ffn = megatron_args.query_groups(args), megatron_args.head_dim(args), megatron_args.ffn_size(args)
     qkv_rows = (heads + 2 * groups) * head_dim

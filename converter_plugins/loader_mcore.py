@@ -3,6 +3,8 @@ Legacy Megatron-LM checkpoints are recognised too."""
 
 from converter_core import megatron_stream, protocol
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     megatron_stream.add_loader_arguments(parser, "Megatron-Core loader")

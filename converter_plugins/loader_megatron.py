@@ -3,6 +3,8 @@ Megatron-Core checkpoints are recognised too."""
 
 from converter_core import megatron_stream, protocol
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     megatron_stream.add_loader_arguments(parser, "Legacy Megatron-LM loader", default_impl="local")

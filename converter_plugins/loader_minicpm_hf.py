@@ -3,6 +3,8 @@ travel in the Megatron args under the names Megatron forks use for MiniCPM."""
 
 from converter_core import hf_family, hf_stream, protocol
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     hf_stream.add_loader_arguments(parser, "MiniCPM Hugging Face loader")

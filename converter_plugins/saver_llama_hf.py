@@ -2,6 +2,8 @@
 
 from converter_core import hf_stream
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     hf_stream.add_saver_arguments(parser, "Llama/Mistral/Qwen2 Hugging Face saver")

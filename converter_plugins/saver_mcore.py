@@ -2,6 +2,8 @@
 
 from converter_core import megatron_schema, megatron_stream
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     megatron_stream.add_saver_arguments(parser, "Megatron-Core saver")

@@ -3,6 +3,8 @@
 from converter_core import megatron_schema, megatron_stream
 from converter_core.errors import require
 
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+
 
 def add_arguments(parser):
     megatron_stream.add_saver_arguments(parser, "Legacy Megatron-LM saver", default_impl="local")

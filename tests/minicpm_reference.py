@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 
 import torch
 from safetensors.torch import save_file
@@ -30,6 +31,9 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
 }
 MAX_POSITIONS = 256
+# Stand-ins for the remote-code files a MiniCPM folder carries (tests/minicpm_remote_code).
+REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minicpm_remote_code")
+REMOTE_CODE_FILES = ("configuration_minicpm.py", "modeling_minicpm.py")
 
 # Defaults of the remote MiniCPMConfig, used when a config.json lacks the field (minicpm.md, section 1).
 REMOTE_DEFAULTS = {"rope_theta": 10000.0, "tie_word_embeddings": True, "scale_emb": 1, "scale_depth": 1,
@@ -197,6 +201,9 @@ def make_minicpm_folder(folder, config, *, seed=0, dtype=torch.bfloat16, with_lm
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as handle:
         json.dump(config, handle, indent=2)
+    if "auto_map" in config:  # a MiniCPM folder ships the remote code its auto_map names
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(os.path.join(REMOTE_CODE, name), os.path.join(folder, name))
     return state
 
 

@@ -3,13 +3,18 @@
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-from helpers import convert, error_line, make_hf_model, write_tokenizer
+from helpers import (assert_bit_identical, convert, error_line, hf_logits, make_hf_model, read_config, tokens_for,
+                     write_tokenizer)
 
 RECORDING_SAVER = '''
 import json, os
@@ -210,3 +215,231 @@ def test_our_loaders_put_exit_themselves_as_convert_py_expects(tmp_path):
         with pytest.raises(Exception):
             plugin.load_checkpoint(queue, args)
         assert queue.get_nowait() == "exit"
+
+
+# A loader that keeps Megatron-LM's contract exactly as tools/checkpoint/loader_core.py does: the
+# metadata attributes of loader_base.build_checkpoint_metadata, checkpoint_args as Megatron-LM writes
+# them today (the fixture Namespace, real AttnBackend and signal.Signals), the padded vocabulary,
+# grouped QKV and SwiGLU halves, "exit" before re-raising on failure, "done" twice.
+MEGATRON_CONTRACT_LOADER = '''
+import types
+import torch
+from safetensors.torch import load_file
+from mcore_harness import megatron_lm_args
+
+def add_arguments(parser):
+    parser.add_argument("--fail-at-layer", type=int, default=None)
+
+def load_checkpoint(queue, args):
+    try:
+        _load(queue, args)
+    except:
+        queue.put("exit")
+        raise
+
+def _load(queue, args):
+    hf = load_file(f"{args.load_dir}/model.safetensors")
+    layers, hidden, heads, groups, ffn, vocab = 4, 64, 4, 2, 160, 96
+    d = hidden // heads
+    margs = megatron_lm_args()
+    for name, value in dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                            num_query_groups=groups, group_query_attention=True, kv_channels=d, seq_length=256,
+                            max_position_embeddings=256, layernorm_epsilon=1e-5, rotary_base=10000, vocab_size=vocab,
+                            padded_vocab_size=128, untie_embeddings_and_output_weights=True,
+                            tensor_model_parallel_size=1, pipeline_model_parallel_size=1, params_dtype=torch.float32,
+                            bf16=False, fp16=False).items():
+        setattr(margs, name, value)
+    md = types.SimpleNamespace(
+        model_type="GPT", num_layers=layers, hidden_size=hidden, seq_length=256, num_attention_heads=heads,
+        max_position_embeddings=256, tokenizer_type=margs.tokenizer_type, iteration=10, params_dtype=torch.float32,
+        bert_binary_head=False, output_layer=True, position_embedding_type="rope", linear_bias=False,
+        qkv_bias=False, norm_has_bias=False, swiglu=True, previous_tensor_parallel_size=1,
+        previous_pipeline_parallel_size=1, true_vocab_size=vocab, make_vocab_size_divisible_by=128,
+        checkpoint_args=margs)
+    md.consumed_train_samples, md.consumed_valid_samples = 0, 0
+    queue.put(md)
+
+    def padded(table):
+        return torch.cat([table, torch.zeros(128 - vocab, hidden)])
+
+    def send(name, message):
+        message["name"] = name
+        queue.put(message)
+
+    send("embeddings", {"word embeddings": padded(hf["model.embed_tokens.weight"])})
+    for i in range(layers):
+        if i == args.fail_at_layer:
+            raise ValueError(f"layer {i} is unreadable")
+        p = f"model.layers.{i}."
+        q = hf[p + "self_attn.q_proj.weight"].view(groups, heads // groups * d, hidden)
+        k = hf[p + "self_attn.k_proj.weight"].view(groups, d, hidden)
+        v = hf[p + "self_attn.v_proj.weight"].view(groups, d, hidden)
+        send(f"transformer layer {i}", {
+            "input norm weight": hf[p + "input_layernorm.weight"], "post norm weight": hf[p + "post_attention_layernorm.weight"],
+            "qkv weight": torch.cat([q, k, v], dim=1).reshape(-1, hidden), "dense weight": hf[p + "self_attn.o_proj.weight"],
+            "mlp l0 weight W": hf[p + "mlp.gate_proj.weight"], "mlp l0 weight V": hf[p + "mlp.up_proj.weight"],
+            "mlp l1 weight": hf[p + "mlp.down_proj.weight"]})
+    send("final norm", {"weight": hf["model.norm.weight"]})
+    send("output layer", {"weight": padded(hf["lm_head.weight"])})
+    queue.put("done")
+    queue.put("done")
+'''
+
+# A saver that reads the stream as tools/checkpoint/saver_core.py (saver_base) does: the md attributes it
+# builds its argv from, checkpoint_args' sequence_parallel / apply_query_key_layer_scaling and today's
+# layernorm_epsilon, queue_get with "exit", check_message popping every key; then writes HF tensors.
+MEGATRON_CONTRACT_SAVER = '''
+import sys
+import torch
+from safetensors.torch import save_file
+
+def add_arguments(parser):
+    parser.add_argument("--out-file", required=True)
+
+def save_checkpoint(queue, args):
+    def queue_get(name=None):
+        value = queue.get()
+        if value == "exit":
+            print("Loader exited, exiting saver")
+            sys.exit(1)
+        if name is not None and args.checking and value["name"] != name:
+            print(f"Unexpected message. Expecting {name} but got {value['name']}. Exiting saver.")
+            sys.exit(1)
+        return value
+
+    def check_message(msg):
+        name = msg.pop("name")
+        if args.checking and msg:
+            print(f"Unexpected values in {name}: {sorted(msg)}")
+            sys.exit(1)
+
+    md = queue_get()
+    argv = [md.num_layers, md.hidden_size, md.seq_length, getattr(md, "num_experts", 0), md.num_attention_heads,
+            md.max_position_embeddings, md.position_embedding_type, md.tokenizer_type, md.make_vocab_size_divisible_by,
+            md.params_dtype, md.output_layer, md.linear_bias, md.bert_binary_head, md.previous_tensor_parallel_size,
+            md.previous_pipeline_parallel_size, md.true_vocab_size, md.iteration]
+    margs = md.checkpoint_args
+    margs.sequence_parallel, margs.apply_query_key_layer_scaling
+    heads, hidden, d = md.num_attention_heads, md.hidden_size, margs.kv_channels
+    groups = margs.num_query_groups if margs.group_query_attention else heads
+    assert margs.layernorm_epsilon == 1e-5, margs.layernorm_epsilon
+    out = {}
+    msg = queue_get("embeddings")
+    out["model.embed_tokens.weight"] = msg.pop("word embeddings")[:md.true_vocab_size]
+    check_message(msg)
+    for i in range(md.num_layers):
+        msg = queue_get(f"transformer layer {i}")
+        p = f"model.layers.{i}."
+        qkv = msg.pop("qkv weight").view(groups, (heads // groups + 2) * d, hidden)
+        q, k, v = torch.split(qkv, [heads // groups * d, d, d], dim=1)
+        out.update({p + "input_layernorm.weight": msg.pop("input norm weight"),
+                    p + "post_attention_layernorm.weight": msg.pop("post norm weight"),
+                    p + "self_attn.q_proj.weight": q.reshape(-1, hidden), p + "self_attn.k_proj.weight": k.reshape(-1, hidden),
+                    p + "self_attn.v_proj.weight": v.reshape(-1, hidden), p + "self_attn.o_proj.weight": msg.pop("dense weight"),
+                    p + "mlp.gate_proj.weight": msg.pop("mlp l0 weight W"), p + "mlp.up_proj.weight": msg.pop("mlp l0 weight V"),
+                    p + "mlp.down_proj.weight": msg.pop("mlp l1 weight")})
+        check_message(msg)
+    msg = queue_get("final norm")
+    out["model.norm.weight"] = msg.pop("weight")
+    check_message(msg)
+    if md.output_layer:
+        msg = queue_get("output layer")
+        out["lm_head.weight"] = msg.pop("weight")[:md.true_vocab_size]
+        check_message(msg)
+    assert queue_get() == "done"
+    save_file({name: t.contiguous() for name, t in out.items()}, args.out_file)
+'''
+
+
+def contract_env(tmp_path):
+    env = plugin_env(tmp_path, loader_megatron_contract=MEGATRON_CONTRACT_LOADER,
+                     saver_megatron_contract=MEGATRON_CONTRACT_SAVER)
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent)
+    return env
+
+
+def test_megatron_contract_loader_into_our_savers(tmp_path):
+    source = tmp_path / "hf"
+    model = make_hf_model(source, num_hidden_layers=4, intermediate_size=160)
+    env = contract_env(tmp_path)
+    process = convert("--loader", "megatron_contract", "--saver", "llama_hf", "--load-dir", source,
+                      "--save-dir", tmp_path / "out", env=env)
+    assert "stevedore" not in process.stderr and "Could not load" not in process.stderr  # (megatron warns on import)
+    assert_bit_identical(source, tmp_path / "out")
+    assert read_config(tmp_path / "out")["rms_norm_eps"] == 1e-5
+    tokens = tokens_for(96)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(back, tokens), hf_logits(model, tokens), atol=0, rtol=0)
+    convert("--loader", "megatron_contract", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "mcore",
+            "--target-tensor-parallel-size", 2, env=env)
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "again")
+    assert_bit_identical(source, tmp_path / "again")
+
+
+@pytest.mark.parametrize("loader", ["llama_hf", "mcore"])
+def test_our_loaders_into_a_megatron_contract_saver(tmp_path, loader):
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=4, intermediate_size=160)
+    if loader == "mcore":
+        convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "mcore",
+                "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2)
+    load_dir = source if loader == "llama_hf" else tmp_path / "mcore"
+    process = convert("--loader", loader, "--saver", "megatron_contract", "--load-dir", load_dir, "--save-dir", tmp_path / "x",
+                      "--out-file", tmp_path / "out.safetensors", env=contract_env(tmp_path))
+    assert process.stderr == ""  # no warning from plugin discovery or anything else
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out.safetensors").rename(tmp_path / "out" / "model.safetensors")
+    assert_bit_identical(source, tmp_path / "out")
+
+
+@pytest.mark.parametrize("saver", ["llama_hf", "mcore", "megatron_contract"])
+def test_foreign_loader_failure_is_the_loaders(tmp_path, saver):
+    """Megatron's loaders put "exit" and then raise; the saver stops on "exit", but the loader's error is the cause."""
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=4, intermediate_size=160)
+    extra = ["--out-file", tmp_path / "x.safetensors"] if saver == "megatron_contract" else []
+    for attempt in range(3):
+        process = convert("--loader", "megatron_contract", "--saver", saver, "--load-dir", source,
+                          "--save-dir", tmp_path / f"out{attempt}", "--fail-at-layer", 2, *extra,
+                          ok=False, env=contract_env(tmp_path))
+        assert "loader failed: ValueError: layer 2 is unreadable" in error_line(process)
+        assert not (tmp_path / f"out{attempt}").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_help_alone_and_with_plugins():
+    for flags, present in ((["--help"], ["--load-dir", "--target-tensor-parallel-size", "Installed loaders: llama_hf, "
+                                                                                        "mcore, megatron, minicpm_hf"]),
+                           (["--loader", "llama_hf", "--saver", "mcore", "--help"], ["--model-size", "--ckpt-format"])):
+        process = subprocess.run([sys.executable, "-m", "converter_core", *flags], capture_output=True, text=True,
+                                 timeout=60)
+        assert process.returncode == 0, process.stderr
+        text = " ".join(process.stdout.split())
+        for word in present:
+            assert word in text
+
+
+def test_max_queue_size_zero_is_unbounded(tmp_path):
+    make_hf_model(tmp_path / "hf", num_hidden_layers=2)
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "m",
+            "--max-queue-size", 0)
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "m", "--save-dir", tmp_path / "back",
+            "--max-queue-size", 0)
+    assert_bit_identical(tmp_path / "hf", tmp_path / "back")
+
+
+@pytest.mark.parametrize("loader,saver", [("llama_hf", "mcore"), ("mcore", "llama_hf"), ("llama_hf", "megatron")])
+def test_bert_is_refused_by_gpt_plugins(tmp_path, loader, saver):
+    make_hf_model(tmp_path / "hf", num_hidden_layers=2)
+    command = [sys.executable, "-m", "converter_core", "--model-type", "BERT", "--loader", loader, "--saver", saver,
+               "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert "converts GPT models only" in error_line(process) and "--model-type BERT" in error_line(process)
+    assert process.returncode == 1 and not (tmp_path / "out").exists()
+
+
+def test_model_size_takes_convert_py_choices(tmp_path):
+    make_hf_model(tmp_path / "hf", num_hidden_layers=2)
+    process = convert("--loader", "llama_mistral", "--saver", "mcore", "--load-dir", tmp_path / "hf",
+                      "--save-dir", tmp_path / "out", "--model-size", "llama9-1T", ok=False)
+    assert process.returncode == 2 and "invalid choice: 'llama9-1T'" in process.stderr
+    assert not (tmp_path / "out").exists()

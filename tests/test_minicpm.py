@@ -10,7 +10,7 @@ import transformers
 
 from helpers import SHARED, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder, tokens_for
 from mcore_harness import mcore_logits
-from minicpm_reference import make_minicpm_folder, minicpm_config, minicpm_logits
+from minicpm_reference import REMOTE_CODE_FILES, make_minicpm_folder, minicpm_config, minicpm_logits
 
 FIXTURE = SHARED / "fixtures" / "minicpm4-0.5b"
 TOKENIZER_FILES = ["added_tokens.json", "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
@@ -138,3 +138,34 @@ def test_missing_scalar_is_refused(tmp_path):
     process = convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", tmp_path / "hf",
                       "--save-dir", tmp_path / "mcore", ok=False)
     assert "dim_model_base is missing" in error_line(process)
+
+
+def test_minicpm_output_loads_with_its_remote_code(tmp_path):
+    """config.json's auto_map names modeling files: the output carries them (from the source folder
+    recorded in the checkpoint, else --hf-reference-dir) and transformers loads it with MiniCPM's logits;
+    with neither, the saver refuses in one line naming the flag."""
+    config = minicpm_config(longrope=False)
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "back")
+    for name in REMOTE_CODE_FILES:
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", trust_remote_code=True,
+                                                              dtype=torch.float32).eval()
+    tokens = tokens_for(96, 32)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    torch.testing.assert_close(logits, minicpm_logits(state, config, tokens), atol=1e-4, rtol=0)
+
+    code = tmp_path / "code"  # the original model's non-weight files, kept elsewhere
+    code.mkdir()
+    (code / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    for name in REMOTE_CODE_FILES:
+        (tmp_path / "hf" / name).rename(code / name)
+    process = convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore",
+                      "--save-dir", tmp_path / "refused", ok=False)
+    assert "modeling_minicpm.py" in error_line(process) and "--hf-reference-dir" in error_line(process)
+    assert not (tmp_path / "refused").exists()
+    convert("--loader", "mcore", "--saver", "minicpm_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "ref",
+            "--hf-reference-dir", code)
+    assert sorted(p.name for p in (tmp_path / "ref").glob("*.py")) == sorted(REMOTE_CODE_FILES)
