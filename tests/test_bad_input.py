@@ -90,13 +90,14 @@ def test_source_is_never_modified(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--target-tensor-parallel-size", "0"), ("--target-pipeline-parallel-size", "-1"),
-                                        ("--max-queue-size", "0"), ("--true-vocab-size", "abc"),
+                                        ("--max-queue-size", "lots"), ("--true-vocab-size", "abc"),
                                         ("--make-vocab-size-divisible-by", "0")])
 def test_bad_flag_values_stop_before_anything_runs(tmp_path, flag, value):
     source = tmp_path / "hf"
     make_hf_model(source, num_hidden_layers=2)
     line = error_line(to_mcore(source, tmp_path / "out", flag, value))
-    assert f"argument {flag}: must be a positive integer, got '{value}'" in line
+    kind = "an integer" if flag == "--max-queue-size" else "a positive integer"  # convert.py: queue size 0 = unbounded
+    assert f"argument {flag}: must be {kind}, got '{value}'" in line
     assert not (tmp_path / "out").exists()
 
 
