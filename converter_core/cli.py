@@ -23,6 +23,9 @@ def base_parser(add_help=True, required=True):
                              "convert.py's default is 50, ours 2 so memory stays at a few layers")
     parser.add_argument("--no-checking", action="store_false", dest="checking",
                         help="do not check message order and leftover keys")
+    parser.add_argument("--stall-timeout", type=flags.seconds, default=600,
+                        help="seconds the loader or saver waits on the other before the run is called stalled "
+                             "and stopped (default 600; 0 waits forever)")
     return parser
 
 
@@ -57,7 +60,8 @@ def main(argv=None):
     try:
         args, loader, saver = parse(argv)
         check_folders(args.load_dir, args.save_dir)
+        status = orchestrator.run(args, loader, saver)
     except ConversionError as error:
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(orchestrator.run(args, loader, saver))
+        status = orchestrator.EXIT_INPUT
+    sys.exit(status)

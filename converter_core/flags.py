@@ -22,6 +22,16 @@ def queue_size(text):
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}")
+    return value
+
+
 def byte_size(text):
     """'5GB', '500MB', '10KiB' or a plain byte count, as transformers' max_shard_size; returns bytes."""
     upper = str(text).strip().upper()

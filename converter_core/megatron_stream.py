@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, layout, megatron_args, megatron_schema, protocol, vocab
+from converter_core import flags, layout, megatron_args, megatron_schema, output, protocol, vocab
 from converter_core.errors import require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
@@ -64,12 +64,17 @@ class RankFilesSink:
 
     def put(self, stage, path, tensor, kind):
         for t, shard in enumerate(layout.split(tensor, kind, self.tp)):
-            megatron_schema.place(self.models[t, stage], path, self.files[t, stage].tensor(shard))
+            megatron_schema.place(self.models[t, stage], path, self._write(t, stage, shard))
 
     def put_value(self, stage, path, value):
         for t in range(self.tp):
-            stored = self.files[t, stage].tensor(value) if torch.is_tensor(value) else value
+            stored = self._write(t, stage, value) if torch.is_tensor(value) else value
             megatron_schema.place(self.models[t, stage], path, stored)
+
+    def _write(self, t, stage, tensor):
+        file = self.files[t, stage]
+        with output.writing(file.path):
+            return file.tensor(tensor)
 
     def put_layer(self, index, stage, local, name, value, kind):
         self.put(stage, self.schema.layer(local, name), value, kind)
@@ -79,8 +84,9 @@ class RankFilesSink:
 
     def finish(self, args):
         for (t, p), file in self.files.items():
-            file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
-                        "model": self.models[t, p], "num_floating_point_operations_so_far": 0})
+            with output.writing(file.path):
+                file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                            "model": self.models[t, p], "num_floating_point_operations_so_far": 0})
         self.staged.commit()
         rank_files.write_tracker(self.save_dir, self.iteration)
 
@@ -102,7 +108,8 @@ class TorchDistSink:
     def put(self, stage, path, tensor, kind):
         key = ".".join(path)
         self.writer.declare(key, tensor.dtype, tensor.shape)
-        self.writer.write_chunk(key, tensor, (0,) * tensor.dim())
+        with output.writing(self.writer.handle.name):
+            self.writer.write_chunk(key, tensor, (0,) * tensor.dim())
 
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
@@ -112,17 +119,21 @@ class TorchDistSink:
         key = megatron_schema.dist_layer_key(name)
         if index == 0:
             self.writer.declare(key, tensor.dtype, (self.num_layers, *tensor.shape))
-        self.writer.write_chunk(key, tensor.unsqueeze(0), (index,) + (0,) * tensor.dim())
+        with output.writing(self.writer.handle.name):
+            self.writer.write_chunk(key, tensor.unsqueeze(0), (index,) + (0,) * tensor.dim())
 
     def put_layer_value(self, index, stage, local, name, value):
         module = name.removesuffix("._extra_state")
         if module in megatron_schema.DIST_EXTRA_STATE_MODULES:
-            self.writer.write_object(f"decoder.layers.{name}/shard_{index}_{self.num_layers}", [value])
+            with output.writing(self.writer.handle.name):
+                self.writer.write_object(f"decoder.layers.{name}/shard_{index}_{self.num_layers}", [value])
 
     def finish(self, args):
-        self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
-                            "num_floating_point_operations_so_far": 0,
-                            "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}})
+        with output.writing(self.staged.path):
+            self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                                "num_floating_point_operations_so_far": 0,
+                                "content_metadata": {"singleton_local_shards": False,
+                                                     "chained_optim_avoid_prefix": True}})
         self.staged.commit()
         rank_files.write_tracker(self.save_dir, self.iteration)
 

@@ -5,10 +5,11 @@ Both directions use the same stream, so any of our loaders feeds any saver, ours
 """
 
 import argparse
+import queue as queue_module
 import types
 
 from converter_core import megatron_args
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
 
 EMBEDDINGS = "embeddings"
@@ -16,6 +17,10 @@ FINAL_NORM = "final norm"
 OUTPUT_LAYER = "output layer"
 DONE = "done"
 EXIT = "exit"
+EXIT_PUT_SECONDS = 10
+# The watchdog: how long a loader or saver waits on the other before calling the run stalled. Set by
+# our orchestrator from --stall-timeout in each child; None (as under convert.py) waits forever.
+stall_seconds = None
 
 
 def layer_name(index):
@@ -96,24 +101,36 @@ class exit_on_failure:
         return self
 
     def __exit__(self, kind, error, trace):
-        if kind is not None and not (kind is SystemExit and error.code in (None, 0)):
-            self.queue.put(EXIT)
+        if kind is None or kind is Interrupted or kind is SystemExit and error.code in (None, 0):
+            return False  # an interrupted run's saver is being stopped too
+        try:
+            self.queue.put(EXIT, timeout=EXIT_PUT_SECONDS)  # a saver that died reads nothing
+        except queue_module.Full:
+            pass
         return False
+
+
+def _put(queue, value, what):
+    try:
+        queue.put(value, timeout=stall_seconds)
+    except queue_module.Full:
+        raise ConversionError(f"stalled: the saver took no message for {stall_seconds:g} s "
+                              f"while {what} waited (--stall-timeout)") from None
 
 
 def send(queue, name, message):
     """Megatron's queue_put: name the message, show progress, enqueue."""
     print(f"sending {name}", flush=True)
     message["name"] = name
-    queue.put(message)
+    _put(queue, message, f'"{name}"')
 
 
 def send_model(queue, md, messages):
     """Send metadata, every (name, tensors) pair from `messages` in order, then "done"."""
-    queue.put(md)
+    _put(queue, md, "the metadata")
     for name, tensors in messages:
         send(queue, name, tensors)
-    queue.put(DONE)
+    _put(queue, DONE, '"done"')
 
 
 class Receiver:
@@ -124,7 +141,11 @@ class Receiver:
         self.checking = checking
 
     def _get(self):
-        value = self.queue.get()
+        try:
+            value = self.queue.get(timeout=stall_seconds)
+        except queue_module.Empty:
+            raise ConversionError(f"stalled: no message from the loader for {stall_seconds:g} s "
+                                  "(--stall-timeout)") from None
         if isinstance(value, str) and value == EXIT:
             raise LoaderExited("loader exited, exiting saver")
         return value

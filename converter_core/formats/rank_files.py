@@ -1,9 +1,9 @@
 """Megatron's per-rank checkpoint layout: the tracker file, iteration folders, mp_rank folders."""
 
-import os
 import re
 from pathlib import Path
 
+from converter_core import output
 from converter_core.errors import require
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -67,7 +67,4 @@ def check_grid(iteration_folder, tp, pp):
 
 def write_tracker(save_dir, iteration):
     """Written last and atomically: its presence is what marks a checkpoint complete."""
-    tracker = Path(save_dir) / TRACKER
-    temporary = tracker.with_name(tracker.name + ".partial")
-    temporary.write_text(str(iteration))
-    os.replace(temporary, tracker)
+    output.write_atomically(Path(save_dir) / TRACKER, str(iteration))
