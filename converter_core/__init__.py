@@ -1,3 +1,21 @@
-"""converter_core: Megatron-LM <-> Hugging Face checkpoint conversion on the CPU, one layer at a time."""
+"""converter_core: Megatron-LM <-> Hugging Face checkpoint conversion on the CPU, one layer at a time.
+
+    import converter_core
+    result = converter_core.convert("llama_hf", "mcore", "./hf", "./mcore", target_tensor_parallel_size=2)
+    converter_core.detect("./mcore")      # format, family, TP/PP/EP/VP, dtype, layers, loader
+    converter_core.supported()            # the support matrix, from the installed plugins
+"""
 
 __version__ = "0.1.0"
+__all__ = ["convert", "detect", "supported", "Result", "Detected", "ConversionError"]
+
+
+def __getattr__(name):
+    """The API is imported on first use, so plugins importing converter_core.x stay light."""
+    if name == "ConversionError":
+        from converter_core.errors import ConversionError
+        return ConversionError
+    if name in __all__:
+        from converter_core import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'converter_core' has no attribute {name!r}")

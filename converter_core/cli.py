@@ -1,67 +1,94 @@
-"""convert.py's command line: parsed twice, so the chosen loader and saver can add their own flags."""
+"""The command line: convert.py's flags and behaviour, a thin layer over converter_core.api, with a
+progress display in the parent (children print nothing themselves)."""
 
-import argparse
+import json
 import sys
-from pathlib import Path
 
-from converter_core import flags, orchestrator, plugins
-from converter_core.errors import ConversionError
-
-
-def base_parser(add_help=True, required=True):
-    parser = argparse.ArgumentParser(prog="converter_core", description="Megatron Checkpoint Converter Arguments",
-                                     allow_abbrev=False, conflict_handler="resolve", add_help=add_help,
-                                     epilog=plugins.installed_summary())
-    parser.add_argument("--model-type", type=str, required=required, choices=["GPT", "BERT"],
-                        help="model family (the built-in plugins convert GPT models only)")
-    parser.add_argument("--loader", type=str, default="megatron", help="loader plugin name (default megatron)")
-    parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
-    parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder")
-    parser.add_argument("--save-dir", type=str, required=required, help="output folder")
-    parser.add_argument("--max-queue-size", type=flags.queue_size, default=2,
-                        help="messages (one per layer) in flight between loader and saver, 0 for no limit; "
-                             "convert.py's default is 50, ours 2 so memory stays at a few layers")
-    parser.add_argument("--no-checking", action="store_false", dest="checking",
-                        help="do not check message order and leftover keys")
-    parser.add_argument("--stall-timeout", type=flags.seconds, default=600,
-                        help="seconds the loader or saver waits on the other before the run is called stalled "
-                             "and stopped (default 600; 0 waits forever)")
-    return parser
+from converter_core import __version__, api, plugins, protocol
+from converter_core.errors import EXIT_INPUT, ConversionError
+from converter_core.options import UsageError, base_parser
 
 
-def parse(argv):
-    """As convert.py: a first pass finds the plugins, which then add their flags. `--help` works alone
-    (it shows the default plugins' flags, or those of the --loader/--saver given, and lists the rest)."""
-    known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
-    parser = base_parser()
-    loader = plugins.load_plugin("loader", known.loader)
-    saver = plugins.load_plugin("saver", known.saver)
-    loader.add_arguments(parser)
-    saver.add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.loader, args.saver = plugins.canonical(args.loader), plugins.canonical(args.saver)
-    for role, plugin in (("loader", loader), ("saver", saver)):
-        model_types = getattr(plugin, "MODEL_TYPES", None)
-        if model_types is not None and args.model_type not in model_types:
-            raise ConversionError(f"--model-type {args.model_type}: the {getattr(args, role)} {role} converts "
-                                  f"{' and '.join(model_types)} models only")
-    return args, loader, saver
+class Display:
+    """Shows the run's events: `auto` gives a progress bar on a terminal (layers, GB written, rate,
+    ETA), the loader's and saver's notes and warnings, and a summary; `json` one JSON object per line
+    on stdout; `quiet` nothing."""
 
+    def __init__(self, mode):
+        self.mode, self.bar = mode, None
+        self.sent = self.written = self.bytes = 0
 
-def check_folders(load_dir, save_dir):
-    """The source is never modified: refuse an output inside it, or around it (its tracker file)."""
-    source, target = Path(load_dir).resolve(), Path(save_dir).resolve()
-    if source == target or source in target.parents or target in source.parents:
-        raise ConversionError(f"--save-dir {save_dir} overlaps --load-dir {load_dir}; the source is never written to")
+    def __call__(self, event):
+        if self.mode == "json":
+            print(json.dumps(event, default=str), flush=True)
+        elif self.mode == "auto":
+            self._show(event)
+
+    def _show(self, event):
+        kind = event["event"]
+        if kind == "start" and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=event["messages"], unit="msg", desc="converting", file=sys.stderr)
+        elif kind in ("sent", "written"):
+            self.sent += kind == "sent"
+            self.written += kind == "written"
+            self.bytes += event["bytes"] if kind == "written" else 0
+            if self.bar is not None:
+                self.bar.n = self.written or self.sent  # a foreign saver reports nothing: show what was sent
+                self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f} GB")
+        elif kind == "finish":
+            self.close()
+            rate = event["bytes"] / max(event["seconds"], 1e-9) / 1e9
+            print(f"wrote {event['save_dir']}: {event['files']} files, {event['bytes'] / 1e9:.3f} GB "
+                  f"in {event['seconds']:.1f} s ({rate:.2f} GB/s)", flush=True)
+        elif (line := protocol.event_line(event)) is not None:
+            (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["detect"], ["supported"]):
+        return _inspect(argv)
+    if "--version" in argv:
+        print(f"converter_core {__version__}")
+        sys.exit(0)
+    if "--list-plugins" in argv:
+        for kind in ("loader", "saver"):
+            print(f"{kind}s: {', '.join(plugins.installed(kind))}")
+        sys.exit(0)
+    display = Display("auto")
     try:
-        args, loader, saver = parse(argv)
-        check_folders(args.load_dir, args.save_dir)
-        status = orchestrator.run(args, loader, saver)
+        known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
+        display.mode = "quiet" if known.quiet else known.progress
+        api.convert_argv(argv, progress=display, handle_signals=True)
+        status = 0
+    except ConversionError as error:
+        display.close()
+        if isinstance(error, UsageError):
+            sys.stderr.write(error.usage)
+        if display.mode == "json":
+            display({"event": "error", "message": str(error), "role": error.role, "kind": error.kind})
+        print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
+        status = error.status
+    sys.exit(status)
+
+
+def _inspect(argv):
+    """`detect PATH` and `supported`: what a folder is, what the installed plugins convert; JSON."""
+    try:
+        if argv[0] == "detect":
+            if len(argv) != 2:
+                raise UsageError("detect takes one folder", "usage: converter_core detect PATH\n")
+            print(json.dumps(api.detect(argv[1]).as_dict(), indent=2))
+        else:
+            print(json.dumps(api.supported(), indent=2))
+        status = 0
     except ConversionError as error:
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
-        status = orchestrator.EXIT_INPUT
+        status = error.status or EXIT_INPUT
     sys.exit(status)

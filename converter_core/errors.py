@@ -1,8 +1,21 @@
-"""The one exception type that means "the input or the request is wrong", not "we have a bug"."""
+"""Why a conversion did not happen, as one line, plus what a program needs to react to it."""
+
+import signal
+
+# Exit statuses of the command line; the API raises ConversionError with the same `.status`.
+EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
 
 class ConversionError(Exception):
-    """Its text is the single line the user sees: name the file and the problem."""
+    """Its text is the single line the user sees: name the file and the problem.
+
+    `role`: "loader", "saver" or "arguments" (None while a side is still unknown); `kind`: "input" for
+    bad input or options, "internal" for a bug of ours or a plugin's, "interrupted" for a signal or
+    a cancel; `status`: the command line's exit status for it."""
+
+    def __init__(self, message, role=None, kind="input", status=EXIT_INPUT):
+        super().__init__(message)
+        self.role, self.kind, self.status = role, kind, status
 
 
 def require(condition, message):
@@ -16,6 +29,5 @@ class Interrupted(BaseException):
     `except BaseException` cleanup runs; a BaseException so no plugin's `except Exception` swallows it."""
 
     def __init__(self, signum):
-        import signal
         super().__init__(signal.Signals(signum).name)
         self.signum = signum

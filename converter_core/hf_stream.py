@@ -107,8 +107,8 @@ def loader_vocab_size(args, config, folder):
     if args.tokenizer_model:
         size = vocab.tokenizer_size(args.tokenizer_model)
         if size != config["vocab_size"]:
-            print(f"note: the tokenizer has {size} tokens and {folder}/config.json {config['vocab_size']} rows; "
-                  f"the Megatron checkpoint is padded from {size}", flush=True)
+            protocol.report("note", message=f"note: the tokenizer has {size} tokens and {folder}/config.json "
+                                            f"{config['vocab_size']} rows; the Megatron checkpoint is padded from {size}")
         return size
     return config["vocab_size"]
 
@@ -177,9 +177,10 @@ def save(queue, args, families=hf_family.FAMILIES):
         staged.abandon()
         raise
     if fold:
-        print(f"folded MiniCPM's muP scalars into the weights for {config['architectures'][0]}: embeddings "
-              f"x{scale_emb:g}, attention and MLP outputs x{residual:.6g}, output layer /{width:g} (untied)", flush=True)
-    print(f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}", flush=True)
+        protocol.report("note", message=f"folded MiniCPM's muP scalars into the weights for "
+                                        f"{config['architectures'][0]}: embeddings x{scale_emb:g}, attention and MLP "
+                                        f"outputs x{residual:.6g}, output layer /{width:g} (untied)")
+    protocol.report("saved", message=f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}")
 
 
 def remote_code_files(config):

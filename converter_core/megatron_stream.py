@@ -192,7 +192,7 @@ def save(queue, args, schema, ckpt_format="torch"):
             table = layout.resize_vocab(table, layout.padded_vocab_size(md.true_vocab_size, divisible, tp))
             margs.vocab_size = md.true_vocab_size
         else:
-            print("Original vocab size not specified, leaving embedding table as-is.", flush=True)
+            protocol.report("note", message="Original vocab size not specified, leaving embedding table as-is.")
             require(table.shape[0] % tp == 0,
                     f"{where}: {table.shape[0]} vocabulary rows do not split over TP {tp}; give --true-vocab-size")
         margs.padded_vocab_size = table.shape[0]
@@ -232,7 +232,7 @@ def save(queue, args, schema, ckpt_format="torch"):
     except BaseException:
         sink.abandon()
         raise
-    print(f"saved TP {tp} x PP {pp} checkpoint to {args.save_dir}", flush=True)
+    protocol.report("saved", message=f"saved TP {tp} x PP {pp} checkpoint to {args.save_dir}")
 
 
 def final_norm_keys(args):

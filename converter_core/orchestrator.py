@@ -8,20 +8,26 @@ import errno
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
 from converter_core import output, protocol
-from converter_core.errors import ConversionError, Interrupted
+from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted
 from converter_core.protocol import EXIT
 
 GRACE_SECONDS = 10
 LOADER_REPORT_SECONDS = 5
+POLL_SECONDS = 0.1
+EXIT_CANCELLED = 128 + signal.SIGINT
+# How children start: "fork" (Linux; fastest) or "spawn" (macOS's default; everything they need is
+# picklable). One setting, CONVERTER_CORE_START_METHOD, for a whole run or test session.
+START_METHOD = os.environ.get("CONVERTER_CORE_START_METHOD", "fork")
 DEBUG = bool(os.environ.get("CONVERTER_CORE_DEBUG"))
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-EXIT_INPUT, EXIT_INTERNAL = 1, 3
 WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
 
 
@@ -58,7 +64,7 @@ def _die_with_parent(parent_pid):
 PR_SET_PDEATHSIG = 1
 
 
-def _run_side(role, function, queue, args, reports, saver_finished, parent_pid):
+def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid):
     """Body of a child process: run the plugin, report a one-line failure, exit non-zero.
 
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
@@ -68,7 +74,9 @@ def _run_side(role, function, queue, args, reports, saver_finished, parent_pid):
     signal.signal(signal.SIGHUP, _raise_interrupted)
     output.set_owner(parent_pid)
     _die_with_parent(parent_pid)
+    _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.stall_seconds = getattr(args, "stall_timeout", None) or None
+    protocol.set_event_sink(events.put)
     try:
         try:
             function(queue, args)
@@ -107,51 +115,60 @@ def _release_freed_tensors():
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def run(args, loader, saver):
-    """Returns the process exit status: 0 done, 1 failed (bad input), 3 internal error, 128 + N when
-    stopped by signal N. The save-dir lock is held for the whole run."""
+def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
+    """Run one conversion. Returns when it is done; otherwise raises ConversionError with the side
+    that failed first (`role`), `kind` and the exit `status` (1, 3, or 128 + N for signal N).
+
+    `on_event(dict)` gets every progress event of both sides, in the parent, in order of arrival;
+    `cancel` (a threading.Event) stops the run within a fraction of a second. With `handle_signals`
+    (the command line) SIGTERM, SIGINT and SIGHUP stop the run too; the save-dir lock is held throughout."""
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
-    context = mp.get_context("fork")
-    reports = context.SimpleQueue()
+    context = mp.get_context(START_METHOD)
+    reports, events = context.SimpleQueue(), context.SimpleQueue()
+    relay = threading.Thread(target=_relay, args=(events, on_event), name="converter_core events", daemon=True)
+    relay.start()
     processes = {}
-    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS}
+    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
     try:
-        failure = _start_and_supervise(context, args, loader, saver, reports, processes)
-        status = EXIT_INPUT
+        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel)
     except Interrupted as stop:
-        failure, status = (None, f"interrupted by {stop}"), 128 + stop.signum
+        failure = (None, f"interrupted by {stop}", 128 + stop.signum)
     finally:
-        for number in STOP_SIGNALS:  # a second signal must not cut the cleanup short
+        for number in previous:  # a second signal must not cut the cleanup short
             signal.signal(number, signal.SIG_IGN)
         for process in processes.values():
             _stop(process)
         lock.release()
+        events.put(None)
+        relay.join()
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if failure is None:
-        print("Done!", flush=True)
-        return 0
-    message, internal = _true_cause(failure, reports)
-    print(f"converter_core: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_INTERNAL if internal and status == EXIT_INPUT else status
+    if failure is not None:
+        raise _true_cause(failure, reports)
 
 
-def _start_and_supervise(context, args, loader, saver, reports, processes):
+def _relay(events, on_event):
+    """Parent thread: hand each child's event to `on_event`; a failing callback is not the run's failure."""
+    while (event := events.get()) is not None:
+        if on_event is not None:
+            try:
+                on_event(event)
+            except Exception:
+                pass
+
+
+def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel):
     """Start saver then loader (recorded in `processes` at once, so an interruption stops them) and
-    supervise them; returns None or the first failure observed."""
+    supervise them; returns None or the first failure observed, (role, what was observed, status)."""
     queue = context.Queue(maxsize=args.max_queue_size)
     saver_finished = context.Event()
     parent = os.getpid()
-    print("Starting saver...", flush=True)
-    processes["saver"] = context.Process(target=_run_side, name="saver", args=(
-        "saver", saver.save_checkpoint, queue, args, reports, saver_finished, parent))
-    processes["saver"].start()
-    print("Starting loader...", flush=True)
-    processes["loader"] = context.Process(target=_run_side, name="loader", args=(
-        "loader", loader.load_checkpoint, queue, args, reports, saver_finished, parent))
-    processes["loader"].start()
-    failure = _supervise({role: processes[role] for role in ("loader", "saver")}, saver_finished)
+    for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
+        processes[role] = context.Process(target=_run_side, name=role, args=(
+            role, plugin, queue, args, reports, events, saver_finished, parent))
+        processes[role].start()
+    failure = _supervise({role: processes[role] for role in ("loader", "saver")}, saver_finished, cancel)
     if failure and failure[0] == "saver" and processes["saver"].exitcode > 0 and processes["loader"].is_alive():
         # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
         processes["loader"].join(LOADER_REPORT_SECONDS)
@@ -159,42 +176,44 @@ def _start_and_supervise(context, args, loader, saver, reports, processes):
 
 
 def _true_cause(failure, reports):
-    """(one line, internal?) naming the side that failed first and why: an interruption of the run,
-    else the loader's own error (a saver only ever fails second, on its "exit"), else a process killed
-    by a signal, else the saver's error."""
-    role, observed = failure
+    """The ConversionError naming the side that failed first and why: an interruption of the run, else
+    the loader's own error (a saver only ever fails second, on its "exit"), else a process killed by a
+    signal, else the saver's error."""
+    role, observed, status = failure
     said = {}
     while not reports.empty():
         side, reason, internal = reports.get()
         said.setdefault(side, (reason, internal))
     if role is None:
-        return observed, False
-    if "loader" in said:
-        reason, internal = said["loader"]
-        return f"loader failed: {reason}", internal
-    if role in said and "killed" not in observed:
-        reason, internal = said[role]
-        return f"{role} failed: {reason}", internal
-    return observed, False
+        return ConversionError(observed, kind="interrupted", status=status)
+    if "loader" in said or role in said and "killed" not in observed:
+        side = "loader" if "loader" in said else role
+        reason, internal = said[side]
+        return ConversionError(f"{side} failed: {reason}", role=side, kind="internal" if internal else "input",
+                               status=EXIT_INTERNAL if internal else EXIT_INPUT)
+    return ConversionError(observed, role=role, kind="input", status=status)
 
 
-def _supervise(processes, saver_finished):
-    """Wait until both end well (None) or one fails: (role, what was observed)."""
+def _supervise(processes, saver_finished, cancel=None):
+    """Wait until both end well (None) or one fails: (role, what was observed, exit status)."""
     running = dict(processes)
+    saver_done_at = None
     while running:
-        timeout = GRACE_SECONDS if "saver" not in running else None
-        ready = wait([p.sentinel for p in running.values()], timeout=timeout)
-        if not ready:
-            return "loader", "loader did not finish after the saver completed"
+        ready = wait([p.sentinel for p in running.values()], timeout=POLL_SECONDS if cancel else GRACE_SECONDS)
+        if cancel is not None and cancel.is_set():
+            return None, "cancelled", EXIT_CANCELLED
+        if saver_done_at is not None and time.monotonic() - saver_done_at > GRACE_SECONDS:
+            return "loader", "loader did not finish after the saver completed", EXIT_INPUT
         for role, process in list(running.items()):
             if process.sentinel in ready:
                 process.join()
                 del running[role]
                 if role == "saver":
                     saver_finished.set()
+                    saver_done_at = time.monotonic()
                 if process.exitcode != 0:
                     return role, f"{role} " + (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
-                                               else f"exited with status {process.exitcode}")
+                                               else f"exited with status {process.exitcode}"), EXIT_INPUT
     return None
 
 

@@ -28,7 +28,6 @@ def load_plugin(kind, name):
     entry = "load_checkpoint" if kind == "loader" else "save_checkpoint"
     if not hasattr(module, entry):
         raise ConversionError(f"{module.__name__} module is not a {kind} plugin (no {entry})")
-    print(f"Loaded {module.__name__} as the {kind}.", flush=True)
     return module
 
 

@@ -110,6 +110,39 @@ class exit_on_failure:
         return False
 
 
+# Progress events. Our orchestrator gives each child a way to the parent (set_event_sink); without one
+# (a plugin run by Megatron's convert.py) an event is printed as the line convert.py would show.
+_event_sink = None
+
+
+def set_event_sink(put):
+    global _event_sink
+    _event_sink = put
+
+
+def report(event, **fields):
+    """One progress event: start (messages, layers), sent / written (name, bytes), note, warning, saved."""
+    fields["event"] = event
+    if _event_sink is not None:
+        _event_sink(fields)
+    else:
+        print(event_line(fields), flush=True)
+
+
+def event_line(fields):
+    """The line a person reads for an event, or None for events only a progress display shows."""
+    event = fields["event"]
+    if event in ("sent", "written"):
+        return f"{'sending' if event == 'sent' else 'received'} {fields['name']}"
+    if event == "warning":
+        return f"warning: {fields['message']}"
+    return fields.get("message")
+
+
+def message_bytes(message):
+    return sum(value.numel() * value.element_size() for value in message.values() if hasattr(value, "element_size"))
+
+
 def _put(queue, value, what):
     try:
         queue.put(value, timeout=stall_seconds)
@@ -120,13 +153,15 @@ def _put(queue, value, what):
 
 def send(queue, name, message):
     """Megatron's queue_put: name the message, show progress, enqueue."""
-    print(f"sending {name}", flush=True)
+    size = message_bytes(message)
     message["name"] = name
     _put(queue, message, f'"{name}"')
+    report("sent", name=name, bytes=size)
 
 
 def send_model(queue, md, messages):
     """Send metadata, every (name, tensors) pair from `messages` in order, then "done"."""
+    report("start", layers=md.num_layers, messages=md.num_layers + 2 + bool(md.output_layer))
     _put(queue, md, "the metadata")
     for name, tensors in messages:
         send(queue, name, tensors)
@@ -175,7 +210,7 @@ class Receiver:
             got = tuple(getattr(message[key], "shape", ()))
             require(len(got) == len(shape) and all(w is None or w == g for w, g in zip(shape, got)),
                     f'message "{name}": {key!r} has shape {list(got)}, the model args imply {list(shape)}')
-        print(f"received {name}", flush=True)
+        self.received_bytes = message_bytes(message)
         return message
 
     def done(self):
@@ -185,12 +220,12 @@ class Receiver:
             raise ConversionError(f'got more data ({name!r}) but was expecting "done"')
 
     def check_consumed(self, message):
-        """Every key a saver did not pop is an error unless --no-checking (as Megatron's check_message)."""
-        if not self.checking:
-            return
+        """Every key a saver did not pop is an error unless --no-checking (as Megatron's check_message);
+        the saver calls it when done with a message, so it also reports the message written."""
         leftover = sorted(k for k in message if k != "name")
-        require(not leftover, f"unexpected values in {message.get('name')}: {', '.join(leftover)} "
-                              "(use --no-checking to ignore)")
+        require(not self.checking or not leftover, f"unexpected values in {message.get('name')}: "
+                                                   f"{', '.join(leftover)} (use --no-checking to ignore)")
+        report("written", name=message.get("name"), bytes=self.received_bytes)
 
 
 def layer_message_shapes(args):

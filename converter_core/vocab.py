@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from converter_core import protocol
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 
@@ -46,8 +47,8 @@ def true_vocab_size(args, md, margs):
         if value:
             return value
     padded = margs.padded_vocab_size
-    print(f"warning: true vocabulary size unknown; keeping all {padded} padded rows "
-          "(give --true-vocab-size or --tokenizer-model to trim them)", flush=True)
+    protocol.report("warning", message=f"true vocabulary size unknown; keeping all {padded} padded rows "
+                                       "(give --true-vocab-size or --tokenizer-model to trim them)")
     return padded
 
 

@@ -4,6 +4,7 @@ Legacy Megatron-LM checkpoints are recognised too."""
 from converter_core import megatron_stream, protocol
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+MEGATRON_FORMATS = ("torch", "torch_dist", "legacy")  # read, whichever the plugin name
 
 
 def add_arguments(parser):

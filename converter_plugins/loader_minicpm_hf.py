@@ -4,6 +4,9 @@ travel in the Megatron args under the names Megatron forks use for MiniCPM."""
 from converter_core import hf_family, hf_stream, protocol
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+FAMILIES = hf_family.MINICPM_FAMILIES  # what supported() reports
+NOTES = ("muP scalars and LongRoPE carried in the Megatron args; --saver llama_hf writes a plain Llama with the "
+         "scalars folded in")
 
 
 def add_arguments(parser):

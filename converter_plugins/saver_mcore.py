@@ -3,6 +3,7 @@
 from converter_core import megatron_schema, megatron_stream
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+MEGATRON_FORMATS = ("torch", "torch_dist")  # written (--ckpt-format)
 
 
 def add_arguments(parser):

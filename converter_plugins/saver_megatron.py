@@ -4,6 +4,7 @@ from converter_core import megatron_schema, megatron_stream
 from converter_core.errors import require
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+MEGATRON_FORMATS = ("legacy",)  # written
 
 
 def add_arguments(parser):

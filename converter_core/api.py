@@ -1,0 +1,154 @@
+"""converter_core as a library: convert() runs one conversion (loader and saver still in child
+processes), detect() says what a folder is, supported() what the installed plugins convert."""
+
+import dataclasses
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from converter_core import hf_family, megatron_args, megatron_schema, options as option_parsing, orchestrator, plugins
+from converter_core.errors import ConversionError, require
+from converter_core.formats import hf, rank_files, torch_dist, torch_file
+
+
+@dataclasses.dataclass
+class Result:
+    """What one conversion wrote."""
+    save_dir: Path
+    files: list          # every file of the output, relative to save_dir
+    bytes: int           # their total size
+    seconds: float
+    warnings: list       # the warnings the loader and saver reported, as text
+
+
+def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=None, cancel=None,
+            handle_signals=False, **options):
+    """Convert `load_dir` with the `loader` plugin into `save_dir` with the `saver` plugin.
+
+    `options` are the command line's flags as keyword arguments (target_tensor_parallel_size=2,
+    checking=False, ...), validated exactly as the command line validates them. `progress(event)`
+    receives each event as a dict: {"event": "start", "messages", "layers"}, {"event": "sent" or
+    "written", "name", "bytes"}, {"event": "note" or "warning", "message"}, then {"event": "finish", ...}.
+    `cancel` (a threading.Event) stops the run within a second, removes the staged output and raises.
+    Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
+    `.kind` ("input", "internal", "interrupted") and the one-line message."""
+    argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
+            "--save-dir", os.fspath(save_dir)]
+    return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+
+
+def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
+    """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
+    args, loader_module, saver_module = option_parsing.parse(argv, options)
+    option_parsing.check_folders(args.load_dir, args.save_dir)
+    warnings, lock = [], threading.Lock()
+
+    def on_event(event):
+        if event["event"] == "warning":
+            with lock:
+                warnings.append(event["message"])
+        if progress is not None:
+            progress(event)
+
+    started = time.monotonic()
+    orchestrator.run(args, loader_module, saver_module, on_event=on_event, cancel=cancel,
+                     handle_signals=handle_signals)
+    folder = Path(args.save_dir)
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    result = Result(folder, files, sum((folder / f).stat().st_size for f in files), time.monotonic() - started,
+                    warnings)
+    if progress is not None:
+        progress({"event": "finish", "save_dir": str(folder), "files": len(files), "bytes": result.bytes,
+                  "seconds": result.seconds})
+    return result
+
+
+@dataclasses.dataclass
+class Detected:
+    """What a checkpoint folder is, read from its config or args and file names, never its weights."""
+    format: str          # "hf", "mcore" (per-rank torch files), "torch_dist" or "legacy"
+    family: str          # HF model_type: llama, mistral, qwen2, minicpm, ...
+    tp: int
+    pp: int
+    ep: int
+    vp: object           # model chunks per pipeline rank, or None
+    dtype: str
+    num_layers: int
+    loader: str          # the plugin that reads it
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def detect(path):
+    """What the folder at `path` is; raises ConversionError (kind "input") naming it when it is none."""
+    folder = Path(path)
+    require(folder.is_dir(), f"{folder}: no such folder")
+    if (folder / hf.CONFIG).is_file():
+        config = hf.read_json(folder / hf.CONFIG)
+        require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
+        for families, loader in ((hf_family.MINICPM_FAMILIES, "minicpm_hf"), (hf_family.FAMILIES, "llama_hf")):
+            try:
+                family = hf_family.family_of(config, str(folder / hf.CONFIG), families)
+            except ConversionError:
+                continue
+            dtype = hf.HFWeights(folder).dtype(hf_family.EMBED)
+            return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
+                            config.get("num_hidden_layers"), loader)
+        hf_family.family_of(config, str(folder / hf.CONFIG), {**hf_family.FAMILIES, **hf_family.MINICPM_FAMILIES})
+    _, iteration_folder = rank_files.read_tracker(folder)
+    if torch_dist.is_dist_checkpoint(iteration_folder):
+        args = megatron_args.complete(torch_dist.read_common(iteration_folder)["args"], str(iteration_folder))
+        kind, legacy, chunks = "torch_dist", False, 1
+    else:
+        paths, _, _ = rank_files.find_rank_files(iteration_folder)
+        state = torch_file.load(paths[0, 0])  # memory-mapped: the weights stay on disk
+        require(isinstance(state, dict) and "args" in state, f"{paths[0, 0]}: no 'args' in the checkpoint")
+        args = megatron_args.complete(state["args"], str(paths[0, 0]))
+        chunks = [key for key in state if re.fullmatch(r"model\d*", key)]
+        require(chunks, f"{paths[0, 0]}: no model state in the checkpoint")
+        legacy = megatron_schema.detect(state[sorted(chunks)[0]]).legacy
+        kind, chunks = ("legacy" if legacy else "mcore"), len(chunks)
+    stored = hf_family.stored_config(args) or {}
+    family = stored.get("model_type") or ("minicpm" if hf_family.has_mup(args) else
+                                          "qwen2" if args.add_qkv_bias else "llama")
+    return Detected(kind, family, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                    getattr(args, "expert_model_parallel_size", 1) or 1, chunks if chunks > 1 else None,
+                    hf_family.DTYPE_NAMES.get(args.params_dtype, str(args.params_dtype)), args.num_layers,
+                    "megatron" if legacy else "mcore")
+
+
+def supported():
+    """The support matrix, from what the installed plugins declare (HF plugins: FAMILIES; Megatron
+    plugins: MEGATRON_FORMATS): one row per HF family, with the plugins and Megatron formats of each
+    direction. A plugin that declares nothing is left out."""
+    declared = {kind: {name: plugins.load_plugin(kind, name) for name in plugins.installed(kind)}
+                for kind in ("loader", "saver")}
+    formats = {kind: sorted({f for module in declared[kind].values() for f in getattr(module, "MEGATRON_FORMATS", ())})
+               for kind in ("loader", "saver")}
+    rows = {}
+    for kind, direction in (("loader", "hf_to_megatron"), ("saver", "megatron_to_hf")):
+        for name, module in declared[kind].items():
+            for family in getattr(module, "FAMILIES", {}).values():
+                row = rows.setdefault(family.model_type, {
+                    "family": family.model_type, "architecture": family.architecture,
+                    "hf_to_megatron": None, "megatron_to_hf": None, "notes": getattr(module, "NOTES", "")})
+                row[direction] = {"hf_plugin": name,
+                                  "megatron_formats": formats["saver" if kind == "loader" else "loader"]}
+    return [rows[name] for name in sorted(rows)]
+
+
+def supported_markdown():
+    """supported() as the Markdown table in docs/supported-models.md."""
+    lines = ["| family | HF architecture | HF -> Megatron | Megatron -> HF | notes |", "|---|---|---|---|---|"]
+    for row in supported():
+        cells = [f"`{row['family']}`", f"`{row['architecture']}`"]
+        for direction in ("hf_to_megatron", "megatron_to_hf"):
+            way = row[direction]
+            cells.append(f"`--{'loader' if direction == 'hf_to_megatron' else 'saver'} {way['hf_plugin']}`: "
+                         f"{', '.join(way['megatron_formats'])}" if way else "no")
+        cells.append(row["notes"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""convert.py's options, parsed twice so the chosen loader and saver can add their own flags; the same
+parse serves the command line (argv) and the Python API (keyword arguments), so both validate alike."""
+
+import argparse
+from pathlib import Path
+
+from converter_core import flags, plugins
+from converter_core.errors import EXIT_USAGE, ConversionError
+
+
+class UsageError(ConversionError):
+    """argparse's complaint about the options (exit status 2 on the command line, as argparse)."""
+
+    def __init__(self, message, usage):
+        super().__init__(message, role="arguments", status=EXIT_USAGE)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message, self.format_usage())
+
+
+def base_parser(add_help=True, required=True):
+    parser = _Parser(prog="converter_core", description="Megatron Checkpoint Converter Arguments",
+                     allow_abbrev=False, conflict_handler="resolve", add_help=add_help,
+                     epilog=plugins.installed_summary())
+    parser.add_argument("--model-type", type=str, required=required, choices=["GPT", "BERT"],
+                        help="model family (the built-in plugins convert GPT models only)")
+    parser.add_argument("--loader", type=str, default="megatron", help="loader plugin name (default megatron)")
+    parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
+    parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder")
+    parser.add_argument("--save-dir", type=str, required=required, help="output folder")
+    parser.add_argument("--max-queue-size", type=flags.queue_size, default=2,
+                        help="messages (one per layer) in flight between loader and saver, 0 for no limit; "
+                             "convert.py's default is 50, ours 2 so memory stays at a few layers")
+    parser.add_argument("--no-checking", action="store_false", dest="checking",
+                        help="do not check message order and leftover keys")
+    parser.add_argument("--stall-timeout", type=flags.seconds, default=600,
+                        help="seconds the loader or saver waits on the other before the run is called stalled "
+                             "and stopped (default 600; 0 waits forever)")
+    parser.add_argument("--progress", choices=["auto", "json"], default="auto",
+                        help="auto: a progress bar on a terminal, notes and a summary; json: one JSON event per line")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but an error")
+    return parser
+
+
+def parse(argv, options=None):
+    """(args, loader module, saver module). As convert.py: a first pass finds the plugins, which then add
+    their flags. `--help` works alone (the default plugins' flags, or those of the --loader/--saver
+    given, and the list of the rest). `options` ({dest: value}, the API's keyword arguments) become
+    the flags they stand for, so they pass exactly the command line's checks."""
+    known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
+    parser = base_parser()
+    try:
+        loader = plugins.load_plugin("loader", known.loader)
+        saver = plugins.load_plugin("saver", known.saver)
+    except ConversionError as error:
+        error.role = "arguments"
+        raise
+    loader.add_arguments(parser)
+    saver.add_arguments(parser)
+    args = parser.parse_args(list(argv) + _as_flags(parser, options or {}))
+    args.loader, args.saver = plugins.canonical(args.loader), plugins.canonical(args.saver)
+    for role, plugin in (("loader", loader), ("saver", saver)):
+        model_types = getattr(plugin, "MODEL_TYPES", None)
+        if model_types is not None and args.model_type not in model_types:
+            raise ConversionError(f"--model-type {args.model_type}: the {getattr(args, role)} {role} converts "
+                                  f"{' and '.join(model_types)} models only", role="arguments")
+    return args, loader, saver
+
+
+def _as_flags(parser, options):
+    by_dest = {action.dest: action for action in parser._actions if action.option_strings}
+    argv = []
+    for name, value in options.items():
+        action = by_dest.get(name)
+        if action is None or isinstance(action, argparse._HelpAction):
+            raise UsageError(f"unknown option {name!r} for these plugins", parser.format_usage())
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if value not in (True, False):
+                raise UsageError(f"option {name!r} takes True or False, got {value!r}", parser.format_usage())
+            argv += [action.option_strings[0]] if value != action.default else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def check_folders(load_dir, save_dir):
+    """The source is never modified: refuse an output inside it, or around it (its tracker file)."""
+    source, target = Path(load_dir).resolve(), Path(save_dir).resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise ConversionError(f"--save-dir {save_dir} overlaps --load-dir {load_dir}; the source is never written to",
+                              role="arguments")

@@ -1,0 +1,184 @@
+"""converter_core as a library: convert() with a Result, ConversionError with role and kind, progress
+events, cancellation, detect() and supported(); and the command line's progress output."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import converter_core
+from converter_core import api
+from helpers import assert_bit_identical, convert, make_hf_model
+from minicpm_reference import make_minicpm_folder, minicpm_config
+from test_faults import SLOW_SAVER, assert_nothing_complete
+from test_cli_and_plugins import plugin_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api") / "hf"
+    make_hf_model(folder, num_hidden_layers=4)
+    return folder
+
+
+def test_round_trip_through_the_api_prints_nothing(tmp_path, source, capfd):
+    events = []
+    result = converter_core.convert("llama_hf", "mcore", source, tmp_path / "mcore", target_tensor_parallel_size=2,
+                                    target_pipeline_parallel_size=2, progress=events.append)
+    assert isinstance(result, converter_core.Result) and result.save_dir == tmp_path / "mcore"
+    assert sorted(map(str, result.files)) == ["iter_0000001/mp_rank_00_000/model_optim_rng.pt",
+                                              "iter_0000001/mp_rank_00_001/model_optim_rng.pt",
+                                              "iter_0000001/mp_rank_01_000/model_optim_rng.pt",
+                                              "iter_0000001/mp_rank_01_001/model_optim_rng.pt",
+                                              "latest_checkpointed_iteration.txt"]
+    assert result.bytes == sum((tmp_path / "mcore" / f).stat().st_size for f in result.files) and result.seconds > 0
+    back = converter_core.convert("mcore", "llama_hf", tmp_path / "mcore", tmp_path / "back", checking=True)
+    assert_bit_identical(source, tmp_path / "back")
+    assert back.warnings == []
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and events[0]["messages"] == 4 + 3 and events[0]["layers"] == 4
+    assert kinds[-1] == "finish" and events[-1]["bytes"] == result.bytes
+    written = [e for e in events if e["event"] == "written"]
+    assert [e["name"] for e in written] == ["embeddings"] + [f"transformer layer {i}" for i in range(4)] + [
+        "final norm", "output layer"]
+    assert all(e["bytes"] > 0 for e in written)
+
+
+def test_bad_input_raises_conversion_error(tmp_path):
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("llama_hf", "mcore", tmp_path / "missing", tmp_path / "out")
+    assert (caught.value.kind, caught.value.role) == ("input", "loader")
+    assert str(tmp_path / "missing") in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(target_tensor_parallel_size=0), "argument --target-tensor-parallel-size: must be a positive integer, got '0'"),
+    (dict(target_tensor_paralel_size=2), "unknown option 'target_tensor_paralel_size'"),
+    (dict(checking="no"), "option 'checking' takes True or False")])
+def test_options_are_validated_as_the_command_line_does(tmp_path, source, options, message, capfd):
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("llama_hf", "mcore", source, tmp_path / "out", **options)
+    assert (caught.value.kind, caught.value.role, caught.value.status) == ("input", "arguments", 2)
+    assert message in str(caught.value)
+    assert capfd.readouterr() == ("", "") and not (tmp_path / "out").exists()
+
+
+def test_unknown_plugin_is_an_argument_error(tmp_path, source):
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("nonesuch", "mcore", source, tmp_path / "out")
+    assert caught.value.role == "arguments" and "Unable to load loader plugin nonesuch" in str(caught.value)
+
+
+def test_cancel_stops_the_run_and_a_rerun_succeeds(tmp_path, source, monkeypatch):
+    plugin_env(tmp_path, saver_slow=SLOW_SAVER)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    monkeypatch.setenv("SLOW_SAVER", "mcore")
+    cancel, target = threading.Event(), tmp_path / "out"
+    shared_memory = set(os.listdir("/dev/shm"))
+    marker = Path(str(target) + ".progress")
+
+    def cancel_mid_run():
+        while not marker.exists():
+            time.sleep(0.05)
+        cancel.set()
+
+    threading.Thread(target=cancel_mid_run, daemon=True).start()
+    children_before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("llama_hf", "slow", source, target, cancel=cancel, slow_seconds=1.0)
+    cancelled_at = time.monotonic()
+    assert caught.value.kind == "interrupted" and str(caught.value) == "cancelled"
+    left = set(psutil.Process().children(recursive=True)) - children_before
+    assert not left, left
+    assert time.monotonic() - cancelled_at < 5
+    assert_nothing_complete(target)
+    assert set(os.listdir("/dev/shm")) <= shared_memory
+    marker.unlink()
+    converter_core.convert("llama_hf", "slow", source, target, slow_seconds=0)
+    assert (target / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_progress_json_lines_never_interleave(tmp_path, source):
+    for run in range(20):
+        process = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source,
+                          "--save-dir", tmp_path / f"out{run}", "--progress", "json")
+        events = [json.loads(line) for line in process.stdout.splitlines()]  # every line is one JSON object
+        assert events[0]["event"] == "start" and events[-1]["event"] == "finish"
+        assert [e["name"] for e in events if e["event"] == "written"] == \
+               [e["name"] for e in events if e["event"] == "sent"]
+        assert process.stderr == ""
+
+
+def test_quiet_and_default_output(tmp_path, source):
+    quiet = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "q",
+                    "--quiet")
+    assert (quiet.stdout, quiet.stderr) == ("", "")
+    default = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "d")
+    lines = default.stdout.splitlines()
+    assert lines[-1].startswith(f"wrote {tmp_path / 'd'}: 2 files, ") and lines[-1].endswith(" GB/s)")
+    assert "sending" not in default.stdout and "received" not in default.stdout
+
+
+def test_version_list_plugins_detect_supported_commands(tmp_path, source):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "converter_core", *argv], capture_output=True, text=True,
+                              timeout=60)
+    assert run("--version").stdout == f"converter_core {converter_core.__version__}\n"
+    assert run("--list-plugins").stdout == ("loaders: llama_hf, mcore, megatron, minicpm_hf\n"
+                                            "savers: llama_hf, mcore, megatron, minicpm_hf\n")
+    assert json.loads(run("detect", str(source)).stdout)["format"] == "hf"
+    assert json.loads(run("supported").stdout) == converter_core.supported()
+    missing = run("detect", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and missing.stderr == f"converter_core: error: {tmp_path / 'nowhere'}: no such folder\n"
+
+
+def detected(path):
+    found = converter_core.detect(path)
+    return found.format, found.family, found.tp, found.pp, found.ep, found.vp, found.dtype, found.num_layers, found.loader
+
+
+def test_detect_every_checkpoint_kind(tmp_path):
+    for variant in ("llama", "mistral", "qwen2"):
+        make_hf_model(tmp_path / variant, variant, dtype=torch.bfloat16, num_hidden_layers=2)
+        assert detected(tmp_path / variant) == ("hf", variant, 1, 1, 1, None, "bfloat16", 2, "llama_hf")
+    make_minicpm_folder(tmp_path / "minicpm", minicpm_config())
+    assert detected(tmp_path / "minicpm") == ("hf", "minicpm", 1, 1, 1, None, "bfloat16", 4, "minicpm_hf")
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "qwen2", "--save-dir", tmp_path / "te",
+            "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2)
+    assert detected(tmp_path / "te") == ("mcore", "qwen2", 2, 2, 1, None, "bfloat16", 2, "mcore")
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "mistral", "--save-dir", tmp_path / "dist",
+            "--ckpt-format", "torch_dist", "--saver-transformer-impl", "local")
+    assert detected(tmp_path / "dist") == ("torch_dist", "mistral", 1, 1, 1, None, "bfloat16", 2, "mcore")
+    convert("--loader", "llama_hf", "--saver", "megatron", "--load-dir", tmp_path / "llama", "--save-dir",
+            tmp_path / "legacy", "--target-pipeline-parallel-size", 2)
+    assert detected(tmp_path / "legacy") == ("legacy", "llama", 1, 2, 1, None, "bfloat16", 2, "megatron")
+    convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", tmp_path / "minicpm", "--save-dir",
+            tmp_path / "minicpm-mcore", "--target-tensor-parallel-size", 2)
+    assert detected(tmp_path / "minicpm-mcore")[:3] == ("mcore", "minicpm", 2)
+    with pytest.raises(converter_core.ConversionError, match="not a Megatron checkpoint folder"):
+        converter_core.detect(tmp_path)
+
+
+def test_supported_matches_the_docs():
+    assert (REPO / "docs" / "supported-models.md").read_text().split("<!-- table -->\n")[1] == api.supported_markdown()
+
+
+def test_spawn_start_method(tmp_path, source):
+    env = dict(os.environ, CONVERTER_CORE_START_METHOD="spawn")
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "m",
+            "--target-tensor-parallel-size", 2, env=env)
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "m", "--save-dir", tmp_path / "b", env=env)
+    assert_bit_identical(source, tmp_path / "b")
