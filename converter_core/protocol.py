@@ -86,10 +86,6 @@ def check_supported(md, where, to_hf=False):
                 f"{where}: rotary_percent {getattr(args, 'rotary_percent', None)} has no Hugging Face Llama equivalent")
 
 
-class LoaderExited(ConversionError):
-    """The loader sent "exit": the saver stops, and the loader's own report says why."""
-
-
 class exit_on_failure:
     """Megatron's loader contract: on any failure put "exit" on the queue, then re-raise, so a saver
     (ours or Megatron's, even under convert.py) stops instead of waiting forever."""
@@ -174,6 +170,7 @@ class Receiver:
     def __init__(self, queue, checking=True):
         self.queue = queue
         self.checking = checking
+        self.received_bytes = 0
 
     def _get(self):
         try:
@@ -182,7 +179,7 @@ class Receiver:
             raise ConversionError(f"stalled: no message from the loader for {stall_seconds:g} s "
                                   "(--stall-timeout)") from None
         if isinstance(value, str) and value == EXIT:
-            raise LoaderExited("loader exited, exiting saver")
+            raise ConversionError("loader exited, exiting saver")  # its own report says why
         return value
 
     def metadata(self):
