@@ -10,6 +10,7 @@ import torch
 
 from converter_core import layout, megatron_args
 from converter_core.errors import require
+from converter_core.formats.untrusted import is_count
 
 Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias mup")
 
@@ -40,6 +41,27 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Megatron hard-codes these for Llama-3 rope scaling (RotaryEmbedding._apply_scaling).
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+# config.json's sizes: each must be a positive integer (not 1e9, true or "4"); the optional ones may be
+# absent or null.
+COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_counts(config, where):
+    """The sizes of a config.json are positive integers and divide as the model needs; checked before
+    anything is computed or sized from them."""
+    for name in COUNTS:
+        require(name in config, f"{where}: missing field {name!r}")
+    for name in COUNTS + OPTIONAL_COUNTS:
+        value = config.get(name)
+        require(is_count(value) or value is None and name in OPTIONAL_COUNTS,
+                f"{where}: {name} must be a positive integer, got {value!r:.40}")
+    heads, groups = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    require(heads % groups == 0, f"{where}: {heads} attention heads are not a multiple of {groups} KV heads")
+    require(config.get("head_dim") or config["hidden_size"] % heads == 0,
+            f"{where}: hidden_size {config['hidden_size']} is not a multiple of {heads} attention heads (and no head_dim)")
 
 
 def layer_prefix(index):
@@ -106,6 +128,7 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
     """Megatron args for an HF config. The whole config.json rides along as `hf_config_json`, so a
     later HF saver can write back every field Megatron has no name for."""
     family = family_of(config, where, families)
+    check_counts(config, where)
     require(config.get("hidden_act", "silu") == "silu",
             f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
     require(not config.get("mlp_bias"), f"{where}: mlp_bias=true has no Megatron-Core equivalent here")
@@ -113,13 +136,14 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
             f"{where}: attention_bias=true (biases on q, k, v and o) has no Megatron-Core equivalent")
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
-    require(heads % groups == 0, f"{where}: {heads} attention heads are not a multiple of {groups} KV heads")
     fields.update(rope_args(config, where, family))
     if family.mup:
         for name in MUP_SCALARS:
-            require(isinstance(config.get(name), (int, float)),
+            value = config.get(name)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool),
                     f"{where}: {name} is missing; MiniCPM's remote default (1) is silently wrong, so it must be given")
-            fields[name] = config[name]
+            require(math.isfinite(value) and value > 0, f"{where}: {name} must be a positive number, got {value!r}")
+            fields[name] = value
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -127,7 +151,7 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
         num_attention_heads=heads,
         num_query_groups=groups,
         kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        max_position_embeddings=config.get("max_position_embeddings") or 4096,
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         vocab_size=config["vocab_size"],
         params_dtype=dtype,

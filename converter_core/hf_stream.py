@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -74,17 +75,21 @@ def load(queue, args, families=hf_family.FAMILIES):
         margs = hf_family.args_from_config(config, str(config_path), dtype, untied, families, **fields)
     except KeyError as missing:
         raise ConversionError(f"{config_path}: missing field {missing}") from None
+    except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
+        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
+    check_layers(weights, margs.num_layers, config_path)
     shapes = hf_family.expected_shapes(margs, config["vocab_size"])
     ignored = {hf_family.LM_HEAD}
     unknown = [n for n in weights.names() if n not in shapes and n not in ignored and not n.endswith("rotary_emb.inv_freq")]
     if unknown:
         raise ConversionError(f"{folder}: weights hold tensors config.json does not describe, e.g. {unknown[0]}")
+    for name, shape in shapes.items():  # headers only: every tensor is there, a float, and shaped as config.json says
+        weights.dtype(name)
+        require(weights.shape(name) == shape,
+                f"{weights.file_of[name]}: {name} has shape {list(weights.shape(name))}, config.json implies {list(shape)}")
 
     def read(name):
-        tensor = weights.get(name)
-        require(tuple(tensor.shape) == shapes[name],
-                f"{weights.file_of[name]}: {name} has shape {list(tensor.shape)}, config.json implies {list(shapes[name])}")
-        return tensor.to(dtype)
+        return weights.get(name).to(dtype)
 
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": read(hf_family.EMBED)}
@@ -98,6 +103,17 @@ def load(queue, args, families=hf_family.FAMILIES):
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
     protocol.send_model(queue, md, messages())
+
+
+LAYER_NAME = re.compile(r"model\.layers\.([0-9]+)\.")
+
+
+def check_layers(weights, count, config_path):
+    """num_hidden_layers names exactly the layers the weights hold (before anything is sized from it)."""
+    present = {int(match.group(1)) for match in map(LAYER_NAME.match, weights.names()) if match}
+    held = f"layers {min(present)}..{max(present)} ({len(present)} of them)" if present else "no layers"
+    require(len(present) == count and present == set(range(count)),
+            f"{config_path}: num_hidden_layers is {count}, but the weights hold {held}")
 
 
 def loader_vocab_size(args, config, folder):

@@ -1,6 +1,8 @@
 """Hugging Face model folders: lazy reading of safetensors or pytorch_model*.bin weights, and
 safetensors writing planned up front so every tensor is written straight to its place on arrival."""
 
+import collections
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,20 +12,12 @@ from safetensors import safe_open
 
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
+from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
+from converter_core.formats.untrusted import read_json  # noqa: F401  (callers read HF JSON through this module)
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
-
-
-def read_json(path):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
 
 
 class HFWeights:
@@ -33,18 +27,21 @@ class HFWeights:
         self.folder = Path(folder)
         require(self.folder.is_dir(), f"{self.folder}: no such model folder")
         self._open = {}
-        present = [name for name in WEIGHT_FILES if (self.folder / name).is_file()]
+        present = [name for name in WEIGHT_FILES if os.path.lexists(self.folder / name)]
         require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-        first = present[0]
-        if first.endswith(".index.json"):
-            index = read_json(self.folder / first)
-            require(isinstance(index.get("weight_map"), dict), f"{self.folder / first}: no weight_map")
-            self.file_of = {name: self.folder / file for name, file in index["weight_map"].items()}
+        first = self.folder / present[0]
+        if first.name.endswith(".index.json"):
+            index = read_json(first)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            require(isinstance(weight_map, dict), f"{first}: no weight_map")
+            self.file_of = {name: safe_relative_path(self.folder, file, f"{first}: weight_map[{name!r}]")
+                            for name, file in weight_map.items()}
             for path in set(self.file_of.values()):
-                require(path.is_file(), f"{path}: missing, though {first} lists it")
+                require(os.path.lexists(path), f"{path}: missing, though {first.name} lists it")
+                regular_file(path)
         else:
-            path = self.folder / first
-            self.file_of = {name: path for name in self._handle(path).keys()}
+            regular_file(first)
+            self.file_of = {name: first for name in self._handle(first).keys()}
 
     def _handle(self, path):
         if path not in self._open:
@@ -64,17 +61,28 @@ class HFWeights:
         return list(self.file_of)
 
     def dtype(self, name):
-        """The stored dtype of `name`, without reading its data."""
+        """The stored dtype of `name`, without reading its data; refused unless a floating-point weight."""
         require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
         handle = self._handle(self.file_of[name])
         if isinstance(handle, _BinFile):
-            return handle.get_tensor(name).dtype
-        stored = handle.get_slice(name).get_dtype()
-        require(stored in _DTYPES_BY_NAME, f"{self.file_of[name]}: {name} has dtype {stored}, which is not supported")
-        return _DTYPES_BY_NAME[stored]
+            dtype = handle.get_tensor(name).dtype
+        else:
+            stored = handle.get_slice(name).get_dtype()
+            require(stored in _DTYPES_BY_NAME, f"{self.file_of[name]}: {name} has dtype {stored}, which is not supported")
+            dtype = _DTYPES_BY_NAME[stored]
+        check_weight_dtype(dtype, name, self.file_of[name])
+        return dtype
+
+    def shape(self, name):
+        """The stored shape of `name`, without reading its data."""
+        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
+        handle = self._handle(self.file_of[name])
+        if isinstance(handle, _BinFile):
+            return tuple(handle.get_tensor(name).shape)
+        return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name):
-        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
+        self.dtype(name)
         path = self.file_of[name]
         try:
             return self._handle(path).get_tensor(name)
@@ -90,6 +98,8 @@ class _BinFile:
     def __init__(self, path):
         self.state = torch_file.load(path)
         require(isinstance(self.state, dict), f"{path}: expected a state dict")
+        for name, value in self.state.items():
+            require(isinstance(name, str) and torch.is_tensor(value), f"{path}: {name!r} is not a named tensor")
 
     def keys(self):
         return self.state.keys()
@@ -111,7 +121,11 @@ class PlannedSafetensors:
 
     The plan (name, dtype, shape) fixes every header before any data arrives, so each tensor is
     written once at its final offset and never held. finish() fails unless every tensor was written.
+    At most OPEN_FILES shards are open at a time (tensors arrive in plan order, so each is reopened
+    rarely); a failed write is one line naming the file.
     """
+
+    OPEN_FILES = 8
 
     def __init__(self, folder, plan, max_shard_bytes, prefix="model"):
         self.folder = Path(folder)
@@ -128,55 +142,91 @@ class PlannedSafetensors:
         count = len(shards)
         self.files = [f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors"
                       for i in range(count)]
-        self.where = {}       # name -> (fd, absolute offset, dtype, shape)
+        self.where = {}       # name -> (file, absolute offset, dtype, shape)
         self.pending = set()
         self.weight_map = {}
-        self._fds = []
+        self._fds = collections.OrderedDict()  # file -> fd, least recently used first
         self._total = 0
         for file, entries in zip(self.files, shards):
-            self._open_shard(file, entries)
+            self._create_shard(file, entries)
 
-    def _open_shard(self, file, entries):
+    def _create_shard(self, file, entries):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape, nbytes in entries:
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        fd = os.open(self.folder / file, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-        self._fds.append(fd)
-        os.pwrite(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
         start = 8 + len(encoded)
-        os.ftruncate(fd, start + offset)
+        with _write_errors(self.folder / file):
+            fd = self._fd(file, create=True)
+            _pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            os.ftruncate(fd, start + offset)
         for name, dtype, shape, nbytes in entries:
-            self.where[name] = (fd, start + header[name]["data_offsets"][0], dtype, tuple(shape))
+            self.where[name] = (file, start + header[name]["data_offsets"][0], dtype, tuple(shape))
             self.pending.add(name)
             self.weight_map[name] = file
         self._total += offset
 
+    def _fd(self, file, create=False):
+        """An open descriptor of `file`, reusing or evicting from the small LRU of open shards."""
+        if file in self._fds:
+            self._fds.move_to_end(file)
+            return self._fds[file]
+        while len(self._fds) >= self.OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)  # new in a fresh folder
+        self._fds[file] = os.open(self.folder / file, flags, 0o644)
+        return self._fds[file]
+
     def write(self, name, tensor):
         require(name in self.where, f"{self.folder}: tensor {name} is not part of the planned output")
         require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
-        fd, offset, dtype, shape = self.where[name]
+        file, offset, dtype, shape = self.where[name]
         require(tensor.dtype == dtype and tuple(tensor.shape) == shape,
                 f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        written = 0
-        while written < data.nbytes:
-            written += os.pwrite(fd, data[written:], offset + written)
+        with _write_errors(self.folder / file):
+            _pwrite_all(self._fd(file), data, offset)
         self.pending.discard(name)
 
     def finish(self):
         require(not self.pending, f"{self.folder}: output incomplete, never received {sorted(self.pending)[:3]}")
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = []
+        self.close()
+        for file in self.files:  # fsync syncs the file, whichever descriptor wrote it
+            with _write_errors(self.folder / file):
+                fd = os.open(self.folder / file, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self._total}, "weight_map": self.weight_map}
-            with open(self.folder / "model.safetensors.index.json", "w") as handle:
-                json.dump(index, handle, indent=2, sort_keys=True)
-                handle.write("\n")
+            with _write_errors(self.folder / "model.safetensors.index.json"):
+                with open(self.folder / "model.safetensors.index.json", "w") as handle:
+                    json.dump(index, handle, indent=2, sort_keys=True)
+                    handle.write("\n")
+
+    def close(self):
+        """Close the open shards (finish() does; a caller abandoning the output may too)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+
+@contextlib.contextmanager
+def _write_errors(path):
+    """An OSError (disk full, read-only, over quota, ...) becomes one line naming the file."""
+    try:
+        yield
+    except OSError as error:
+        raise ConversionError(f"{path}: cannot write ({os.strerror(error.errno) if error.errno else error})") from None
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data).cast("B")
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def _nbytes(dtype, shape):

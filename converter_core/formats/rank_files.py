@@ -5,10 +5,12 @@ from pathlib import Path
 
 from converter_core import output
 from converter_core.errors import require
+from converter_core.formats.untrusted import read_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_([0-9]{2})(?:_([0-9]{3}))?$")
+_ITERATION = re.compile(r"[0-9]{1,12}")  # Megatron writes the number only; 12 digits is plenty
 
 
 def iteration_dir_name(iteration):
@@ -25,11 +27,11 @@ def read_tracker(load_dir):
     load_dir = Path(load_dir)
     require(load_dir.is_dir(), f"{load_dir}: no such checkpoint folder")
     tracker = load_dir / TRACKER
-    if not tracker.exists() and re.match(r"^(iter_\d+|release)$", load_dir.name):
+    if not os.path.lexists(tracker) and re.match(r"^(iter_[0-9]{1,12}|release)$", load_dir.name):
         return (0 if load_dir.name == "release" else int(load_dir.name[5:])), load_dir
-    require(tracker.is_file(), f"{tracker}: missing (not a Megatron checkpoint folder)")
-    text = tracker.read_text().strip()
-    require(text == "release" or text.isdigit(),
+    require(os.path.lexists(tracker), f"{tracker}: missing (not a Megatron checkpoint folder)")
+    text = read_bytes(tracker, 4096).decode("ascii", errors="replace").strip()
+    require(text == "release" or _ITERATION.fullmatch(text),
             f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
     folder = load_dir / iteration_dir_name(text if text == "release" else int(text))
     require(folder.is_dir(), f"{folder}: missing, though {tracker} names it")
@@ -45,6 +47,7 @@ def find_rank_files(iteration_folder):
         match = _RANK_DIR.match(entry.name)
         if not match:
             continue
+        require(entry.is_dir(), f"{entry}: not a folder")
         tp_rank, pp_rank = int(match.group(1)), int(match.group(2) or 0)
         with_pp |= match.group(2) is not None
         without_pp |= match.group(2) is None

@@ -9,6 +9,7 @@ Writing appends each chunk as it arrives and writes `.metadata` last.
 
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint import metadata as dcp
 
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
+from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -118,72 +120,148 @@ class _Slice(io.RawIOBase):
 
 
 class DistReader:
-    """Tensors of a torch_dist iteration folder by key, whole or one index of the leading axis."""
+    """Tensors of a torch_dist iteration folder by key, whole or one index of the leading axis.
+
+    `.metadata` is untrusted: every storage entry must name a file inside the folder and a byte range
+    within it, and a tensor's chunks must lie in its bounds and cover it exactly once (checked when the
+    tensor is first used, so optimizer states we never read cannot stop a conversion)."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        path = self.folder / DCP_METADATA
-        require(path.is_file(), f"{path}: missing (a torch_dist checkpoint needs its DCP metadata)")
+        path = self.where = self.folder / DCP_METADATA
+        require(os.path.lexists(path), f"{path}: missing (a torch_dist checkpoint needs its DCP metadata)")
+        regular_file(path)
         try:
             with open(path, "rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
-            raise ConversionError(f"{path}: unreadable DCP metadata ({error})") from None
-        require(isinstance(metadata, dcp.Metadata), f"{path}: not DCP metadata")
+        except Exception as error:  # whatever a damaged pickle raises
+            raise ConversionError(f"{path}: unreadable DCP metadata ({type(error).__name__}: {error})") from None
+        require(isinstance(metadata, dcp.Metadata) and isinstance(metadata.state_dict_metadata, dict)
+                and isinstance(metadata.storage_data, dict), f"{path}: not DCP metadata")
         self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)}
-        self.storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+        self.storage = {}
+        for index, info in metadata.storage_data.items():
+            require(isinstance(index, dcp.MetadataIndex) and isinstance(info, filesystem._StorageInfo),
+                    f"{path}: a storage entry is not DCP's MetadataIndex -> _StorageInfo")
+            fqn, offsets = getattr(index, "fqn", None), getattr(index, "offset", None)
+            where = f"{path}: storage entry of {fqn!r:.60}"
+            require(_ints(offsets or ()) is not None, f"{where}: offsets {offsets!r:.40} are not non-negative integers")
+            safe_relative_path(self.folder, getattr(info, "relative_path", None), where)
+            byte_range = (getattr(info, "offset", None), getattr(info, "length", None))
+            require(_ints(byte_range) is not None, f"{where}: byte range {byte_range!r:.40} is not two non-negative integers")
+            self.storage[fqn, _ints(offsets or ())] = info
+        self._checked, self._file_sizes = set(), {}
 
     def __contains__(self, key):
         return key in self.tensors
 
     def shape(self, key):
-        return tuple(self.tensors[key].size)
+        return tuple(self._meta(key).size)
+
+    def _meta(self, key):
+        """The metadata of tensor `key`, checked on first use (the loader asks for every weight's shape
+        before it streams anything): a floating-point weight whose chunks cover it exactly once, each
+        stored within a regular file of the folder."""
+        require(key in self.tensors, f"{self.where}: no tensor {key}")
+        meta = self.tensors[key]
+        if key not in self._checked:
+            _check_chunks(meta, f"{self.where}: {key}")
+            check_weight_dtype(meta.properties.dtype, key, self.where)
+            for chunk in meta.chunks:
+                info = self.storage.get((key, tuple(chunk.offsets)))
+                require(info is not None, f"{self.where}: no storage entry for {key} at {list(chunk.offsets)}")
+                path = self.folder / info.relative_path
+                if path not in self._file_sizes:
+                    require(os.path.lexists(path), f"{path}: missing")
+                    self._file_sizes[path] = regular_file(path)
+                require(self._file_sizes[path] >= info.offset + info.length,
+                        f"{path}: truncated (needs {info.offset + info.length} bytes for {key})")
+            self._checked.add(key)
+        return meta
 
     def read(self, key, index=None):
         """The global tensor `key`, or its slice [index] along the first axis; assembled from chunks."""
-        require(key in self.tensors, f"{self.folder / DCP_METADATA}: no tensor {key}")
-        meta = self.tensors[key]
+        meta = self._meta(key)
+        dtype = meta.properties.dtype
+        require(index is None or meta.size and 0 <= index < meta.size[0], f"{self.where}: {key} has no index {index}")
         shape = tuple(meta.size) if index is None else tuple(meta.size)[1:]
-        result = torch.empty(shape, dtype=meta.properties.dtype)
-        covered = 0
-        for chunk in meta.chunks:
+        result = torch.empty(shape, dtype=dtype)
+        for chunk in meta.chunks:  # checked: in bounds, and together covering `result` exactly once
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if index is not None and not offsets[0] <= index < offsets[0] + sizes[0]:
                 continue
-            view = self._chunk(key, offsets, sizes, meta.properties.dtype)
+            view = self._chunk(key, offsets, sizes, dtype)
             if index is not None:
                 view, offsets, sizes = view[index - offsets[0]], offsets[1:], sizes[1:]
             result[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = view
-            covered += view.numel()
-        require(covered == result.numel(), f"{self.folder}: the chunks of {key} do not cover it")
         return result
 
     def _chunk(self, key, offsets, sizes, dtype):
-        info = self.storage.get((key, offsets))
-        require(info is not None, f"{self.folder / DCP_METADATA}: no storage entry for {key} at {list(offsets)}")
+        info = self.storage[key, offsets]
         require(not getattr(info, "transform_descriptors", None), f"{self.folder}: {key} is stored transformed (unsupported)")
         path = self.folder / info.relative_path
         try:
             return _mapped_tensor(path, info.offset, info.length, sizes, dtype)
         except ConversionError:
             raise
-        except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error, KeyError) as error:
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError, zipfile.BadZipFile,
+                pickle.UnpicklingError, struct.error, KeyError, EOFError) as error:
             raise ConversionError(f"{path}: cannot read {key} ({error}); the file may be truncated") from None
 
 
+def _ints(values):
+    """`values` as a tuple of non-negative ints, or None if it is anything else."""
+    try:
+        values = tuple(values)
+    except TypeError:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return values
+    return None
+
+
+def _check_chunks(meta, where):
+    """A tensor's size is non-negative integers, its dtype a torch dtype, and its chunks lie inside it
+    and cover it exactly once: in bounds, volumes adding up to its size, no two overlapping."""
+    size = _ints(getattr(meta, "size", None))
+    require(size is not None, f"{where}: size {getattr(meta, 'size', None)!r:.60} is not a list of non-negative integers")
+    require(isinstance(getattr(getattr(meta, "properties", None), "dtype", None), torch.dtype), f"{where}: no torch dtype")
+    require(isinstance(getattr(meta, "chunks", None), list), f"{where}: chunks are not a list")
+    boxes = []
+    for chunk in meta.chunks:
+        offsets, sizes = _ints(getattr(chunk, "offsets", None)), _ints(getattr(chunk, "sizes", None))
+        require(offsets is not None and sizes is not None and len(offsets) == len(sizes) == len(size)
+                and all(o + s <= n for o, s, n in zip(offsets, sizes, size)),
+                f"{where}: chunk at {getattr(chunk, 'offsets', None)!r:.60} of size {getattr(chunk, 'sizes', None)!r:.60} "
+                f"is not inside the tensor's {list(size)}")
+        boxes.append((offsets, sizes))
+    volume = sum(math.prod(sizes) for _, sizes in boxes)
+    require(volume == math.prod(size), f"{where}: the chunks hold {volume} elements, the tensor {math.prod(size)}")
+    # Sweep along the first axis: only chunks whose first-axis ranges meet can overlap.
+    boxes.sort()
+    active = []
+    for offsets, sizes in boxes:
+        start = offsets[0] if offsets else 0
+        active = [(o, s) for o, s in active if (o[0] + s[0] if o else 1) > start]
+        for other_offsets, other_sizes in active:
+            require(not all(max(a, b) < min(a + m, b + n)
+                            for a, m, b, n in zip(offsets, sizes, other_offsets, other_sizes)),
+                    f"{where}: chunks at {list(offsets)} and {list(other_offsets)} overlap")
+        active.append((offsets, sizes))
+
+
 def _mapped_tensor(path, start, length, sizes, dtype):
-    """Memory-map the tensor that a torch.save zip at [start, start + length) of `path` holds."""
-    require(path.is_file(), f"{path}: missing")
-    require(path.stat().st_size >= start + length, f"{path}: truncated (needs {start + length} bytes)")
+    """Memory-map the tensor that a torch.save zip at [start, start + length) of `path` holds (a range
+    DistReader checked to lie within the file)."""
     with open(path, "rb") as handle:
         archive = zipfile.ZipFile(_Slice(handle, start, length))
         pickle_names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         require(len(pickle_names) == 1, f"{path}: the item at byte {start} is not a torch.save archive")
         pickle_info = archive.getinfo(pickle_names[0])
-        handle.seek(_data_offset(handle, start, pickle_info))
+        handle.seek(_data_offset(handle, start, length, pickle_info))
         storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(handle.read(pickle_info.file_size))).load()
         record = archive.getinfo(pickle_names[0][:-len("data.pkl")] + f"data/{storage.key}")
-        data_start = _data_offset(handle, start, record)
+        data_start = _data_offset(handle, start, length, record)
     require(storage.dtype == dtype and size == tuple(sizes), f"{path}: chunk is {storage.dtype} {list(size)}, "
             f"the metadata says {dtype} {list(sizes)}")
     nbytes = record.file_size
@@ -191,16 +269,20 @@ def _mapped_tensor(path, start, length, sizes, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory: we never write through it
         flat = torch.frombuffer(mapped, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-    return flat.as_strided(size, stride, offset)
+    return flat.as_strided(size, stride, offset)  # a RuntimeError if the view runs past the bytes
 
 
-def _data_offset(handle, start, record):
-    """Where a stored (uncompressed) zip record's bytes begin. Read directly, not through zipfile, so
-    archives written without CRC32 (as we write them) read as well as torch's own."""
+def _data_offset(handle, start, length, record):
+    """Where a stored (uncompressed) zip record's bytes begin, checked to end inside the item
+    [start, start + length). Read directly, not through zipfile, so archives written without CRC32
+    (as we write them) read as well as torch's own."""
     require(record.compress_type == zipfile.ZIP_STORED, f"{handle.name}: compressed record {record.filename}")
     handle.seek(start + record.header_offset)
     name_length, extra_length = struct.unpack("<HH", handle.read(30)[26:30])
-    return start + record.header_offset + 30 + name_length + extra_length
+    begin = record.header_offset + 30 + name_length + extra_length
+    require(begin + record.file_size <= length,
+            f"{handle.name}: record {record.filename} runs past its item's {length} bytes at byte {start}")
+    return start + begin
 
 
 def read_common(folder):

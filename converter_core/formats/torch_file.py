@@ -19,6 +19,7 @@ import sys
 import torch
 
 from converter_core.errors import ConversionError
+from converter_core.formats.untrusted import regular_file
 
 _STORAGE_TYPE_NAMES = torch.storage._dtype_to_storage_type_map()
 
@@ -165,6 +166,7 @@ def load(path, mmap=True):
     """torch.load an untrusted checkpoint file: tensors, containers, argparse.Namespace, torch dtypes,
     and inert stand-ins for Megatron classes; anything else that could run code is refused."""
     path = str(path)
+    regular_file(path)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as error:
