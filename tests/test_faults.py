@@ -1,8 +1,19 @@
-"""The fault matrix: collisions, planted files, signals, killed processes, full and read-only disks.
-Each case asserts one error line, a non-zero exit within seconds, nothing marked complete, the source
-untouched, no process of the run left, and that the same command then succeeds."""
+"""The fault matrix, through the real command line.
 
+Outputs and processes: collisions on one --save-dir, planted files, signals to the parent, killed
+children, stalls, full and read-only disks. Untrusted input: paths that leave the source folder, DCP
+chunks out of bounds or covering a tensor twice, integer dtypes relabelled as weights, FIFOs and devices
+in place of files, oversized or deeply nested JSON, config counts that are not positive integers or do
+not match the weights; more shards than open files; files too large.
+
+Each case asserts one `converter_core: error:` line, a non-zero exit within seconds, nothing marked
+complete, the source untouched, no process of the run left, and (for interruptions and collisions)
+that the same command then succeeds. docs/reliability.md says what is promised."""
+
+import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +22,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from helpers import assert_bit_identical, error_line, make_hf_model
+from helpers import assert_bit_identical, convert, error_line, make_hf_model
 from test_cli_and_plugins import plugin_env
 
 # Wraps one of our savers: after each message it touches <save-dir>.progress and, from the first
@@ -48,10 +61,6 @@ def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults") / "hf"
     make_hf_model(folder, num_hidden_layers=LAYERS)
     return folder
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def command(source, target, saver="mcore", *flags):
@@ -298,3 +307,373 @@ def test_stale_lock_of_a_killed_run_does_not_block(tmp_path, source):
     subprocess.run(command(source, tmp_path / "out"), check=True, capture_output=True, timeout=120)
     assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert not (tmp_path / ".out.converter_core.lock").exists()
+
+
+# ======== untrusted input ========
+
+TIMEOUT = 60          # a hang fails the test instead of blocking it
+QUICK = 30            # seconds a refusal may take, interpreter and torch start-up included
+TINY = dict(num_hidden_layers=2)
+
+
+# ---- fixtures: each pristine checkpoint is made once; every test sabotages its own copy ----
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    make_hf_model(root / "hf", **TINY)
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", root / "hf", "--save-dir", root / "ranks")
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", root / "hf", "--save-dir", root / "dist",
+            "--ckpt-format", "torch_dist")
+    return root
+
+
+def copy_of(pristine, tmp_path, kind):
+    source = tmp_path / kind
+    shutil.copytree(pristine / kind, source, symlinks=True)
+    return source
+
+
+def snapshot(folder):
+    """Every entry under `folder`, by kind and content, without following links or opening FIFOs."""
+    state = {}
+    for directory, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(directory) / name
+            relative = str(path.relative_to(folder))
+            if path.is_symlink():
+                state[relative] = ("link", os.readlink(path))
+            elif path.is_fifo():
+                state[relative] = ("fifo",)
+            elif path.is_file():
+                state[relative] = ("file", path.read_bytes())
+            else:
+                state[relative] = ("folder",)
+    return state
+
+
+def refused(source, loader, saver, *flags, expect=(), out=None):
+    """Convert `source` and check it fails cleanly; returns the error line."""
+    out = out or source.parent / "out"
+    before = snapshot(source)
+    started = time.monotonic()
+    process = convert("--loader", loader, "--saver", saver, "--load-dir", source, "--save-dir", out, *flags,
+                      ok=False, timeout=TIMEOUT)
+    elapsed = time.monotonic() - started
+    line = error_line(process)
+    for text in expect:
+        assert text in line, line
+    assert elapsed < QUICK, f"took {elapsed:.0f}s: {line}"
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    assert not list(out.parent.glob(f".{out.name}*")), "a staged folder was left behind"
+    assert snapshot(source) == before, "the source folder changed"
+    return line
+
+
+def hf_refused(source, *expect):
+    return refused(source, "llama_hf", "mcore", expect=expect)
+
+
+def edit_config(source, **changes):
+    config = json.loads((source / "config.json").read_text())
+    for name, value in changes.items():
+        if value is None:
+            config.pop(name, None)
+        else:
+            config[name] = value
+    (source / "config.json").write_text(json.dumps(config))
+
+
+def write_index(source, weight_map):
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def all_in_one_file(source):
+    return {name: "model.safetensors" for name in load_file(source / "model.safetensors")}
+
+
+# ---- 1. paths inside a checkpoint stay inside the source folder ----
+
+@pytest.mark.parametrize("entry", ["../secret.safetensors", "ABSOLUTE", "sub/../../secret.safetensors", 7, None])
+def test_index_entry_outside_the_folder_is_refused(pristine, tmp_path, entry):
+    source = copy_of(pristine, tmp_path, "hf")
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(source / "model.safetensors", secret)  # exists and is valid: only the path is wrong
+    weight_map = all_in_one_file(source)
+    weight_map["model.embed_tokens.weight"] = str(secret) if entry == "ABSOLUTE" else entry
+    write_index(source, weight_map)
+    problem = "points outside" if isinstance(entry, str) else "is not a plain relative path"
+    hf_refused(source, "model.safetensors.index.json", "weight_map['model.embed_tokens.weight']", problem)
+
+
+def test_links_the_user_made_keep_working(pristine, tmp_path):
+    """The HF cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>, index included."""
+    cache = tmp_path / "cache"
+    (cache / "blobs").mkdir(parents=True)
+    snapshot_dir = cache / "snapshots" / "abc123"
+    snapshot_dir.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(pristine / "hf" / name, cache / "blobs" / f"hash-{name}")
+        os.symlink(f"../../blobs/hash-{name}", snapshot_dir / name)
+    write_index(snapshot_dir, all_in_one_file(snapshot_dir))
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", snapshot_dir, "--save-dir", tmp_path / "out")
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "out", "--save-dir", tmp_path / "back")
+    assert_bit_identical(pristine / "hf", tmp_path / "back")
+
+
+# ---- 3. dtypes a weight may not have ----
+
+def relabel_in_header(path, tensor, new_dtype):
+    """Rewrite one tensor's dtype in a safetensors JSON header in place (same byte count)."""
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    old = header[tensor]["dtype"]
+    header[tensor]["dtype"] = new_dtype
+    encoded = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(encoded) == length and len(new_dtype) == len(old)
+    data[8:8 + length] = encoded
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_float_weight_relabelled_int32_is_refused(pristine, tmp_path, tensor):
+    source = copy_of(pristine, tmp_path, "hf")
+    relabel_in_header(source / "model.safetensors", tensor, "I32")
+    hf_refused(source, str(source / "model.safetensors"), tensor, "torch.int32", "not a floating-point weight")
+
+
+def test_integer_weight_in_pytorch_bin_is_refused(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    state = load_file(source / "model.safetensors")
+    state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"].view(torch.int32)
+    torch.save(state, source / "pytorch_model.bin")
+    os.remove(source / "model.safetensors")
+    hf_refused(source, "pytorch_model.bin", "model.layers.0.self_attn.k_proj.weight", "not a floating-point weight")
+
+
+# ---- 4. regular files only, JSON size-capped ----
+
+def test_config_that_is_a_fifo_fails_fast(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    os.remove(source / "config.json")
+    os.mkfifo(source / "config.json")
+    hf_refused(source, str(source / "config.json"), "not a regular file")
+
+
+def test_config_linked_to_dev_zero_is_refused(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    os.remove(source / "config.json")
+    os.symlink("/dev/zero", source / "config.json")
+    hf_refused(source, str(source / "config.json"), "not a regular file")
+
+
+def test_oversized_config_is_not_read(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    os.truncate(source / "config.json", 65 * 2**20)  # sparse: costs no disk
+    hf_refused(source, str(source / "config.json"), "more than the 67108864 bytes allowed")
+
+
+def test_deeply_nested_config_is_one_line(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    (source / "config.json").write_text("[" * 200000 + "]" * 200000)
+    hf_refused(source, str(source / "config.json"), "nested too deeply")
+
+
+def test_weights_that_are_a_fifo_fail_fast(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    os.remove(source / "model.safetensors")
+    os.mkfifo(source / "model.safetensors")
+    hf_refused(source, str(source / "model.safetensors"), "not a regular file")
+
+
+def test_vocab_file_that_is_a_fifo_fails_fast(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "ranks")
+    os.mkfifo(tmp_path / "vocab.json")
+    refused(source, "mcore", "llama_hf", "--vocab-file", tmp_path / "vocab.json",
+            expect=[str(tmp_path / "vocab.json"), "not a regular file"])
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"1e3", "expected an iteration number"), (b"-1", "expected an iteration number"),
+    (b"9" * 40, "expected an iteration number"), ("\u0661".encode(), "expected an iteration number"),
+    (b"\xff\xfe1", "expected an iteration number"), ("FIFO", "not a regular file"),
+    ("/dev/zero", "not a regular file"), ("HUGE", "more than the 4096 bytes allowed")])
+def test_bad_tracker_file_is_refused(pristine, tmp_path, content, expect):
+    source = copy_of(pristine, tmp_path, "ranks")
+    tracker = source / "latest_checkpointed_iteration.txt"
+    os.remove(tracker)
+    if content == "FIFO":
+        os.mkfifo(tracker)
+    elif content == "/dev/zero":
+        os.symlink("/dev/zero", tracker)
+    elif content == "HUGE":
+        tracker.write_text("1")
+        os.truncate(tracker, 2**20)
+    else:
+        tracker.write_bytes(content)
+    refused(source, "mcore", "llama_hf", expect=[str(tracker), expect])
+
+
+# ---- 5. config counts: positive integers, checked against the weights before anything is sized ----
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("num_hidden_layers", 1e9, "num_hidden_layers must be a positive integer, got 1000000000.0"),
+    ("num_hidden_layers", 10**9, "num_hidden_layers is 1000000000, but the weights hold layers 0..1 (2 of them)"),
+    ("num_hidden_layers", 3, "num_hidden_layers is 3, but the weights hold layers 0..1"),
+    ("num_hidden_layers", -1, "num_hidden_layers must be a positive integer, got -1"),
+    ("num_hidden_layers", True, "num_hidden_layers must be a positive integer, got True"),
+    ("num_hidden_layers", "4", "num_hidden_layers must be a positive integer, got '4'"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+    ("num_key_value_heads", 3, "4 attention heads are not a multiple of 3 KV heads"),
+    ("hidden_size", 64.0, "hidden_size must be a positive integer, got 64.0"),
+    ("intermediate_size", [160], "intermediate_size must be a positive integer, got [160]"),
+    ("vocab_size", None, "missing field 'vocab_size'"),
+    ("head_dim", -16, "head_dim must be a positive integer, got -16"),
+    ("max_position_embeddings", 0, "max_position_embeddings must be a positive integer, got 0"),
+])
+def test_bad_config_count_is_refused(pristine, tmp_path, field, value, expect):
+    source = copy_of(pristine, tmp_path, "hf")
+    edit_config(source, **{field: value})
+    hf_refused(source, str(source / "config.json"), expect)
+
+
+def test_hidden_size_not_divisible_by_heads_without_head_dim(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    edit_config(source, hidden_size=66, head_dim=None)
+    hf_refused(source, "hidden_size 66 is not a multiple of 4 attention heads")
+
+
+def test_sizes_are_checked_against_the_weights_before_streaming(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "hf")
+    edit_config(source, vocab_size=10**12)
+    hf_refused(source, "model.embed_tokens.weight has shape [96, 64], config.json implies [1000000000000, 64]")
+
+
+# ---- 2. torch_dist: paths, byte ranges and chunks from .metadata ----
+
+def edit_dcp_metadata(iteration, change):
+    path = iteration / ".metadata"
+    with open(path, "rb") as handle:
+        metadata = pickle.load(handle)
+    change(metadata)
+    with open(path, "wb") as handle:
+        pickle.dump(metadata, handle)
+
+
+STACKED = "decoder.layers.mlp.linear_fc2.weight"  # [2 layers, 64, 160], one chunk per layer
+
+
+def duplicate_chunk(md, outside):
+    md.state_dict_metadata[STACKED].chunks.append(md.state_dict_metadata[STACKED].chunks[0])
+
+
+def move_chunk_onto_another(md, outside):
+    chunks = md.state_dict_metadata[STACKED].chunks
+    chunks[1] = type(chunks[1])(offsets=chunks[0].offsets, sizes=chunks[1].sizes)
+
+
+def chunk_out_of_bounds(md, outside):
+    chunk = md.state_dict_metadata[STACKED].chunks[1]
+    md.state_dict_metadata[STACKED].chunks[1] = type(chunk)(offsets=torch.Size([5, 0, 0]), sizes=chunk.sizes)
+
+
+def chunk_of_wrong_rank(md, outside):
+    chunk = md.state_dict_metadata[STACKED].chunks[1]
+    md.state_dict_metadata[STACKED].chunks[1] = type(chunk)(offsets=torch.Size([1, 0]), sizes=torch.Size([1, 64]))
+
+
+def path_with_dotdot(md, outside):
+    for info in md.storage_data.values():
+        info.relative_path = "../x.distcp"
+
+
+def absolute_path(md, outside):
+    for info in md.storage_data.values():
+        info.relative_path = outside
+
+
+def path_not_a_string(md, outside):
+    for info in md.storage_data.values():
+        info.relative_path = b"__0_0.distcp"
+
+
+def byte_range_past_the_file(md, outside):
+    for index, info in md.storage_data.items():
+        if index.fqn == STACKED:
+            info.length = 10**9
+
+
+def weight_relabelled_int32(md, outside):
+    md.state_dict_metadata[STACKED].properties.dtype = torch.int32
+
+
+@pytest.mark.parametrize("change,expect", [
+    (duplicate_chunk, f"{STACKED}: the chunks hold 30720 elements, the tensor 20480"),
+    (move_chunk_onto_another, f"{STACKED}: chunks at [0, 0, 0] and [0, 0, 0] overlap"),
+    (chunk_out_of_bounds, f"{STACKED}: chunk at torch.Size([5, 0, 0]) of size torch.Size([1, 64, 160]) is not inside"),
+    (chunk_of_wrong_rank, f"{STACKED}: chunk at torch.Size([1, 0]) of size torch.Size([1, 64]) is not inside"),
+    (path_with_dotdot, "file name '../x.distcp' points outside"),
+    (absolute_path, "x.distcp' points outside"),
+    (path_not_a_string, "file name b'__0_0.distcp' is not a plain relative path"),
+    (byte_range_past_the_file, "truncated (needs"),
+    (weight_relabelled_int32, f"{STACKED} is stored as torch.int32, not a floating-point weight"),
+], ids=lambda value: value.__name__ if callable(value) else "")
+def test_bad_dcp_metadata_is_refused(pristine, tmp_path, change, expect):
+    source = copy_of(pristine, tmp_path, "dist")
+    iteration = source / "iter_0000001"
+    outside = tmp_path / "x.distcp"
+    shutil.copy(iteration / "__0_0.distcp", outside)  # readable, valid, and outside the source
+    with open(iteration / ".metadata", "rb") as handle:
+        metadata = pickle.load(handle)
+    change(metadata, str(outside))
+    with open(iteration / ".metadata", "wb") as handle:
+        pickle.dump(metadata, handle)
+    line = refused(source, "mcore", "llama_hf", expect=[expect])
+    assert str(iteration) in line
+
+
+# ---- 6. output: open files bounded, write errors one line ----
+
+def run_limited(limits, *flags, ignore_sigxfsz=False):
+    """The converter's command line under resource limits (inherited by its loader and saver)."""
+    argv = ["converter_core", "--model-type", "GPT", *map(str, flags)]
+    code = ("import resource, runpy, signal, sys\n"
+            f"for name, value in {limits!r}: resource.setrlimit(getattr(resource, name), (value, value))\n"
+            + ("signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n" if ignore_sigxfsz else "")
+            + f"sys.argv = {argv!r}\nrunpy.run_module('converter_core', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_more_shards_than_open_files(tmp_path):
+    """201 one-tensor shards written under a limit of 128 open files, byte-identical to a normal run.
+    (Lower limits starve the loader -> saver queue, whose shared tensors each hold a descriptor.)"""
+    make_hf_model(tmp_path / "hf", num_hidden_layers=22, hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "mcore")
+    shard = ("--max-shard-size", "1")
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "mcore", "--save-dir",
+            tmp_path / "normal", *shard)
+    process = run_limited([("RLIMIT_NOFILE", 128)], "--loader", "mcore", "--saver", "llama_hf", "--load-dir",
+                          tmp_path / "mcore", "--save-dir", tmp_path / "limited", *shard)
+    assert process.returncode == 0, process.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "normal").iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) == 3 + 22 * 9
+    assert sorted(p.name for p in (tmp_path / "limited").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "limited" / name).read_bytes() == (tmp_path / "normal" / name).read_bytes(), name
+    assert_bit_identical(tmp_path / "hf", tmp_path / "limited")
+
+
+def test_file_too_large_while_writing_safetensors(pristine, tmp_path):
+    """RLIMIT_FSIZE (SIGXFSZ ignored) makes writes fail with EFBIG: the same path as a full disk, unprivileged.
+    Every tensor (and its shared-memory segment) is under the limit; the single shard is not."""
+    source = copy_of(pristine, tmp_path, "ranks")
+    before = snapshot(source)
+    out = tmp_path / "out"
+    process = run_limited([("RLIMIT_FSIZE", 200_000)], "--loader", "mcore", "--saver", "llama_hf", "--load-dir",
+                          source, "--save-dir", out, ignore_sigxfsz=True)
+    line = error_line(process)
+    assert "model.safetensors: cannot write (File too large)" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert snapshot(source) == before

@@ -1,5 +1,6 @@
 """Megatron's per-rank checkpoint layout: the tracker file, iteration folders, mp_rank folders."""
 
+import os
 import re
 from pathlib import Path
 
