@@ -147,20 +147,26 @@ def _put(queue, value, what):
                               f"while {what} waited (--stall-timeout)") from None
 
 
-def send(queue, name, message):
-    """Megatron's queue_put: name the message, show progress, enqueue."""
+def message_count(md):
+    """Messages between the metadata and "done": embeddings, one per layer, final norm, output layer."""
+    return md.num_layers + 2 + bool(md.output_layer)
+
+
+def send(queue, name, message, count=None, total=None):
+    """Megatron's queue_put: name the message, enqueue, report progress (count of total)."""
     size = message_bytes(message)
     message["name"] = name
     _put(queue, message, f'"{name}"')
-    report("sent", name=name, bytes=size)
+    report("sent", name=name, bytes=size, count=count, total=total)
 
 
 def send_model(queue, md, messages):
     """Send metadata, every (name, tensors) pair from `messages` in order, then "done"."""
-    report("start", layers=md.num_layers, messages=md.num_layers + 2 + bool(md.output_layer))
+    total = message_count(md)
+    report("start", layers=md.num_layers, messages=total)
     _put(queue, md, "the metadata")
-    for name, tensors in messages:
-        send(queue, name, tensors)
+    for count, (name, tensors) in enumerate(messages, 1):
+        send(queue, name, tensors, count, total)
     _put(queue, DONE, '"done"')
 
 
@@ -170,7 +176,8 @@ class Receiver:
     def __init__(self, queue, checking=True):
         self.queue = queue
         self.checking = checking
-        self.received_bytes = 0
+        self.received_bytes = self.written = 0
+        self.total = None
 
     def _get(self):
         try:
@@ -192,6 +199,7 @@ class Receiver:
                 "the loader's metadata has no checkpoint_args Namespace")
         md.checkpoint_args = megatron_args.complete(torch_file.storable_namespace(md.checkpoint_args),
                                                     "metadata checkpoint_args")
+        self.total = message_count(md)
         return md
 
     def get(self, name, shapes=None):
@@ -222,7 +230,8 @@ class Receiver:
         leftover = sorted(k for k in message if k != "name")
         require(not self.checking or not leftover, f"unexpected values in {message.get('name')}: "
                                                    f"{', '.join(leftover)} (use --no-checking to ignore)")
-        report("written", name=message.get("name"), bytes=self.received_bytes)
+        self.written += 1
+        report("written", name=message.get("name"), bytes=self.received_bytes, count=self.written, total=self.total)
 
 
 def layer_message_shapes(args):

@@ -54,6 +54,8 @@ def test_round_trip_through_the_api_prints_nothing(tmp_path, source, capfd):
     assert [e["name"] for e in written] == ["embeddings"] + [f"transformer layer {i}" for i in range(4)] + [
         "final norm", "output layer"]
     assert all(e["bytes"] > 0 for e in written)
+    for kind in ("sent", "written"):
+        assert [(e["count"], e["total"]) for e in events if e["event"] == kind] == [(n, 7) for n in range(1, 8)]
 
 
 def test_bad_input_raises_conversion_error(tmp_path):
