@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from converter_core.errors import require
+from converter_core.formats.untrusted import is_count
 
 # Megatron-LM argparse defaults for the attributes its checkpoint loading and model building read.
 _MEGATRON_DEFAULTS = dict(
@@ -118,14 +119,21 @@ RENAMED = (
 INVERTED = (("add_bias_linear", "disable_bias_linear"), ("use_legacy_models", "use_mcore_models"))
 # Without these there is no model to convert; everything else has a default or is derived.
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
+# Sizes that, when given, must be positive integers before anything is sized from them.
+COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
+          "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+          "pipeline_model_parallel_size")
 
 
 def complete(args, where="checkpoint args"):
     """Make any Megatron-LM args Namespace (any version, ours or a foreign plugin's) complete for the
     converter, in place: renamed fields under both names, missing fields derived or defaulted."""
-    missing = [name for name in REQUIRED if not isinstance(getattr(args, name, None), int)]
-    require(not missing, f"{where}: no usable {', '.join(missing)} in the Megatron args")
+    missing = [name for name in REQUIRED if getattr(args, name, None) is None]
+    require(not missing, f"{where}: no {', '.join(missing)} in the Megatron args")
     present = vars(args)
+    for name in REQUIRED + COUNTS:
+        value = present.get(name)
+        require(value is None or is_count(value), f"{where}: {name} is {value!r:.40}, not a positive integer")
     for today, older, default in RENAMED:
         value = present[today] if present.get(today) is not None else present.get(older)
         setattr(args, today, default if value is None else value)

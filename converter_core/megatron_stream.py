@@ -285,6 +285,7 @@ def load(queue, args):
     def tensor(t, p, chunk, path):
         value = megatron_schema.lookup(models[t, p, chunk], path)
         require(torch.is_tensor(value), f"{paths[t, p]}: missing tensor {'.'.join(path)}")
+        require(value.is_floating_point(), f"{paths[t, p]}: {'.'.join(path)} has dtype {value.dtype}, not a weight's")
         return value
 
     order = []  # global layer -> (pp rank, chunk, local index)

@@ -677,3 +677,31 @@ def test_file_too_large_while_writing_safetensors(pristine, tmp_path):
     assert "model.safetensors: cannot write (File too large)" in line, line
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert snapshot(source) == before
+
+
+def rewrite_rank_file(source, change):
+    path = next(source.glob("iter_*/mp_rank_00/model_optim_rng.pt"))
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+    return path
+
+
+def test_integer_weight_in_a_rank_file_is_refused(pristine, tmp_path):
+    source = copy_of(pristine, tmp_path, "ranks")
+
+    def relabel(state):
+        state["model"]["decoder.final_layernorm.weight"] = state["model"]["decoder.final_layernorm.weight"].to(torch.int32)
+    path = rewrite_rank_file(source, relabel)
+    line = refused(source, "mcore", "llama_hf", expect=["decoder.final_layernorm.weight has dtype torch.int32"])
+    assert str(path) in line
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**9), ("num_layers", -1), ("hidden_size", True),
+                                         ("num_attention_heads", None), ("ffn_hidden_size", 1.5e3),
+                                         ("kv_channels", "16")])
+def test_bad_count_in_megatron_args_is_refused(pristine, tmp_path, field, value):
+    source = copy_of(pristine, tmp_path, "ranks")
+    path = rewrite_rank_file(source, lambda state: setattr(state["args"], field, value))
+    line = refused(source, "mcore", "llama_hf", expect=[str(path.parent.parent)])  # the file, or its folder
+    assert any(text in line for text in (f"{field} is", f"no {field}", "holds 2 layers, args say 1000000000")), line
