@@ -4,7 +4,6 @@ processes), detect() says what a folder is, supported() what the installed plugi
 import dataclasses
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -29,9 +28,11 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=Non
 
     `options` are the command line's flags as keyword arguments (target_tensor_parallel_size=2,
     checking=False, ...), validated exactly as the command line validates them. `progress(event)`
-    receives each event as a dict: {"event": "start", "messages", "layers"}, {"event": "sent" or
-    "written", "name", "bytes"}, {"event": "note" or "warning", "message"}, then {"event": "finish", ...}.
-    `cancel` (a threading.Event) stops the run within a second, removes the staged output and raises.
+    receives each event as a dict, in the caller's process: {"event": "start", "messages", "layers"},
+    {"event": "sent" or "written", "name", "bytes", "count", "total"}, {"event": "note" or "warning",
+    "message"}, then {"event": "finish", ...}. `cancel` (a threading.Event) stops the run within a second,
+    removes the staged output and raises. `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and
+    SIGHUP stop the run the same way, as the command line does.
     Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
     `.kind` ("input", "internal", "interrupted") and the one-line message."""
     argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
@@ -43,12 +44,11 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
     args, loader_module, saver_module = option_parsing.parse(argv, options)
     option_parsing.check_folders(args.load_dir, args.save_dir)
-    warnings, lock = [], threading.Lock()
+    warnings = []
 
-    def on_event(event):
+    def on_event(event):  # called from one relay thread, in order
         if event["event"] == "warning":
-            with lock:
-                warnings.append(event["message"])
+            warnings.append(event["message"])
         if progress is not None:
             progress(event)
 
