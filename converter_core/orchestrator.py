@@ -122,6 +122,12 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
     `on_event(dict)` gets every progress event of both sides, in the parent, in order of arrival;
     `cancel` (a threading.Event) stops the run within a fraction of a second. With `handle_signals`
     (the command line) SIGTERM, SIGINT and SIGHUP stop the run too; the save-dir lock is held throughout."""
+    error = _run(args, loader, saver, on_event, cancel, handle_signals)
+    if error is not None:
+        raise error  # raised here, so its traceback keeps no queue alive (spawn's semaphores have names)
+
+
+def _run(args, loader, saver, on_event, cancel, handle_signals):
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
@@ -144,8 +150,7 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
         relay.join()
         for number, handler in previous.items():
             signal.signal(number, handler)
-    if failure is not None:
-        raise _true_cause(failure, reports)
+    return None if failure is None else _true_cause(failure, reports)
 
 
 def _relay(events, on_event):
