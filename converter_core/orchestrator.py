@@ -32,7 +32,8 @@ WRITE_FAILURES = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+    if not output.defer_signal(signum):
+        raise Interrupted(signum)
 
 
 def _describe(error):

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, Interrupted, require
 
 # The pid of the process that asked for the output; a child whose parent has gone does not commit.
 _owner_pid = None
@@ -106,6 +106,31 @@ def _write_failure(path, error):
     return text[0] if text else type(error).__name__
 
 
+# Stop signals that arrived while a cleanup ran (None when none is running): our handler
+# (orchestrator) parks them here, so a stop cannot cut a cleanup in half.
+_deferred_signals = None
+
+
+def defer_signal(signum):
+    """True if a cleanup is running and `signum` was parked until it ends."""
+    if _deferred_signals is None:
+        return False
+    _deferred_signals.append(signum)
+    return True
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    global _deferred_signals
+    _deferred_signals = []
+    try:
+        yield
+    finally:
+        pending, _deferred_signals = _deferred_signals, None
+        if pending:
+            raise Interrupted(pending[0])
+
+
 class StagedFolder:
     """A folder built under a unique hidden name next to `target` and renamed onto it by commit()."""
 
@@ -131,9 +156,11 @@ class StagedFolder:
         fsync_path(self.target.parent)
 
     def abandon(self):
-        """Remove the staged folder, and the folders above it that this run created, if still empty."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        _remove_if_empty(self.created_parents)
+        """Remove the staged folder, and the folders above it that this run created, if still empty.
+        A stop signal arriving meanwhile waits until that is done, so it cannot leave half a folder."""
+        with signals_deferred():
+            shutil.rmtree(self.path, ignore_errors=True)
+            _remove_if_empty(self.created_parents)
 
 
 class SaveDirLock:
