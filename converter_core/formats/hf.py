@@ -2,7 +2,6 @@
 safetensors writing planned up front so every tensor is written straight to its place on arrival."""
 
 import collections
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from converter_core import output
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
@@ -158,7 +158,7 @@ class PlannedSafetensors:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         start = 8 + len(encoded)
-        with _write_errors(self.folder / file):
+        with output.writing(self.folder / file):
             fd = self._fd(file, create=True)
             _pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
             os.ftruncate(fd, start + offset)
@@ -186,7 +186,7 @@ class PlannedSafetensors:
         require(tensor.dtype == dtype and tuple(tensor.shape) == shape,
                 f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with _write_errors(self.folder / file):
+        with output.writing(self.folder / file):
             _pwrite_all(self._fd(file), data, offset)
         self.pending.discard(name)
 
@@ -194,7 +194,7 @@ class PlannedSafetensors:
         require(not self.pending, f"{self.folder}: output incomplete, never received {sorted(self.pending)[:3]}")
         self.close()
         for file in self.files:  # fsync syncs the file, whichever descriptor wrote it
-            with _write_errors(self.folder / file):
+            with output.writing(self.folder / file):
                 fd = os.open(self.folder / file, os.O_WRONLY)
                 try:
                     os.fsync(fd)
@@ -202,7 +202,7 @@ class PlannedSafetensors:
                     os.close(fd)
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self._total}, "weight_map": self.weight_map}
-            with _write_errors(self.folder / "model.safetensors.index.json"):
+            with output.writing(self.folder / "model.safetensors.index.json"):
                 with open(self.folder / "model.safetensors.index.json", "w") as handle:
                     json.dump(index, handle, indent=2, sort_keys=True)
                     handle.write("\n")
@@ -211,15 +211,6 @@ class PlannedSafetensors:
         """Close the open shards (finish() does; a caller abandoning the output may too)."""
         while self._fds:
             os.close(self._fds.popitem()[1])
-
-
-@contextlib.contextmanager
-def _write_errors(path):
-    """An OSError (disk full, read-only, over quota, ...) becomes one line naming the file."""
-    try:
-        yield
-    except OSError as error:
-        raise ConversionError(f"{path}: cannot write ({os.strerror(error.errno) if error.errno else error})") from None
 
 
 def _pwrite_all(fd, data, offset):
