@@ -89,15 +89,18 @@ def detect(path):
     if (folder / hf.CONFIG).is_file():
         config = hf.read_json(folder / hf.CONFIG)
         require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
-        for families, loader in ((hf_family.MINICPM_FAMILIES, "minicpm_hf"), (hf_family.FAMILIES, "llama_hf")):
+        every = {}
+        for loader in plugins.installed("loader"):
+            families = getattr(plugins.load_plugin("loader", loader), "FAMILIES", {})
+            every.update({name: family for name, family in families.items() if name not in every})
             try:
                 family = hf_family.family_of(config, str(folder / hf.CONFIG), families)
             except ConversionError:
                 continue
-            dtype = hf.HFWeights(folder).dtype(hf_family.EMBED)
+            dtype = hf.HFWeights(folder).dtype(family.embedding)
             return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
                             config.get("num_hidden_layers"), loader)
-        hf_family.family_of(config, str(folder / hf.CONFIG), {**hf_family.FAMILIES, **hf_family.MINICPM_FAMILIES})
+        hf_family.family_of(config, str(folder / hf.CONFIG), every)  # raises, naming the families known
     _, iteration_folder = rank_files.read_tracker(folder)
     if torch_dist.is_dist_checkpoint(iteration_folder):
         args = megatron_args.complete(torch_dist.read_common(iteration_folder)["args"], str(iteration_folder))
@@ -121,34 +124,44 @@ def detect(path):
 
 
 def supported():
-    """The support matrix, from what the installed plugins declare (HF plugins: FAMILIES; Megatron
-    plugins: MEGATRON_FORMATS): one row per HF family, with the plugins and Megatron formats of each
-    direction. A plugin that declares nothing is left out."""
+    """The support matrix, one entry per HF family, built from what the installed plugins declare (HF
+    plugins: FAMILIES and NOTES; Megatron plugins: MEGATRON_FORMATS and FORMAT_FLAGS). For each
+    direction: the HF plugin, and per Megatron format whether it works, why not, and the command line."""
     declared = {kind: {name: plugins.load_plugin(kind, name) for name in plugins.installed(kind)}
                 for kind in ("loader", "saver")}
-    formats = {kind: sorted({f for module in declared[kind].values() for f in getattr(module, "MEGATRON_FORMATS", ())})
-               for kind in ("loader", "saver")}
+    megatron = {kind: [(name, module) for name, module in declared[kind].items() if hasattr(module, "MEGATRON_FORMATS")]
+                for kind in ("loader", "saver")}
     rows = {}
     for kind, direction in (("loader", "hf_to_megatron"), ("saver", "megatron_to_hf")):
+        other = "saver" if kind == "loader" else "loader"
         for name, module in declared[kind].items():
             for family in getattr(module, "FAMILIES", {}).values():
                 row = rows.setdefault(family.model_type, {
-                    "family": family.model_type, "architecture": family.architecture,
-                    "hf_to_megatron": None, "megatron_to_hf": None, "notes": getattr(module, "NOTES", "")})
-                row[direction] = {"hf_plugin": name,
-                                  "megatron_formats": formats["saver" if kind == "loader" else "loader"]}
+                    "family": family.model_type, "architectures": list(family.architectures),
+                    "package": plugins.distribution(module), "notes": [],
+                    "hf_to_megatron": None, "megatron_to_hf": None})
+                notes = getattr(module, "NOTES", ())
+                row["notes"] += [n for n in ([notes] if isinstance(notes, str) else notes) if n not in row["notes"]]
+                if row[direction] is None:
+                    row[direction] = {"plugin": name, "formats": _format_cells(family, kind, name, megatron[other])}
     return [rows[name] for name in sorted(rows)]
 
 
-def supported_markdown():
-    """supported() as the Markdown table in docs/supported-models.md."""
-    lines = ["| family | HF architecture | HF -> Megatron | Megatron -> HF | notes |", "|---|---|---|---|---|"]
-    for row in supported():
-        cells = [f"`{row['family']}`", f"`{row['architecture']}`"]
-        for direction in ("hf_to_megatron", "megatron_to_hf"):
-            way = row[direction]
-            cells.append(f"`--{'loader' if direction == 'hf_to_megatron' else 'saver'} {way['hf_plugin']}`: "
-                         f"{', '.join(way['megatron_formats'])}" if way else "no")
-        cells.append(row["notes"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _format_cells(family, kind, hf_plugin, megatron_plugins):
+    """Per Megatron format: supported or not (and why), and the command line that converts it."""
+    cells = []
+    for fmt in megatron_schema.FORMATS:
+        plugin = next(((n, m) for n, m in megatron_plugins if fmt in m.MEGATRON_FORMATS), None)
+        missing = [f"{setting} ({why})" for setting, why in megatron_schema.FORMAT_LIMITS.get(fmt, {}).items()
+                   if family.args.get(setting)]
+        if plugin is None or missing:
+            cells.append({"format": fmt, "supported": False, "command": None,
+                          "note": "; ".join(missing) or f"no installed plugin {'writes' if kind == 'loader' else 'reads'} it"})
+            continue
+        flags = getattr(plugin[1], "FORMAT_FLAGS", {}).get(fmt, "")
+        if kind == "loader":
+            command = f"--loader {hf_plugin} --saver {plugin[0]}{' ' + flags if flags else ''} --load-dir HF_DIR --save-dir MEGATRON_DIR"
+        else:
+            command = f"--loader {plugin[0]} --saver {hf_plugin} --load-dir MEGATRON_DIR --save-dir HF_DIR"
+        cells.append({"format": fmt, "supported": True, "note": "", "command": "python -m converter_core --model-type GPT " + command})
+    return cells

@@ -4,7 +4,7 @@ progress display in the parent (children print nothing themselves)."""
 import json
 import sys
 
-from converter_core import __version__, api, plugins, protocol
+from converter_core import __version__, api, plugins, protocol, report
 from converter_core.errors import EXIT_INPUT, ConversionError
 from converter_core.options import UsageError, base_parser
 
@@ -52,7 +52,7 @@ class Display:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["detect"], ["supported"]):
+    if argv[:1] in (["detect"], ["supported"], ["report"]):
         return _inspect(argv)
     if "--version" in argv:
         print(f"converter_core {__version__}")
@@ -79,12 +79,18 @@ def main(argv=None):
 
 
 def _inspect(argv):
-    """`detect PATH` and `supported`: what a folder is, what the installed plugins convert; JSON."""
+    """`detect PATH` and `supported`: what a folder is, what the installed plugins convert, as JSON;
+    `report [--output-dir DIR]`: the latter as supported-models.md and .pdf, a document to send."""
     try:
         if argv[0] == "detect":
             if len(argv) != 2:
                 raise UsageError("detect takes one folder", "usage: converter_core detect PATH\n")
             print(json.dumps(api.detect(argv[1]).as_dict(), indent=2))
+        elif argv[0] == "report":
+            if argv[1:] and (len(argv) != 3 or argv[1] != "--output-dir"):
+                raise UsageError("report takes only --output-dir DIR", "usage: converter_core report [--output-dir DIR]\n")
+            for path in report.write(api.supported(), argv[2] if argv[1:] else "."):
+                print(f"wrote {path}")
         else:
             print(json.dumps(api.supported(), indent=2))
         status = 0

@@ -1,46 +1,113 @@
-"""Hugging Face Llama-layout families (Llama, Mistral, Qwen2, MiniCPM): a table of names and a few
-config fields, mapped to and from the Megatron args and the message stream. Loader and saver both use it.
+"""Hugging Face families as data: a Family names the architectures, the Megatron args the family
+implies, and a table of per-layer tensors saying how each HF tensor becomes a message key (copied,
+fused QKV, SwiGLU halves, optional extras such as q/k norms). The generic HF loader and saver
+(hf_stream) run any Family; built-in and third-party families are written the same way.
 """
 
-import collections
+import dataclasses
 import json
 import math
+import re
 
 import torch
 
-from converter_core import layout, megatron_args
-from converter_core.errors import require
+from converter_core import layout, megatron_args, protocol
+from converter_core.errors import ConversionError, require
 from converter_core.formats.untrusted import is_count
 
-Family = collections.namedtuple("Family", "model_type architecture tied_by_default qkv_bias mup")
+# How an entry of a layer table maps HF tensors to message keys.
+COPY = "copy"                    # each HF tensor is one message tensor (names and keys pair up)
+QKV = "qkv"                      # HF q, k, v -> Megatron's grouped qkv (weights or biases)
+FUSED_QKV = "fused_qkv"          # one HF [q; k; v] tensor -> Megatron's grouped qkv
+FUSED_GATE_UP = "fused_gate_up"  # one HF [gate; up] tensor -> the SwiGLU halves "mlp l0 weight W" / "V"
 
-LLAMA_FAMILIES = {
-    "llama": Family("llama", "LlamaForCausalLM", False, False, False),
-    "mistral": Family("mistral", "MistralForCausalLM", False, False, False),
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", False, True, False),
-}
-# MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (remote default).
-MINICPM_FAMILIES = {"minicpm": Family("minicpm", "MiniCPMForCausalLM", True, False, True)}
-FAMILIES = LLAMA_FAMILIES
 
-MUP_SCALARS = ("scale_emb", "scale_depth", "dim_model_base")
-MINICPM_AUTO_MAP = {
-    "AutoConfig": "configuration_minicpm.MiniCPMConfig",
-    "AutoModel": "modeling_minicpm.MiniCPMModel",
-    "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
-    "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
-}
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One row of a family's layer table. `hf`: name(s) inside a layer ("self_attn.q_proj.weight");
+    `key`: message key(s); `kind`: one of the kinds above; `when`: a Megatron args attribute that must
+    be true for the tensor to exist (e.g. "add_qkv_bias", "qk_layernorm")."""
+    hf: object
+    key: object
+    kind: str = COPY
+    when: str = None
 
-EMBED = "model.embed_tokens.weight"
-NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
+    @property
+    def hf_names(self):
+        return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
+
+    @property
+    def keys(self):
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)
+
+
+LLAMA_LAYER = (
+    Tensor("input_layernorm.weight", "input norm weight"),
+    Tensor(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv weight", QKV),
+    Tensor("self_attn.o_proj.weight", "dense weight"),
+    Tensor("post_attention_layernorm.weight", "post norm weight"),
+    Tensor(("mlp.gate_proj.weight", "mlp.up_proj.weight"), ("mlp l0 weight W", "mlp l0 weight V")),
+    Tensor("mlp.down_proj.weight", "mlp l1 weight"),
+)
+# Biases on q, k and v only (Qwen2); Megatron's add_qkv_bias.
+QKV_BIAS = (Tensor(("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv bias", QKV,
+                   when="add_qkv_bias"),)
+# Per-head RMSNorm of queries and keys (Qwen3, OLMo 2 style); Megatron's qk_layernorm.
+QK_NORM = (
+    Tensor("self_attn.q_norm.weight", "q norm weight", when="qk_layernorm"),
+    Tensor("self_attn.k_norm.weight", "k norm weight", when="qk_layernorm"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An HF model family. `args`: Megatron args the family always has (add_qkv_bias, qk_layernorm);
+    `config`: config.json fields written when absent; `fields`: {config key: Megatron arg} carried both
+    ways when present; `mup`: MiniCPM's scale_emb / scale_depth / dim_model_base; `tied_by_default`:
+    what a config without tie_word_embeddings means. The top-level names default to Llama's."""
+    model_type: str
+    architectures: tuple
+    layer: tuple = LLAMA_LAYER
+    args: dict = dataclasses.field(default_factory=dict)
+    config: dict = dataclasses.field(default_factory=dict)
+    fields: dict = dataclasses.field(default_factory=dict)
+    tied_by_default: bool = False
+    mup: bool = False
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    output_layer: str = "lm_head.weight"
+    layers: str = "model.layers.{}."
+
+    @property
+    def architecture(self):
+        return self.architectures[0]
+
+    def layer_prefix(self, index):
+        return self.layers.format(index)
+
+    def layer_index(self, name):
+        """The layer number of an HF tensor name, or None for a tensor outside the layers."""
+        before, _, after = self.layers.partition("{}")
+        match = re.match(re.escape(before) + "([0-9]+)" + re.escape(after), name)
+        return int(match.group(1)) if match else None
+
+    def active(self, args):
+        """The layer table rows present in a model with Megatron args `args`."""
+        return [t for t in self.layer if t.when is None or getattr(args, t.when, False)]
+
+
+def by_model_type(*members):
+    """{model_type: Family}: the form a plugin declares its FAMILIES in."""
+    return {family.model_type: family for family in members}
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Megatron hard-codes these for Llama-3 rope scaling (RotaryEmbedding._apply_scaling).
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+MUP_SCALARS = ("scale_emb", "scale_depth", "dim_model_base")
 
 
 # config.json's sizes: each must be a positive integer (not 1e9, true or "4"); the optional ones may be
@@ -64,19 +131,77 @@ def check_counts(config, where):
             f"{where}: hidden_size {config['hidden_size']} is not a multiple of {heads} attention heads (and no head_dim)")
 
 
-def layer_prefix(index):
-    return f"model.layers.{index}."
-
-
-def family_of(config, where, families=FAMILIES):
+def family_of(config, where, families):
+    """The family of a config.json: by model_type, else (MiniCPM hub configs have none) by architecture."""
     model_type = config.get("model_type")
     if model_type is None:
-        by_architecture = {f.architecture: f for f in families.values()}
+        by_architecture = {a: f for f in families.values() for a in f.architectures}
         model_type = next((by_architecture[a].model_type for a in config.get("architectures") or []
                            if a in by_architecture), None)
     require(model_type in families,
             f"{where}: model_type {model_type!r} is not one of {', '.join(sorted(families))}")
     return families[model_type]
+
+
+def family_for_stream(args, families, where):
+    """The family a saver writes: the one the stream came from (its stored config.json) when it is
+    among `families`, else the first whose table holds exactly the stream's layer tensors and whose
+    implied args the stream has (a phi3 stream written by a Llama saver becomes a Llama)."""
+    stored = stored_config(args) or {}
+    try:
+        return family_of(stored, where, families)
+    except ConversionError:
+        pass
+    for family in families.values():
+        if all(getattr(args, name, None) == value for name, value in family.args.items()) \
+                and not mismatch(family, args):
+            return family
+    first = next(iter(families.values()))
+    reason = mismatch(first, args) or ", ".join(f"{k}={v!r}" for k, v in first.args.items()) + " is not set"
+    raise ConversionError(f"{where}: none of {', '.join(families)} can hold the stream ({first.model_type}: {reason})")
+
+
+def mismatch(family, args):
+    """Why `family` cannot hold a model with Megatron args `args` (message keys no row of its layer
+    table fills, rows filling keys the model lacks, settings it has no config field for), or None."""
+    wanted = set(protocol.layer_message_shapes(args))
+    filled = {key for row in family.active(args) for key in row.keys}
+    parts = []
+    if getattr(args, "rotary_percent", 1.0) != 1.0 and "rotary_percent" not in family.fields.values():
+        parts.append(f"rotary_percent {args.rotary_percent} has no Hugging Face "
+                     f"{family.architecture.removesuffix('ForCausalLM')} equivalent")
+    if wanted - filled:
+        parts.append(f"the model's {', '.join(sorted(wanted - filled))} has no tensor in {family.model_type}")
+    if filled - wanted:
+        parts.append(f"{family.model_type}'s {', '.join(sorted(filled - wanted))} has no place in the model")
+    return "; ".join(parts) or None
+
+
+def check_table(family, args, where):
+    problem = mismatch(family, args)
+    require(problem is None, f"{where}: {problem}")
+
+
+ROPE_EXTRAS = ("partial_rotary_factor",)  # in transformers 5's rope_parameters beside the scaling
+
+
+def config_value(config, key):
+    """A config.json field, top-level or (transformers 5) inside rope_parameters."""
+    parameters = config.get("rope_parameters")
+    if key not in config and isinstance(parameters, dict):
+        return parameters.get(key)
+    return config.get(key)
+
+
+def set_config_value(config, key, value):
+    """Set a field where the config keeps it: top-level, inside rope_parameters (a rope extra of a
+    transformers 5 config), or both (transformers 5 writes partial_rotary_factor twice)."""
+    parameters = config.get("rope_parameters")
+    inside = isinstance(parameters, dict) and (key in parameters or key in ROPE_EXTRAS and key not in config)
+    if inside:
+        config["rope_parameters"] = dict(parameters, **{key: value})
+    if key in config or not inside:
+        config[key] = value
 
 
 def rope_settings(config):
@@ -85,7 +210,7 @@ def rope_settings(config):
     parameters = config.get("rope_parameters")
     if isinstance(parameters, dict):
         theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in parameters.items() if k != "rope_theta" and k not in ROPE_EXTRAS}
     else:
         theta = config.get("rope_theta", 10000.0)
         scaling = dict(config.get("rope_scaling") or {})
@@ -103,6 +228,10 @@ def rope_args(config, where, family):
     use for it (rope_scaling_type, long_factor, short_factor, ...); MiniCPM's dynamic NTK equals plain
     rope up to max_position_embeddings, so only the stored config.json keeps it."""
     theta, scaling = rope_settings(config)
+    partial = config_value(config, "partial_rotary_factor")
+    require(partial in (None, 1, 1.0) or "partial_rotary_factor" in family.fields,
+            f"{where}: partial_rotary_factor {partial!r:.20} is not supported for {family.model_type} (it has no field "
+            "for it)")
     fields = {"rotary_base": theta}
     kind = scaling and scaling.get("rope_type")
     if kind is None or kind == "dynamic" and family.mup:
@@ -124,15 +253,14 @@ def rope_args(config, where, family):
     return fields
 
 
-def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
-    """Megatron args for an HF config. The whole config.json rides along as `hf_config_json`, so a
-    later HF saver can write back every field Megatron has no name for."""
-    family = family_of(config, where, families)
+def args_from_config(config, where, dtype, untied, family, **fields):
+    """Megatron args for an HF config of `family`. The whole config.json rides along as
+    `hf_config_json`, so a later HF saver can write back every field Megatron has no name for."""
     check_counts(config, where)
     require(config.get("hidden_act", "silu") == "silu",
             f"{where}: hidden_act {config.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
     require(not config.get("mlp_bias"), f"{where}: mlp_bias=true has no Megatron-Core equivalent here")
-    require(not config.get("attention_bias") or family.qkv_bias,
+    require(not config.get("attention_bias") or family.args.get("add_qkv_bias"),
             f"{where}: attention_bias=true (biases on q, k, v and o) has no Megatron-Core equivalent")
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
@@ -144,6 +272,9 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
                     f"{where}: {name} is missing; MiniCPM's remote default (1) is silently wrong, so it must be given")
             require(math.isfinite(value) and value > 0, f"{where}: {name} must be a positive number, got {value!r}")
             fields[name] = value
+    fields.update({arg: config_value(config, key) for key, arg in family.fields.items()
+                   if config_value(config, key) is not None})
+    fields.update(family.args)
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -155,7 +286,6 @@ def args_from_config(config, where, dtype, untied, families=FAMILIES, **fields):
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         vocab_size=config["vocab_size"],
         params_dtype=dtype,
-        add_qkv_bias=family.qkv_bias,
         untie_embeddings_and_output_weights=untied,
         hf_config_json=json.dumps(config, sort_keys=True),
         **fields)
@@ -185,15 +315,13 @@ def longrope_static_choice(args):
     return list(factors), math.sqrt(1 + math.log(maximum / original) / math.log(original))
 
 
-def config_from_args(args, vocab_size, families=FAMILIES):
-    """config.json for the model in `args`: the stored HF config when there is one, with every field
-    Megatron knows taken from the args (they win: the checkpoint may have been changed since)."""
+def config_from_args(args, vocab_size, family):
+    """config.json for the model in `args` as `family`: the stored HF config when there is one, with
+    every field Megatron knows taken from the args (they win: the checkpoint may have been changed since)."""
     stored = stored_config(args)
+    if stored and stored.get("model_type", family.model_type) != family.model_type:
+        stored = retargeted(stored, family)
     config = dict(stored) if stored else {}
-    if stored:
-        family = family_of(stored, "hf_config_json in the checkpoint args", families)
-    else:
-        family = families["qwen2"] if args.add_qkv_bias and "qwen2" in families else next(iter(families.values()))
     groups = megatron_args.query_groups(args)
     config.update(
         architectures=[family.architecture],
@@ -215,36 +343,45 @@ def config_from_args(args, vocab_size, families=FAMILIES):
     head_dim = megatron_args.head_dim(args)
     if "head_dim" in config or head_dim != args.hidden_size // args.num_attention_heads:
         config["head_dim"] = head_dim
-    if family.model_type == "llama":
-        config.setdefault("attention_bias", False)
-        config.setdefault("mlp_bias", False)
+    for name, value in family.config.items():
+        config.setdefault(name, value)
+    for key, arg in family.fields.items():
+        if getattr(args, arg, None) is not None:
+            set_config_value(config, key, getattr(args, arg))
     if family.mup:
         config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
-        config.setdefault("auto_map", MINICPM_AUTO_MAP)
     _set_rope(config, args, family)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]
     return config
 
 
-MINICPM_ONLY_FIELDS = MUP_SCALARS + ("auto_map", "mup_denominator", "rope_scaling", "rope_parameters",
-                                     "model_type", "architectures", "_name_or_path", "sparse_config")
+# Fields of one family's config.json that mean nothing (or something else) in another's.
+FAMILY_ONLY_FIELDS = ("model_type", "architectures", "auto_map", "_name_or_path")
+MINICPM_ONLY_FIELDS = MUP_SCALARS + ("mup_denominator", "rope_scaling", "rope_parameters", "sparse_config")
 
 
-def folded_llama_args(args, where):
-    """Args for writing a MiniCPM stream as a plain LlamaForCausalLM (scalars folded into the weights).
-    Settings a Llama cannot reproduce are refused rather than written as a different model."""
-    stored = stored_config(args) or {}
+def retargeted(config, family):
+    """A stored config.json of another family as a starting point for `family`'s: the fields naming the
+    family or its code go (the args supply the model's shape and rope)."""
+    kept = {k: v for k, v in config.items() if k not in FAMILY_ONLY_FIELDS}
+    return dict(kept, model_type=family.model_type)
+
+
+def folded_args(args, family, where):
+    """Args for writing a MiniCPM stream as `family` without muP (scalars folded into the weights).
+    Settings it cannot reproduce are refused rather than written as a different model."""
+    stored, name = stored_config(args) or {}, family.architecture.removesuffix("ForCausalLM")
     require(not stored.get("sparse_config"),
-            f"{where}: sparse_config (InfLLM v2 sparse attention) has no Llama equivalent; use --saver minicpm_hf")
+            f"{where}: sparse_config (InfLLM v2 sparse attention) has no {name} equivalent; use --saver minicpm_hf")
     _, scaling = rope_settings(stored)
     require(not scaling or scaling.get("rope_type") == "longrope",
-            f"{where}: MiniCPM rope scaling {scaling and scaling.get('rope_type')!r} has no Llama equivalent; "
+            f"{where}: MiniCPM rope scaling {scaling and scaling.get('rope_type')!r} has no {name} equivalent; "
             "use --saver minicpm_hf")
-    llama = {k: v for k, v in stored.items() if k not in MINICPM_ONLY_FIELDS}
-    llama.update(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    plain = {k: v for k, v in retargeted(stored, family).items() if k not in MINICPM_ONLY_FIELDS}
+    plain.update(architectures=[family.architecture], tie_word_embeddings=False)
     folded = megatron_args.plain_copy(args)
-    folded.hf_config_json = json.dumps(llama, sort_keys=True)
+    folded.hf_config_json = json.dumps(plain, sort_keys=True)
     folded.untie_embeddings_and_output_weights = True  # embeddings x scale_emb, head / width: never equal
     return folded
 
@@ -275,7 +412,9 @@ def _set_rope(config, args, family):
     if config and theta == float(args.rotary_base) and _same_scaling(current, scaling):
         return
     if isinstance(config.get("rope_parameters"), dict):
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base), **(scaling or {})}
+        extras = {k: v for k, v in config["rope_parameters"].items() if k in ROPE_EXTRAS}
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base), **extras,
+                                     **(scaling or {})}
     else:
         config["rope_theta"] = float(args.rotary_base)
         config["rope_scaling"] = scaling
@@ -290,69 +429,63 @@ def _same_scaling(current, wanted):
                for k, v in wanted.items() if k != "rope_type")
 
 
-def expected_shapes(args, vocab_rows):
+def expected_shapes(args, vocab_rows, family):
     """{hf name: shape} of every tensor of the model, in file order."""
-    hidden, heads, groups = args.hidden_size, args.num_attention_heads, megatron_args.query_groups(args)
-    head_dim, ffn = megatron_args.head_dim(args), megatron_args.ffn_size(args)
-    shapes = {EMBED: (vocab_rows, hidden)}
+    heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
+    message = protocol.layer_message_shapes(args)
+    layer = {}
+    for row in family.active(args):
+        first = message[row.keys[0]]
+        if row.kind == COPY:
+            layer.update((name, message[key]) for name, key in zip(row.hf_names, row.keys))
+        elif row.kind == QKV:
+            rows = (heads * head_dim, groups * head_dim, groups * head_dim)
+            layer.update((name, (size, *first[1:])) for name, size in zip(row.hf_names, rows))
+        elif row.kind == FUSED_QKV:
+            layer[row.hf] = first
+        elif row.kind == FUSED_GATE_UP:
+            layer[row.hf] = (2 * first[0], *first[1:])
+    shapes = {family.embedding: (vocab_rows, args.hidden_size)}
     for i in range(args.num_layers):
-        p = layer_prefix(i)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (groups * head_dim, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (groups * head_dim, hidden)
-        if args.add_qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
-            shapes[p + "self_attn.k_proj.bias"] = (groups * head_dim,)
-            shapes[p + "self_attn.v_proj.bias"] = (groups * head_dim,)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-        shapes[p + "mlp.gate_proj.weight"] = (ffn, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (ffn, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, ffn)
-    shapes[NORM] = (hidden,)
+        shapes.update((family.layer_prefix(i) + name, shape) for name, shape in layer.items())
+    shapes[family.final_norm] = (args.hidden_size,)
     if megatron_args.untied(args):
-        shapes[LM_HEAD] = (vocab_rows, hidden)
+        shapes[family.output_layer] = (vocab_rows, args.hidden_size)
     return shapes
 
 
-def layer_to_message(tensors, index, args):
-    """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
-    p = layer_prefix(index)
+def _qkv_sizes(args):
     heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
-    attention = p + "self_attn."
-    message = {
-        "input norm weight": tensors[p + "input_layernorm.weight"],
-        "qkv weight": layout.hf_qkv_to_megatron(tensors[attention + "q_proj.weight"], tensors[attention + "k_proj.weight"],
-                                                tensors[attention + "v_proj.weight"], heads, groups, head_dim),
-        "dense weight": tensors[attention + "o_proj.weight"],
-        "post norm weight": tensors[p + "post_attention_layernorm.weight"],
-        "mlp l0 weight W": tensors[p + "mlp.gate_proj.weight"],
-        "mlp l0 weight V": tensors[p + "mlp.up_proj.weight"],
-        "mlp l1 weight": tensors[p + "mlp.down_proj.weight"],
-    }
-    if args.add_qkv_bias:
-        message["qkv bias"] = layout.hf_qkv_to_megatron(tensors[attention + "q_proj.bias"], tensors[attention + "k_proj.bias"],
-                                                        tensors[attention + "v_proj.bias"], heads, groups, head_dim)
+    return heads, groups, head_dim, [heads * head_dim, groups * head_dim, groups * head_dim]
+
+
+def layer_to_message(tensors, index, args, family):
+    """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
+    heads, groups, head_dim, sizes = _qkv_sizes(args)
+    prefix, message = family.layer_prefix(index), {}
+    for row in family.active(args):
+        hf = [tensors[prefix + name] for name in row.hf_names]
+        if row.kind == COPY:
+            message.update(zip(row.keys, hf))
+        elif row.kind in (QKV, FUSED_QKV):
+            q, k, v = hf if row.kind == QKV else torch.split(hf[0], sizes)
+            message[row.key] = layout.hf_qkv_to_megatron(q, k, v, heads, groups, head_dim)
+        elif row.kind == FUSED_GATE_UP:
+            message.update(zip(row.keys, torch.chunk(hf[0], 2)))
     return message
 
 
-def message_to_layer(message, index, args):
+def message_to_layer(message, index, args, family):
     """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers."""
-    p = layer_prefix(index)
-    attention = p + "self_attn."
-    heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
-    q, k, v = layout.megatron_qkv_to_hf(message.pop("qkv weight"), heads, groups, head_dim)
-    tensors = {
-        p + "input_layernorm.weight": message.pop("input norm weight"),
-        attention + "q_proj.weight": q, attention + "k_proj.weight": k, attention + "v_proj.weight": v,
-        attention + "o_proj.weight": message.pop("dense weight"),
-        p + "post_attention_layernorm.weight": message.pop("post norm weight"),
-        p + "mlp.gate_proj.weight": message.pop("mlp l0 weight W"),
-        p + "mlp.up_proj.weight": message.pop("mlp l0 weight V"),
-        p + "mlp.down_proj.weight": message.pop("mlp l1 weight"),
-    }
-    if args.add_qkv_bias:
-        q, k, v = layout.megatron_qkv_to_hf(message.pop("qkv bias"), heads, groups, head_dim)
-        tensors.update({attention + "q_proj.bias": q, attention + "k_proj.bias": k, attention + "v_proj.bias": v})
+    heads, groups, head_dim, _ = _qkv_sizes(args)
+    prefix, tensors = family.layer_prefix(index), {}
+    for row in family.active(args):
+        names = [prefix + name for name in row.hf_names]
+        if row.kind == COPY:
+            tensors.update(zip(names, (message.pop(key) for key in row.keys)))
+        elif row.kind in (QKV, FUSED_QKV):
+            q, k, v = layout.megatron_qkv_to_hf(message.pop(row.key), heads, groups, head_dim)
+            tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], torch.cat([q, k, v]))])
+        elif row.kind == FUSED_GATE_UP:
+            tensors[names[0]] = torch.cat([message.pop(key) for key in row.keys])
     return tensors

@@ -2,7 +2,6 @@
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -54,8 +53,9 @@ def add_saver_arguments(parser, title):
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
 
 
-def load(queue, args, families=hf_family.FAMILIES):
-    """Stream an HF folder: metadata, then one layer at a time (never the whole state dict)."""
+def load(queue, args, families):
+    """Stream an HF folder of one of `families` ({model_type: Family}): metadata, then one layer at a
+    time (never the whole state dict)."""
     folder = Path(args.load_dir)
     require(folder.is_dir(), f"{folder}: no such model folder")
     require(args.checkpoint_type == "hf", f"{folder}: --checkpoint-type meta is not supported; convert to HF first")
@@ -63,26 +63,30 @@ def load(queue, args, families=hf_family.FAMILIES):
     config = hf.read_json(config_path)
     require(isinstance(config, dict), f"{config_path}: expected a JSON object")
     weights = hf.HFWeights(folder)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(hf_family.EMBED)
     family = hf_family.family_of(config, str(config_path), families)
+    require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(family.embedding)
     untied = not config.get("tie_word_embeddings", family.tied_by_default)
     if untied:
-        require(hf_family.LM_HEAD in weights, f"{folder}: config.json says untied embeddings but there is no lm_head.weight")
+        require(family.output_layer in weights,
+                f"{folder}: config.json says untied embeddings but there is no {family.output_layer}")
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
                   tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder),
                   hf_source_dir=str(folder.resolve()))
     try:
-        margs = hf_family.args_from_config(config, str(config_path), dtype, untied, families, **fields)
+        margs = hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
     except KeyError as missing:
         raise ConversionError(f"{config_path}: missing field {missing}") from None
     except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
         raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
-    check_layers(weights, margs.num_layers, config_path)
-    shapes = hf_family.expected_shapes(margs, config["vocab_size"])
-    ignored = {hf_family.LM_HEAD}
+    hf_family.check_table(family, margs, str(config_path))
+    check_layers(weights, margs.num_layers, config_path, family)
+    shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
+    ignored = {family.output_layer}
     unknown = [n for n in weights.names() if n not in shapes and n not in ignored and not n.endswith("rotary_emb.inv_freq")]
     if unknown:
-        raise ConversionError(f"{folder}: weights hold tensors config.json does not describe, e.g. {unknown[0]}")
+        raise ConversionError(f"{folder}: the weights hold tensors that config.json and the {family.model_type} "
+                              f"family's table do not describe, e.g. {unknown[0]}")
     for name, shape in shapes.items():  # headers only: every tensor is there, a float, and shaped as config.json says
         weights.dtype(name)
         require(weights.shape(name) == shape,
@@ -92,25 +96,21 @@ def load(queue, args, families=hf_family.FAMILIES):
         return weights.get(name).to(dtype)
 
     def messages():
-        yield protocol.EMBEDDINGS, {"word embeddings": read(hf_family.EMBED)}
+        yield protocol.EMBEDDINGS, {"word embeddings": read(family.embedding)}
         for index in range(margs.num_layers):
-            prefix = hf_family.layer_prefix(index)
-            tensors = {name: read(name) for name in shapes if name.startswith(prefix)}
-            yield protocol.layer_name(index), hf_family.layer_to_message(tensors, index, margs)
-        yield protocol.FINAL_NORM, {"weight": read(hf_family.NORM)}
+            tensors = {name: read(name) for name in shapes if family.layer_index(name) == index}
+            yield protocol.layer_name(index), hf_family.layer_to_message(tensors, index, margs, family)
+        yield protocol.FINAL_NORM, {"weight": read(family.final_norm)}
         if untied:
-            yield protocol.OUTPUT_LAYER, {"weight": read(hf_family.LM_HEAD)}
+            yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
     protocol.send_model(queue, md, messages())
 
 
-LAYER_NAME = re.compile(r"model\.layers\.([0-9]+)\.")
-
-
-def check_layers(weights, count, config_path):
+def check_layers(weights, count, config_path, family):
     """num_hidden_layers names exactly the layers the weights hold (before anything is sized from it)."""
-    present = {int(match.group(1)) for match in map(LAYER_NAME.match, weights.names()) if match}
+    present = {index for index in map(family.layer_index, weights.names()) if index is not None}
     held = f"layers {min(present)}..{max(present)} ({len(present)} of them)" if present else "no layers"
     require(len(present) == count and present == set(range(count)),
             f"{config_path}: num_hidden_layers is {count}, but the weights hold {held}")
@@ -129,9 +129,9 @@ def loader_vocab_size(args, config, folder):
     return config["vocab_size"]
 
 
-def save(queue, args, families=hf_family.FAMILIES):
-    """Write the stream as an HF folder of one of `families`. A stream with MiniCPM's muP scalars
-    written as a family without them gets the scalars folded into the weights."""
+def save(queue, args, families):
+    """Write the stream as an HF folder of one of `families` (hf_family.family_for_stream chooses). A
+    stream with MiniCPM's muP scalars written as a family without them gets the scalars folded in."""
     receiver = protocol.Receiver(queue, args.checking)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
@@ -141,13 +141,15 @@ def save(queue, args, families=hf_family.FAMILIES):
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
         margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
-    fold = hf_family.has_mup(margs) and not any(f.mup for f in families.values())
+    family = hf_family.family_for_stream(margs, families, where)
+    fold = hf_family.has_mup(margs) and not family.mup
     if fold:
-        margs = hf_family.folded_llama_args(margs, where)
+        margs = hf_family.folded_args(margs, family, where)
+    hf_family.check_table(family, margs, where)
     rows = vocab.true_vocab_size(args, md, margs)
     dtype = md.params_dtype
-    config = hf_family.config_from_args(margs, rows, families)
-    shapes = hf_family.expected_shapes(margs, rows)
+    config = hf_family.config_from_args(margs, rows, family)
+    shapes = hf_family.expected_shapes(margs, rows, family)
     scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
     residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
     layer_shapes, hidden = protocol.layer_message_shapes(margs), margs.hidden_size
@@ -162,21 +164,24 @@ def save(queue, args, families=hf_family.FAMILIES):
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
-        write(hf_family.EMBED, embeddings, scale_emb)
+        write(family.embedding, embeddings, scale_emb)
         if fold and not md.output_layer:
-            write(hf_family.LM_HEAD, embeddings, 1 / width)
+            write(family.output_layer, embeddings, 1 / width)
         receiver.check_consumed(message)
         for index in range(md.num_layers):
             message = receiver.get(protocol.layer_name(index), layer_shapes)
-            for name, tensor in hf_family.message_to_layer(message, index, margs).items():
-                write(name, tensor, residual if name.endswith(("o_proj.weight", "down_proj.weight")) else 1)
+            if fold:  # the residual branch scaling moves into the output projections
+                for key in ("dense weight", "mlp l1 weight"):
+                    message[key] = message[key].float() * residual
+            for name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
+                write(name, tensor)
             receiver.check_consumed(message)
         message = receiver.get(protocol.FINAL_NORM, {"weight": (hidden,)})
-        write(hf_family.NORM, message.pop("weight"))
+        write(family.final_norm, message.pop("weight"))
         receiver.check_consumed(message)
         if md.output_layer:
             message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, hidden)})
-            write(hf_family.LM_HEAD, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
+            write(family.output_layer, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
             receiver.check_consumed(message)
         receiver.done()
         writer.finish()

@@ -10,6 +10,10 @@ import torch
 
 from converter_core import layout
 
+FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Megatron-Core distributed, legacy GPT
+# Model settings (Megatron args) a format cannot hold, and why; savers refuse them, supported() reports them.
+FORMAT_LIMITS = {"legacy": {"qk_layernorm": "legacy Megatron-LM has no q/k norms"}}
+
 LOCAL = "local"
 TRANSFORMER_ENGINE = "transformer_engine"
 
@@ -26,6 +30,12 @@ def layer_entries(args, names=None):
     entries.append(Entry(("qkv weight",), "self_attention.linear_qkv.weight", layout.COLUMN))
     if args.add_qkv_bias or args.add_bias_linear:
         entries.append(Entry(("qkv bias",), "self_attention.linear_qkv.bias", layout.COLUMN))
+    if getattr(args, "qk_layernorm", False):  # per-head norms: head_dim wide, the same on every rank
+        entries.append(Entry(("q norm weight",), "self_attention.q_layernorm.weight", layout.REPLICATED))
+        entries.append(Entry(("k norm weight",), "self_attention.k_layernorm.weight", layout.REPLICATED))
+        if norm_bias:
+            entries.append(Entry(("q norm bias",), "self_attention.q_layernorm.bias", layout.REPLICATED))
+            entries.append(Entry(("k norm bias",), "self_attention.k_layernorm.bias", layout.REPLICATED))
     entries.append(Entry(("dense weight",), "self_attention.linear_proj.weight", layout.ROW))
     if args.add_bias_linear:
         entries.append(Entry(("dense bias",), "self_attention.linear_proj.bias", layout.REPLICATED))

@@ -176,6 +176,9 @@ def save(queue, args, schema, ckpt_format="torch"):
     require(tp >= 1 and pp >= 1, f"{where}: parallel sizes must be at least 1, got TP {tp}, PP {pp}")
     require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
     margs = output_args(md, args, tp, pp, schema, ckpt_format)
+    written_format = "legacy" if schema.legacy else ckpt_format
+    for setting, why in megatron_schema.FORMAT_LIMITS.get(written_format, {}).items():
+        require(not getattr(margs, setting, None), f"{where}: {setting} cannot be written as {written_format}: {why}")
     megatron_args.check_tensor_parallel(margs, tp, where)
     require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
     per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)

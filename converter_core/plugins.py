@@ -36,6 +36,15 @@ def installed(kind):
     return sorted({entry.name for entry in importlib.metadata.entry_points(group=f"converter_core.{kind}s")})
 
 
+def distribution(module):
+    """The installed distribution (pip package) whose entry point names `module`, or None."""
+    for kind in ("loader", "saver"):
+        for entry in importlib.metadata.entry_points(group=f"converter_core.{kind}s"):
+            if entry.module == module.__name__:
+                return entry.dist.name if entry.dist else None
+    return None
+
+
 def installed_summary():
     aliases = ", ".join(f"{alias}={name}" for alias, name in sorted(ALIASES.items()))
     return (f"Installed loaders: {', '.join(installed('loader'))}. Installed savers: {', '.join(installed('saver'))}. "

@@ -60,8 +60,8 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
 
 
 # Megatron features whose tensors or maths this converter does not carry: refused, never dropped.
-_UNSUPPORTED = {"num_experts": "mixture-of-experts layers", "qk_layernorm": "qk_layernorm",
-                "mtp_num_layers": "multi-token prediction layers", "multi_latent_attention": "multi-latent attention",
+_UNSUPPORTED = {"num_experts": "mixture-of-experts layers", "mtp_num_layers": "multi-token prediction layers",
+                "multi_latent_attention": "multi-latent attention",
                 "heterogeneous_layers_config_path": "heterogeneous layers",
                 "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
 # Settings a Llama-layout HF config cannot say.
@@ -82,8 +82,6 @@ def check_supported(md, where, to_hf=False):
     if to_hf:
         for name, what in _NOT_IN_HF.items():
             require(not getattr(args, name, None), f"{where}: {what} has no Hugging Face equivalent")
-        require(getattr(args, "rotary_percent", 1.0) == 1.0,
-                f"{where}: rotary_percent {getattr(args, 'rotary_percent', None)} has no Hugging Face Llama equivalent")
 
 
 class exit_on_failure:
@@ -234,6 +232,24 @@ class Receiver:
         report("written", name=message.get("name"), bytes=self.received_bytes, count=self.written, total=self.total)
 
 
+# The keys of a "transformer layer N" message: full tensors in Megatron's layout (Megatron's own names;
+# which ones a layer has follows from the model args, megatron_schema.layer_entries).
+LAYER_KEYS = {
+    "input norm weight": "norm before attention [hidden]", "input norm bias": "its bias (LayerNorm)",
+    "qkv weight": "query, key, value rows grouped per KV head: per group, heads/groups query heads, then one key "
+                  "head, then one value head [(heads + 2 groups) x head_dim, hidden]",
+    "qkv bias": "the same rows' biases (add_qkv_bias)",
+    "q norm weight": "per-head query norm (qk_layernorm) [head_dim]", "k norm weight": "per-head key norm [head_dim]",
+    "q norm bias": "its bias (LayerNorm)", "k norm bias": "its bias (LayerNorm)",
+    "dense weight": "attention output projection [hidden, heads x head_dim]", "dense bias": "its bias",
+    "post norm weight": "norm before the MLP [hidden]", "post norm bias": "its bias (LayerNorm)",
+    "mlp l0 weight W": "SwiGLU gate projection [ffn, hidden]", "mlp l0 weight V": "SwiGLU up projection [ffn, hidden]",
+    "mlp l0 weight": "first MLP projection without SwiGLU [ffn, hidden]",
+    "mlp l0 bias W": "gate bias", "mlp l0 bias V": "up bias", "mlp l0 bias": "first projection bias",
+    "mlp l1 weight": "MLP output projection [hidden, ffn]", "mlp l1 bias": "its bias",
+}
+
+
 def layer_message_shapes(args):
     """{message key: shape} of one dense "transformer layer N" message (reference §2.4); which keys a
     layer has is megatron_schema.layer_entries' decision, made in that one place."""
@@ -244,6 +260,7 @@ def layer_message_shapes(args):
     every_shape = {
         "input norm weight": (hidden,), "input norm bias": (hidden,), "post norm weight": (hidden,),
         "post norm bias": (hidden,), "qkv weight": (qkv_rows, hidden), "qkv bias": (qkv_rows,),
+        "q norm weight": (head_dim,), "k norm weight": (head_dim,), "q norm bias": (head_dim,), "k norm bias": (head_dim,),
         "dense weight": (hidden, heads * head_dim), "dense bias": (hidden,),
         "mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden), "mlp l0 weight": (ffn, hidden),
         "mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,), "mlp l0 bias": (ffn,),

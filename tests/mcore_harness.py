@@ -475,7 +475,8 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                        qk_layernorm=getattr(args, "qk_layernorm", False)),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

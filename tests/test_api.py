@@ -140,8 +140,8 @@ def test_version_list_plugins_detect_supported_commands(tmp_path, source):
         return subprocess.run([sys.executable, "-m", "converter_core", *argv], capture_output=True, text=True,
                               timeout=60)
     assert run("--version").stdout == f"converter_core {converter_core.__version__}\n"
-    assert run("--list-plugins").stdout == ("loaders: llama_hf, mcore, megatron, minicpm_hf\n"
-                                            "savers: llama_hf, mcore, megatron, minicpm_hf\n")
+    assert run("--list-plugins").stdout == ("loaders: llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n"
+                                            "savers: llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n")
     assert json.loads(run("detect", str(source)).stdout)["format"] == "hf"
     assert json.loads(run("supported").stdout) == converter_core.supported()
     missing = run("detect", str(tmp_path / "nowhere"))
@@ -176,7 +176,9 @@ def test_detect_every_checkpoint_kind(tmp_path):
 
 
 def test_supported_matches_the_docs():
-    assert (REPO / "docs" / "supported-models.md").read_text().split("<!-- table -->\n")[1] == api.supported_markdown()
+    """docs/supported-models.md is `python -m converter_core report`'s Markdown for the installed plugins."""
+    from converter_core import report
+    assert (REPO / "docs" / "supported-models.md").read_text() == report.markdown(api.supported())
 
 
 def test_spawn_start_method(tmp_path, source):

@@ -1,16 +1,17 @@
 """Saver for Megatron-Core checkpoints (per-rank torch files or torch_dist), convert.py's core/mcore saver."""
 
-from converter_core import megatron_schema, megatron_stream
+from converter_core import plugin
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
-MEGATRON_FORMATS = ("torch", "torch_dist")  # written (--ckpt-format)
+MEGATRON_FORMATS = ("torch", "torch_dist")  # written
+FORMAT_FLAGS = {"torch_dist": "--ckpt-format torch_dist"}  # how a command line picks each
 
 
 def add_arguments(parser):
-    megatron_stream.add_saver_arguments(parser, "Megatron-Core saver")
+    plugin.add_megatron_saver_arguments(parser, "Megatron-Core saver")
     parser.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
                         help="per-rank torch files (default, as convert.py) or torch_dist")
 
 
 def save_checkpoint(queue, args):
-    megatron_stream.save(queue, args, megatron_schema.CoreSchema(args.saver_transformer_impl), args.ckpt_format)
+    plugin.save_megatron(queue, args, args.ckpt_format)

@@ -1,0 +1,84 @@
+"""The plugin SDK: the one converter_core module a loader or saver plugin imports. Everything named
+here is stable (kept with the same meaning across minor versions); see docs/plugins.md.
+
+A plugin module has Megatron's interface, `add_arguments(parser)` and `load_checkpoint(queue, args)` or
+`save_checkpoint(queue, args)`, and may declare MODEL_TYPES, FAMILIES, MEGATRON_FORMATS, FORMAT_FLAGS
+and NOTES. An HF family is data (Family + a table of Tensor rows); load_hf / save_hf run any family.
+"""
+
+from converter_core import hf_stream, megatron_schema, megatron_stream
+from converter_core.errors import ConversionError, require
+from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
+from converter_core.formats.torch_file import load as load_torch_file
+from converter_core.hf_family import (COPY, FUSED_GATE_UP, FUSED_QKV, LLAMA_LAYER, QK_NORM, QKV, QKV_BIAS, Family,
+                                      Tensor, by_model_type)
+from converter_core.megatron_args import complete as complete_args, make_args
+from converter_core.megatron_schema import FORMATS
+from converter_core.output import StagedFolder, write_atomically
+from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
+                                     exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
+                                     send_model)
+
+__all__ = [
+    # families as data
+    "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM",
+    "by_model_type",
+    # ready-made HF and Megatron loaders and savers
+    "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
+    "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
+    # the queue protocol
+    "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
+    "make_metadata", "make_args", "complete_args", "send", "send_model", "Receiver", "exit_on_failure", "report",
+    # safe readers and staged writers
+    "HFWeights", "read_json", "load_torch_file", "PlannedSafetensors", "StagedFolder", "write_atomically",
+    # errors
+    "ConversionError", "require",
+]
+
+
+def add_hf_loader_arguments(parser, title):
+    """convert.py's HF loader flags (--true-vocab-size, --tokenizer-model, --bf16, ...)."""
+    hf_stream.add_loader_arguments(parser, title)
+
+
+def load_hf(queue, args, families):
+    """The HF loader for `families` ({model_type: Family}); puts "exit" on the queue if it fails."""
+    with exit_on_failure(queue):
+        hf_stream.load(queue, args, families)
+
+
+def add_hf_saver_arguments(parser, title):
+    """The HF saver flags (--hf-reference-dir, --tokenizer-model, --max-shard-size, ...)."""
+    hf_stream.add_saver_arguments(parser, title)
+
+
+def save_hf(queue, args, families):
+    """The HF saver: writes the stream's family if it is one of `families`, else the first that holds
+    the stream's tensors, as a staged folder that appears complete or not at all."""
+    hf_stream.save(queue, args, families)
+
+
+def add_megatron_loader_arguments(parser, title, default_impl="transformer_engine"):
+    megatron_stream.add_loader_arguments(parser, title, default_impl)
+
+
+def load_megatron(queue, args):
+    """Reads any Megatron-Core (per-rank torch or torch_dist) or legacy GPT checkpoint."""
+    with exit_on_failure(queue):
+        megatron_stream.load(queue, args)
+
+
+def add_megatron_saver_arguments(parser, title, default_impl="transformer_engine"):
+    megatron_stream.add_saver_arguments(parser, title, default_impl)
+
+
+def save_megatron(queue, args, fmt):
+    """Writes `fmt` (one of FORMATS): "torch" / "torch_dist" with args.saver_transformer_impl's names, or
+    "legacy" (local names only)."""
+    require(fmt in FORMATS, f"unknown Megatron format {fmt!r}; one of {', '.join(FORMATS)}")
+    if fmt == "legacy":
+        require(args.saver_transformer_impl == "local",
+                "the legacy saver writes local (non-TransformerEngine) names only; drop --saver-transformer-impl")
+        megatron_stream.save(queue, args, megatron_schema.LegacySchema())
+    else:
+        megatron_stream.save(queue, args, megatron_schema.CoreSchema(args.saver_transformer_impl), fmt)
