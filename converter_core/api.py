@@ -89,10 +89,8 @@ def detect(path):
     if (folder / hf.CONFIG).is_file():
         config = hf.read_json(folder / hf.CONFIG)
         require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
-        every = {}
         for loader in plugins.installed("loader"):
             families = getattr(plugins.load_plugin("loader", loader), "FAMILIES", {})
-            every.update({name: family for name, family in families.items() if name not in every})
             try:
                 family = hf_family.family_of(config, str(folder / hf.CONFIG), families)
             except ConversionError:
@@ -100,7 +98,7 @@ def detect(path):
             dtype = hf.HFWeights(folder).dtype(family.embedding)
             return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
                             config.get("num_hidden_layers"), loader)
-        hf_family.family_of(config, str(folder / hf.CONFIG), every)  # raises, naming the families known
+        hf_family.family_of(config, str(folder / hf.CONFIG), installed_families())  # raises, naming those known
     _, iteration_folder = rank_files.read_tracker(folder)
     if torch_dist.is_dist_checkpoint(iteration_folder):
         args = megatron_args.complete(torch_dist.read_common(iteration_folder)["args"], str(iteration_folder))
@@ -114,13 +112,26 @@ def detect(path):
         require(chunks, f"{paths[0, 0]}: no model state in the checkpoint")
         legacy = megatron_schema.detect(state[sorted(chunks)[0]]).legacy
         kind, chunks = ("legacy" if legacy else "mcore"), len(chunks)
-    stored = hf_family.stored_config(args) or {}
-    family = stored.get("model_type") or ("minicpm" if hf_family.has_mup(args) else
-                                          "qwen2" if args.add_qkv_bias else "llama")
+    family = (hf_family.stored_config(args) or {}).get("model_type")  # installed or not
+    if family is None:
+        try:
+            family = hf_family.family_for_stream(args, installed_families(), str(folder)).model_type
+        except ConversionError:
+            pass  # no installed family holds it
     return Detected(kind, family, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                     getattr(args, "expert_model_parallel_size", 1) or 1, chunks if chunks > 1 else None,
                     hf_family.DTYPE_NAMES.get(args.params_dtype, str(args.params_dtype)), args.num_layers,
                     "megatron" if legacy else "mcore")
+
+
+def installed_families():
+    """{model_type: Family} of every installed HF plugin, loaders first, in plugin-name order."""
+    every = {}
+    for kind in ("loader", "saver"):
+        for name in plugins.installed(kind):
+            for model_type, family in getattr(plugins.load_plugin(kind, name), "FAMILIES", {}).items():
+                every.setdefault(model_type, family)
+    return every
 
 
 def supported():

@@ -146,16 +146,18 @@ def family_of(config, where, families):
 def family_for_stream(args, families, where):
     """The family a saver writes: the one the stream came from (its stored config.json) when it is
     among `families`, else the first whose table holds exactly the stream's layer tensors and whose
-    implied args the stream has (a phi3 stream written by a Llama saver becomes a Llama)."""
+    implied args the stream has, a muP family first for a muP stream (a phi3 stream written by a
+    Llama saver becomes a Llama; a Megatron-made one with MiniCPM's scalars, a MiniCPM)."""
     stored = stored_config(args) or {}
     try:
         return family_of(stored, where, families)
     except ConversionError:
         pass
-    for family in families.values():
-        if all(getattr(args, name, None) == value for name, value in family.args.items()) \
-                and not mismatch(family, args):
-            return family
+    fitting = [family for family in families.values()
+               if all(getattr(args, name, None) == value for name, value in family.args.items())
+               and not mismatch(family, args)]
+    if fitting:
+        return max(fitting, key=lambda family: family.mup == has_mup(args))  # max keeps the first of equals
     first = next(iter(families.values()))
     reason = mismatch(first, args) or ", ".join(f"{k}={v!r}" for k, v in first.args.items()) + " is not set"
     raise ConversionError(f"{where}: none of {', '.join(families)} can hold the stream ({first.model_type}: {reason})")
