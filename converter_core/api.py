@@ -104,12 +104,12 @@ def detect(path):
         args = megatron_args.complete(torch_dist.read_common(iteration_folder)["args"], str(iteration_folder))
         kind, legacy, chunks = "torch_dist", False, 1
     else:
-        paths, _, _ = rank_files.find_rank_files(iteration_folder)
-        state = torch_file.load(paths[0, 0])  # memory-mapped: the weights stay on disk
-        require(isinstance(state, dict) and "args" in state, f"{paths[0, 0]}: no 'args' in the checkpoint")
-        args = megatron_args.complete(state["args"], str(paths[0, 0]))
+        first = rank_files.first_rank_file(iteration_folder)
+        state = torch_file.load(first)  # memory-mapped: the weights stay on disk
+        require(isinstance(state, dict) and "args" in state, f"{first}: no 'args' in the checkpoint")
+        args = megatron_args.complete(state["args"], str(first))
         chunks = [key for key in state if re.fullmatch(r"model\d*", key)]
-        require(chunks, f"{paths[0, 0]}: no model state in the checkpoint")
+        require(chunks, f"{first}: no model state in the checkpoint")
         legacy = megatron_schema.detect(state[sorted(chunks)[0]]).legacy
         kind, chunks = ("legacy" if legacy else "mcore"), len(chunks)
     family = (hf_family.stored_config(args) or {}).get("model_type")  # installed or not
@@ -164,7 +164,7 @@ def _format_cells(family, kind, hf_plugin, megatron_plugins):
     for fmt in megatron_schema.FORMATS:
         plugin = next(((n, m) for n, m in megatron_plugins if fmt in m.MEGATRON_FORMATS), None)
         missing = [f"{setting} ({why})" for setting, why in megatron_schema.FORMAT_LIMITS.get(fmt, {}).items()
-                   if family.args.get(setting)]
+                   if family.settings.get(setting)]
         if plugin is None or missing:
             cells.append({"format": fmt, "supported": False, "command": None,
                           "note": "; ".join(missing) or f"no installed plugin {'writes' if kind == 'loader' else 'reads'} it"})

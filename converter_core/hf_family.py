@@ -20,13 +20,17 @@ COPY = "copy"                    # each HF tensor is one message tensor (names a
 QKV = "qkv"                      # HF q, k, v -> Megatron's grouped qkv (weights or biases)
 FUSED_QKV = "fused_qkv"          # one HF [q; k; v] tensor -> Megatron's grouped qkv
 FUSED_GATE_UP = "fused_gate_up"  # one HF [gate; up] tensor -> the SwiGLU halves "mlp l0 weight W" / "V"
+EXPERTS = "experts"              # one HF tensor per expert ("{}" in the name: the expert number) -> stacked
+
+# `when` values that depend on the layer, not the model: rows of MoE layers and of dense (MLP) layers.
+MOE_LAYER, DENSE_LAYER = "moe layer", "dense layer"
 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One row of a family's layer table. `hf`: name(s) inside a layer ("self_attn.q_proj.weight");
     `key`: message key(s); `kind`: one of the kinds above; `when`: a Megatron args attribute that must
-    be true for the tensor to exist (e.g. "add_qkv_bias", "qk_layernorm")."""
+    be true for the tensor to exist (e.g. "add_qkv_bias", "qk_layernorm"), or MOE_LAYER / DENSE_LAYER."""
     hf: object
     key: object
     kind: str = COPY
@@ -41,14 +45,17 @@ class Tensor:
         return (self.key,) if isinstance(self.key, str) else tuple(self.key)
 
 
-LLAMA_LAYER = (
+LLAMA_ATTENTION = (
     Tensor("input_layernorm.weight", "input norm weight"),
     Tensor(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv weight", QKV),
     Tensor("self_attn.o_proj.weight", "dense weight"),
     Tensor("post_attention_layernorm.weight", "post norm weight"),
+)
+LLAMA_MLP = (
     Tensor(("mlp.gate_proj.weight", "mlp.up_proj.weight"), ("mlp l0 weight W", "mlp l0 weight V")),
     Tensor("mlp.down_proj.weight", "mlp l1 weight"),
 )
+LLAMA_LAYER = LLAMA_ATTENTION + LLAMA_MLP
 # Biases on q, k and v only (Qwen2); Megatron's add_qkv_bias.
 QKV_BIAS = (Tensor(("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv bias", QKV,
                    when="add_qkv_bias"),)
@@ -59,12 +66,39 @@ QK_NORM = (
 )
 
 
+def on_dense_layers(rows):
+    """`rows` present only on the dense layers of a model that also has MoE layers."""
+    return tuple(dataclasses.replace(row, when=DENSE_LAYER) for row in rows)
+
+
+def experts(router, gate, up, down):
+    """The rows of a MoE layer whose experts are separate HF tensors: router, then each expert's gate,
+    up and down projection (names with "{}" for the expert number)."""
+    return (Tensor(router, "router weight", when=MOE_LAYER),
+            Tensor((gate, up), ("mlp l0 weight W", "mlp l0 weight V"), EXPERTS, when=MOE_LAYER),
+            Tensor(down, "mlp l1 weight", EXPERTS, when=MOE_LAYER))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """How a family's config.json spells its mixture-of-experts settings. `count`: keys of the expert
+    count, the first present wins; `ffn`: each expert's hidden size; `normalize`: True when the top-k
+    weights are always renormalised, else the key of that bool (absent: false); `dense_layers` /
+    `sparse_step`: keys of the dense-layer list and of "every Nth layer is MoE"."""
+    count: tuple = ("num_local_experts",)
+    ffn: str = "intermediate_size"
+    normalize: object = True
+    dense_layers: str = None
+    sparse_step: str = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """An HF model family. `args`: Megatron args the family always has (add_qkv_bias, qk_layernorm);
     `config`: config.json fields written when absent; `fields`: {config key: Megatron arg} carried both
     ways when present; `mup`: MiniCPM's scale_emb / scale_depth / dim_model_base; `tied_by_default`:
-    what a config without tie_word_embeddings means. The top-level names default to Llama's."""
+    what a config without tie_word_embeddings means; `experts`: an Experts for MoE families. The
+    top-level names default to Llama's."""
     model_type: str
     architectures: tuple
     layer: tuple = LLAMA_LAYER
@@ -73,10 +107,16 @@ class Family:
     fields: dict = dataclasses.field(default_factory=dict)
     tied_by_default: bool = False
     mup: bool = False
+    experts: Experts = None
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     output_layer: str = "lm_head.weight"
     layers: str = "model.layers.{}."
+
+    @property
+    def settings(self):
+        """The Megatron args every model of the family has set (what a format must be able to hold)."""
+        return dict(self.args, num_experts=self.experts is not None)
 
     @property
     def architecture(self):
@@ -91,9 +131,11 @@ class Family:
         match = re.match(re.escape(before) + "([0-9]+)" + re.escape(after), name)
         return int(match.group(1)) if match else None
 
-    def active(self, args):
-        """The layer table rows present in a model with Megatron args `args`."""
-        return [t for t in self.layer if t.when is None or getattr(args, t.when, False)]
+    def active(self, args, index=0):
+        """The layer table rows present in layer `index` of a model with Megatron args `args`."""
+        moe = megatron_args.moe_layers(args)[index]
+        return [t for t in self.layer if t.when is None or (moe if t.when == MOE_LAYER else not moe
+                                                             if t.when == DENSE_LAYER else getattr(args, t.when, False))]
 
 
 def by_model_type(*members):
@@ -166,17 +208,78 @@ def family_for_stream(args, families, where):
 def mismatch(family, args):
     """Why `family` cannot hold a model with Megatron args `args` (message keys no row of its layer
     table fills, rows filling keys the model lacks, settings it has no config field for), or None."""
-    wanted = set(protocol.layer_message_shapes(args))
-    filled = {key for row in family.active(args) for key in row.keys}
     parts = []
     if getattr(args, "rotary_percent", 1.0) != 1.0 and "rotary_percent" not in family.fields.values():
         parts.append(f"rotary_percent {args.rotary_percent} has no Hugging Face "
                      f"{family.architecture.removesuffix('ForCausalLM')} equivalent")
-    if wanted - filled:
-        parts.append(f"the model's {', '.join(sorted(wanted - filled))} has no tensor in {family.model_type}")
-    if filled - wanted:
-        parts.append(f"{family.model_type}'s {', '.join(sorted(filled - wanted))} has no place in the model")
+    kinds = megatron_args.moe_layers(args)
+    for index in sorted({kinds.index(kind) for kind in kinds}):  # the first layer of each kind (dense, MoE)
+        wanted = set(protocol.layer_message_shapes(args, index))
+        filled = {key for row in family.active(args, index) for key in row.keys}
+        layer = f"{'MoE' if kinds[index] else 'dense'} layers: " if any(kinds) else ""
+        if wanted - filled:
+            parts.append(f"{layer}the model's {', '.join(sorted(wanted - filled))} has no tensor in {family.model_type}")
+        if filled - wanted:
+            parts.append(f"{layer}{family.model_type}'s {', '.join(sorted(filled - wanted))} has no place in the model")
+    if any(kinds) and family.experts is None:
+        parts.append(f"{family.model_type} has no mixture-of-experts settings")
+    elif any(kinds):
+        parts += routing_problems(args)
     return "; ".join(parts) or None
+
+
+def routing_problems(args):
+    """Megatron router settings that a softmax top-k HF router (Mixtral, Qwen-MoE) does not have."""
+    problems = []
+    if getattr(args, "moe_router_score_function", "softmax") != "softmax":
+        problems.append(f"moe_router_score_function {args.moe_router_score_function!r} (softmax only)")
+    for name in ("moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_topk_scaling_factor",
+                 "moe_shared_expert_gate", "moe_router_bias_update_rate_nonzero"):
+        if getattr(args, name, None):
+            problems.append(f"{name} {getattr(args, name)!r} has no Hugging Face equivalent in this family")
+    return problems
+
+
+def moe_args(config, experts, where):
+    """Megatron's MoE args from a config.json, as its Experts spells them."""
+    count_key = next((key for key in experts.count if config.get(key) is not None), experts.count[0])
+    count, topk, ffn = config.get(count_key), config.get("num_experts_per_tok"), config.get(experts.ffn)
+    for name, value in ((count_key, count), ("num_experts_per_tok", topk), (experts.ffn, ffn)):
+        require(is_count(value), f"{where}: {name} must be a positive integer, got {value!r:.40}")
+    require(topk <= count, f"{where}: num_experts_per_tok {topk} exceeds the {count} experts")
+    layers = config["num_hidden_layers"]
+    dense = config.get(experts.dense_layers) or [] if experts.dense_layers else []
+    step = config.get(experts.sparse_step) or 1 if experts.sparse_step else 1
+    require(is_count(step), f"{where}: {experts.sparse_step} must be a positive integer, got {step!r:.40}")
+    require(isinstance(dense, list) and all(isinstance(i, int) for i in dense),
+            f"{where}: {experts.dense_layers} must be a list of layer numbers")
+    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    require(any(pattern), f"{where}: {experts.dense_layers} and {experts.sparse_step} leave no MoE layer")
+    normalize = experts.normalize is True or bool(config.get(experts.normalize, False))
+    fields = dict(num_experts=count, moe_router_topk=topk, moe_ffn_hidden_size=ffn,
+                  moe_layer_freq=1 if all(pattern) else pattern, moe_router_score_function="softmax",
+                  moe_router_pre_softmax=not normalize, moe_grouped_gemm=False)
+    if config.get("router_aux_loss_coef") is not None:
+        fields["moe_aux_loss_coeff"] = float(config["router_aux_loss_coef"])
+    return fields
+
+
+def moe_config(config, args, experts):
+    """Write the args' MoE settings into config.json in the family's spelling (in place)."""
+    count_key = next((key for key in experts.count if key in config), experts.count[0])
+    config.update({count_key: args.num_experts, "num_experts_per_tok": args.moe_router_topk,
+                   experts.ffn: megatron_args.expert_ffn_size(args)})
+    if experts.normalize is not True:
+        config[experts.normalize] = not args.moe_router_pre_softmax
+    pattern = [int(moe) for moe in megatron_args.moe_layers(args)]
+    stored_dense = config.get(experts.dense_layers) or [] if experts.dense_layers else []
+    stored_step = config.get(experts.sparse_step) or 1 if experts.sparse_step else 1
+    if pattern == [int(i not in stored_dense and (i + 1) % stored_step == 0) for i in range(len(pattern))]:
+        return  # the stored spelling already says it
+    if experts.dense_layers:
+        config[experts.dense_layers] = [i for i, moe in enumerate(pattern) if not moe]
+        if experts.sparse_step:
+            config[experts.sparse_step] = 1
 
 
 def check_table(family, args, where):
@@ -276,6 +379,8 @@ def args_from_config(config, where, dtype, untied, family, **fields):
             fields[name] = value
     fields.update({arg: config_value(config, key) for key, arg in family.fields.items()
                    if config_value(config, key) is not None})
+    if family.experts:
+        fields.update(moe_args(config, family.experts, where))
     fields.update(family.args)
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
@@ -343,7 +448,7 @@ def config_from_args(args, vocab_size, family):
     if not stored or "model_type" in stored:
         config["model_type"] = family.model_type  # MiniCPM hub configs have none; keep it that way
     head_dim = megatron_args.head_dim(args)
-    if "head_dim" in config or head_dim != args.hidden_size // args.num_attention_heads:
+    if config.get("head_dim") is not None or head_dim != args.hidden_size // args.num_attention_heads:
         config["head_dim"] = head_dim
     for name, value in family.config.items():
         config.setdefault(name, value)
@@ -352,6 +457,8 @@ def config_from_args(args, vocab_size, family):
             set_config_value(config, key, getattr(args, arg))
     if family.mup:
         config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
+    if family.experts and getattr(args, "num_experts", None):
+        moe_config(config, args, family.experts)
     _set_rope(config, args, family)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]
@@ -433,27 +540,32 @@ def _same_scaling(current, wanted):
 
 def expected_shapes(args, vocab_rows, family):
     """{hf name: shape} of every tensor of the model, in file order."""
-    heads, groups, head_dim = args.num_attention_heads, megatron_args.query_groups(args), megatron_args.head_dim(args)
-    message = protocol.layer_message_shapes(args)
-    layer = {}
-    for row in family.active(args):
-        first = message[row.keys[0]]
-        if row.kind == COPY:
-            layer.update((name, message[key]) for name, key in zip(row.hf_names, row.keys))
-        elif row.kind == QKV:
-            rows = (heads * head_dim, groups * head_dim, groups * head_dim)
-            layer.update((name, (size, *first[1:])) for name, size in zip(row.hf_names, rows))
-        elif row.kind == FUSED_QKV:
-            layer[row.hf] = first
-        elif row.kind == FUSED_GATE_UP:
-            layer[row.hf] = (2 * first[0], *first[1:])
     shapes = {family.embedding: (vocab_rows, args.hidden_size)}
     for i in range(args.num_layers):
-        shapes.update((family.layer_prefix(i) + name, shape) for name, shape in layer.items())
+        shapes.update((family.layer_prefix(i) + name, shape) for name, shape in _layer_shapes(args, i, family))
     shapes[family.final_norm] = (args.hidden_size,)
     if megatron_args.untied(args):
         shapes[family.output_layer] = (vocab_rows, args.hidden_size)
     return shapes
+
+
+def _layer_shapes(args, index, family):
+    """(name inside the layer, shape) of layer `index`'s HF tensors."""
+    heads, groups, head_dim, sizes = _qkv_sizes(args)
+    message = protocol.layer_message_shapes(args, index)
+    for row in family.active(args, index):
+        first = message[row.keys[0]]
+        if row.kind == COPY:
+            yield from ((name, message[key]) for name, key in zip(row.hf_names, row.keys))
+        elif row.kind == QKV:
+            yield from ((name, (size, *first[1:])) for name, size in zip(row.hf_names, sizes))
+        elif row.kind == FUSED_QKV:
+            yield row.hf, first
+        elif row.kind == FUSED_GATE_UP:
+            yield row.hf, (2 * first[0], *first[1:])
+        elif row.kind == EXPERTS:
+            yield from ((name.format(e), message[key][1:]) for e in range(first[0])
+                        for name, key in zip(row.hf_names, row.keys))
 
 
 def _qkv_sizes(args):
@@ -465,7 +577,12 @@ def layer_to_message(tensors, index, args, family):
     """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
     heads, groups, head_dim, sizes = _qkv_sizes(args)
     prefix, message = family.layer_prefix(index), {}
-    for row in family.active(args):
+    for row in family.active(args, index):
+        if row.kind == EXPERTS:
+            count = args.num_experts
+            message.update((key, torch.stack([tensors[prefix + name.format(e)] for e in range(count)]))
+                           for name, key in zip(row.hf_names, row.keys))
+            continue
         hf = [tensors[prefix + name] for name in row.hf_names]
         if row.kind == COPY:
             message.update(zip(row.keys, hf))
@@ -481,7 +598,7 @@ def message_to_layer(message, index, args, family):
     """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers."""
     heads, groups, head_dim, _ = _qkv_sizes(args)
     prefix, tensors = family.layer_prefix(index), {}
-    for row in family.active(args):
+    for row in family.active(args, index):
         names = [prefix + name for name in row.hf_names]
         if row.kind == COPY:
             tensors.update(zip(names, (message.pop(key) for key in row.keys)))
@@ -490,4 +607,7 @@ def message_to_layer(message, index, args, family):
             tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], torch.cat([q, k, v]))])
         elif row.kind == FUSED_GATE_UP:
             tensors[names[0]] = torch.cat([message.pop(key) for key in row.keys])
+        elif row.kind == EXPERTS:
+            for name, key in zip(names, row.keys):
+                tensors.update((name.format(e), expert) for e, expert in enumerate(message.pop(key)))
     return tensors

@@ -48,6 +48,9 @@ def add_saver_arguments(parser, title):
     group.add_argument("--tokenizer-model", type=str, default=None,
                        help="tokenizer folder or tokenizer.model to copy into the output")
     group.add_argument("--true-vocab-size", type=flags.positive_int, default=None, help="vocabulary rows to keep")
+    group.add_argument("--hf-model-type", default=None, metavar="MODEL_TYPE",
+                       help="family to write (its config.json model_type), instead of the stream's own or the one "
+                            "its Megatron args describe")
     group.add_argument("--max-shard-size", type=flags.byte_size, default="50GB",
                        help="largest safetensors shard before splitting with an index (default 50GB, as transformers 5)")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
@@ -141,7 +144,12 @@ def save(queue, args, families):
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
         margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
-    family = hf_family.family_for_stream(margs, families, where)
+    if args.hf_model_type:
+        require(args.hf_model_type in families,
+                f"--hf-model-type {args.hf_model_type}: this saver writes {', '.join(families)}")
+        family = families[args.hf_model_type]
+    else:
+        family = hf_family.family_for_stream(margs, families, where)
     fold = hf_family.has_mup(margs) and not family.mup
     if fold:
         margs = hf_family.folded_args(margs, family, where)
@@ -152,7 +160,7 @@ def save(queue, args, families):
     shapes = hf_family.expected_shapes(margs, rows, family)
     scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
     residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
-    layer_shapes, hidden = protocol.layer_message_shapes(margs), margs.hidden_size
+    hidden = margs.hidden_size
     code_folder, code_files = remote_code_source(args, margs, config, where)
     staged = StagedFolder(args.save_dir)
     try:
@@ -169,7 +177,7 @@ def save(queue, args, families):
             write(family.output_layer, embeddings, 1 / width)
         receiver.check_consumed(message)
         for index in range(md.num_layers):
-            message = receiver.get(protocol.layer_name(index), layer_shapes)
+            message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
             if fold:  # the residual branch scaling moves into the output projections
                 for key in ("dense weight", "mlp l1 weight"):
                     message[key] = message[key].float() * residual

@@ -44,6 +44,18 @@ _MEGATRON_DEFAULTS = dict(
     moe_router_topk=2,
     moe_ffn_hidden_size=None,
     moe_layer_freq=1,
+    moe_router_score_function="softmax",
+    moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=False,
+    moe_router_num_groups=None,
+    moe_router_group_topk=None,
+    moe_router_topk_scaling_factor=None,
+    moe_shared_expert_intermediate_size=None,
+    moe_grouped_gemm=False,
+    moe_aux_loss_coeff=0.0,
+    moe_router_load_balancing_type="aux_loss",
+    moe_token_dispatcher_type="allgather",
+    expert_tensor_parallel_size=None,
     mtp_num_layers=None,
     spec=None,
     tiktoken_pattern=None,
@@ -122,7 +134,8 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
 # Sizes that, when given, must be positive integers before anything is sized from them.
 COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
           "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
-          "pipeline_model_parallel_size")
+          "pipeline_model_parallel_size", "expert_model_parallel_size", "num_experts", "moe_router_topk",
+          "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
 
 def complete(args, where="checkpoint args"):
@@ -175,6 +188,25 @@ def ffn_size(args):
     return getattr(args, "ffn_hidden_size", None) or 4 * args.hidden_size
 
 
+def moe_layers(args):
+    """Per layer, whether it is a mixture-of-experts layer: Megatron-LM's moe_layer_freq, an int N (every
+    Nth layer from the first) or a 0/1 list with one entry per layer."""
+    if not getattr(args, "num_experts", None):
+        return [False] * args.num_layers
+    frequency = getattr(args, "moe_layer_freq", 1)
+    if isinstance(frequency, int) and not isinstance(frequency, bool):
+        require(frequency >= 1, f"moe_layer_freq {frequency} must be at least 1")
+        return [i % frequency == 0 for i in range(args.num_layers)]
+    require(isinstance(frequency, (list, tuple)) and len(frequency) == args.num_layers
+            and all(v in (0, 1) for v in frequency),
+            f"moe_layer_freq {frequency!r:.60} is neither an int nor a 0/1 list of {args.num_layers} entries")
+    return [bool(v) for v in frequency]
+
+
+def expert_ffn_size(args):
+    return getattr(args, "moe_ffn_hidden_size", None) or ffn_size(args)
+
+
 def untied(args):
     return bool(getattr(args, "untie_embeddings_and_output_weights", False))
 
@@ -189,9 +221,13 @@ def layers_per_stage(num_layers, pp, where):
 def check_tensor_parallel(args, tp, where):
     """The shapes a TP size must divide, each a one-line refusal instead of a wrong checkpoint."""
     require(tp >= 1, f"{where}: tensor parallel size must be at least 1, got {tp}")
-    for what, size in (("attention heads", args.num_attention_heads),
-                       ("query groups (KV heads)", query_groups(args)),
-                       ("ffn hidden size", ffn_size(args))):
+    sizes = [("attention heads", args.num_attention_heads), ("query groups (KV heads)", query_groups(args)),
+             ("ffn hidden size", ffn_size(args))]
+    if any(moe_layers(args)):
+        sizes.append(("expert ffn hidden size", expert_ffn_size(args)))
+        if getattr(args, "moe_shared_expert_intermediate_size", None):
+            sizes.append(("shared expert ffn hidden size", args.moe_shared_expert_intermediate_size))
+    for what, size in sizes:
         require(size % tp == 0, f"{where}: tensor parallel size {tp} does not divide the {size} {what}")
 
 

@@ -8,21 +8,27 @@ import re
 
 import torch
 
-from converter_core import layout
+from converter_core import layout, megatron_args
+from converter_core.errors import require
 
 FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Megatron-Core distributed, legacy GPT
 # Model settings (Megatron args) a format cannot hold, and why; savers refuse them, supported() reports them.
-FORMAT_LIMITS = {"legacy": {"qk_layernorm": "legacy Megatron-LM has no q/k norms"}}
+FORMAT_LIMITS = {"legacy": {"qk_layernorm": "legacy Megatron-LM has no q/k norms",
+                            "num_experts": "legacy mixture-of-experts checkpoints are not written here"},
+                 "torch_dist": {"num_experts": "experts in torch_dist are not written yet; use --ckpt-format torch"}}
 
 LOCAL = "local"
 TRANSFORMER_ENGINE = "transformer_engine"
 
-Entry = collections.namedtuple("Entry", "keys name kind")
-"""keys: message keys (two for SwiGLU fc1: W then V); name: parameter name inside one layer; kind: TP rule."""
+Entry = collections.namedtuple("Entry", "keys name kind experts", defaults=(False,))
+"""keys: message keys (two for SwiGLU fc1: W then V); name: parameter name inside one layer ("{}" for the
+local expert number); kind: TP rule; experts: the message holds one tensor per expert, stacked."""
 
 
-def layer_entries(args, names=None):
-    """The tensors of one transformer layer, under Megatron-Core local names unless `names` renames them."""
+def layer_entries(args, index=0, names=None):
+    """The tensors of transformer layer `index`, under Megatron-Core local names unless `names` renames
+    them (a MoE layer keeps pre_mlp_layernorm under its own name in every spec)."""
+    moe = megatron_args.moe_layers(args)[index]
     norm_bias = args.normalization == "LayerNorm"
     entries = [Entry(("input norm weight",), "input_layernorm.weight", layout.REPLICATED)]
     if norm_bias:
@@ -42,7 +48,9 @@ def layer_entries(args, names=None):
     entries.append(Entry(("post norm weight",), "pre_mlp_layernorm.weight", layout.REPLICATED))
     if norm_bias:
         entries.append(Entry(("post norm bias",), "pre_mlp_layernorm.bias", layout.REPLICATED))
-    if args.swiglu:
+    if moe:
+        entries += moe_entries(args)
+    elif args.swiglu:
         entries.append(Entry(("mlp l0 weight W", "mlp l0 weight V"), "mlp.linear_fc1.weight", layout.SWIGLU))
         if args.add_bias_linear:
             entries.append(Entry(("mlp l0 bias W", "mlp l0 bias V"), "mlp.linear_fc1.bias", layout.SWIGLU))
@@ -50,10 +58,27 @@ def layer_entries(args, names=None):
         entries.append(Entry(("mlp l0 weight",), "mlp.linear_fc1.weight", layout.COLUMN))
         if args.add_bias_linear:
             entries.append(Entry(("mlp l0 bias",), "mlp.linear_fc1.bias", layout.COLUMN))
-    entries.append(Entry(("mlp l1 weight",), "mlp.linear_fc2.weight", layout.ROW))
-    if args.add_bias_linear:
-        entries.append(Entry(("mlp l1 bias",), "mlp.linear_fc2.bias", layout.REPLICATED))
-    return [e._replace(name=names.get(e.name, e.name)) for e in entries] if names else entries
+    if not moe:
+        entries.append(Entry(("mlp l1 weight",), "mlp.linear_fc2.weight", layout.ROW))
+        if args.add_bias_linear:
+            entries.append(Entry(("mlp l1 bias",), "mlp.linear_fc2.bias", layout.REPLICATED))
+    names = {k: v for k, v in (names or {}).items() if not (moe and k.startswith("pre_mlp_layernorm."))}
+    return [e._replace(name=names.get(e.name, e.name)) for e in entries]
+
+
+def moe_entries(args):
+    """A MoE layer's MLP as Megatron-Core's local and TransformerEngine (SequentialMLP) specs name it:
+    the router, each expert's SwiGLU fc1 and fc2 (split over TP like the dense MLP), shared experts."""
+    require(args.swiglu and not args.add_bias_linear, "mixture-of-experts layers need SwiGLU without linear biases")
+    entries = [Entry(("router weight",), "mlp.router.weight", layout.REPLICATED),
+               Entry(("mlp l0 weight W", "mlp l0 weight V"), "mlp.experts.local_experts.{}.linear_fc1.weight",
+                     layout.SWIGLU, True),
+               Entry(("mlp l1 weight",), "mlp.experts.local_experts.{}.linear_fc2.weight", layout.ROW, True)]
+    if getattr(args, "moe_shared_expert_intermediate_size", None):
+        entries += [Entry(("shared mlp l0 weight W", "shared mlp l0 weight V"), "mlp.shared_experts.linear_fc1.weight",
+                          layout.SWIGLU),
+                    Entry(("shared mlp l1 weight",), "mlp.shared_experts.linear_fc2.weight", layout.ROW)]
+    return entries
 
 
 _TE_NAMES = {
@@ -104,17 +129,23 @@ class CoreSchema:
     def layer(self, index, name):
         return (f"decoder.layers.{index}.{name}",)
 
-    def entries(self, args):
-        return layer_entries(args, self.names)
+    def entries(self, args, index=0):
+        return layer_entries(args, index, self.names)
 
-    def layer_values(self):
+    def layer_values(self, args, index=0, local_experts=0):
         """`_extra_state` entries a real model has per layer: None for Megatron's own linears, an empty
         uint8 tensor for TransformerEngine modules (what TE >= 2.4 returns without FP8)."""
+        if megatron_args.moe_layers(args)[index]:
+            mlp = [f"mlp.experts.local_experts.{j}.{linear}" for j in range(local_experts)
+                   for linear in ("linear_fc1", "linear_fc2")]
+            if getattr(args, "moe_shared_expert_intermediate_size", None):
+                mlp += ["mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"]
+        else:
+            mlp = ["mlp.linear_fc1", "mlp.linear_fc2"]
         if self.impl == TRANSFORMER_ENGINE:
-            modules = ["self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj",
-                       "mlp.linear_fc1", "mlp.linear_fc2"]
+            modules = ["self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj", *mlp]
             return {f"{m}._extra_state": torch.empty(0, dtype=torch.uint8) for m in modules}
-        modules = ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+        modules = ["self_attention.linear_qkv", "self_attention.linear_proj", *mlp]
         return {f"{m}._extra_state": None for m in modules}
 
     def last_stage_values(self):
@@ -143,10 +174,10 @@ class LegacySchema:
     def layer(self, index, name):
         return ("language_model", "encoder", f"layers.{index}.{name}")
 
-    def entries(self, args):
-        return layer_entries(args, _LEGACY_NAMES)
+    def entries(self, args, index=0):
+        return layer_entries(args, index, _LEGACY_NAMES)
 
-    def layer_values(self):
+    def layer_values(self, args, index=0, local_experts=0):
         return {}
 
     def last_stage_values(self):

@@ -22,7 +22,9 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
                        help="TP size of the output (default: the source's, else 1)")
     group.add_argument("--target-pipeline-parallel-size", type=flags.positive_int, default=None,
                        help="PP size of the output (default: the source's, else 1)")
-    group.add_argument("--target-expert-parallel-size", type=flags.positive_int, default=1, help="must be 1 (dense models only)")
+    group.add_argument("--target-expert-parallel-size", type=flags.positive_int, default=None,
+                       help="EP size of the output: experts split over mp_rank_TT[_PPP]_EEE folders (default: the "
+                            "source's, else 1)")
     group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
                        help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
@@ -46,47 +48,60 @@ def _staged_iteration(save_dir, iteration):
 
 
 class RankFilesSink:
-    """Per-rank torch files (mp_rank_TT[_PPP]/model_optim_rng.pt), each streamed as tensors arrive."""
+    """Per-rank torch files (mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt), each streamed as tensors arrive.
+    Everything but the experts is the same in every EP rank's file; EP rank e holds experts
+    e * local .. (e + 1) * local - 1, numbered from 0 in it."""
 
     per_rank = True
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers):
+    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers, ep=1):
         self.save_dir, self.schema = Path(save_dir), schema
-        self.iteration, self.tp, self.pp = iteration, tp, pp
+        self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.staged = _staged_iteration(save_dir, iteration)
         self.files, self.models = {}, {}
         for t in range(tp):
             for p in range(pp):
-                folder = self.staged.path / rank_files.rank_dir_name(t, p, pp)
-                folder.mkdir()
-                self.files[t, p] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
-                self.models[t, p] = {}
+                for e in range(ep):
+                    folder = self.staged.path / rank_files.rank_dir_name(t, p, pp, e, ep)
+                    folder.mkdir()
+                    self.files[t, p, e] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
+                    self.models[t, p, e] = {}
 
-    def put(self, stage, path, tensor, kind):
+    def put(self, stage, path, tensor, kind, ep_ranks=None):
         for t, shard in enumerate(layout.split(tensor, kind, self.tp)):
-            megatron_schema.place(self.models[t, stage], path, self._write(t, stage, shard))
+            for e in range(self.ep) if ep_ranks is None else ep_ranks:
+                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
     def put_value(self, stage, path, value):
         for t in range(self.tp):
-            stored = self._write(t, stage, value) if torch.is_tensor(value) else value
-            megatron_schema.place(self.models[t, stage], path, stored)
+            for e in range(self.ep):
+                stored = self._write((t, stage, e), value) if torch.is_tensor(value) else value
+                megatron_schema.place(self.models[t, stage, e], path, stored)
 
-    def _write(self, t, stage, tensor):
-        file = self.files[t, stage]
+    def _write(self, rank, tensor):
+        file = self.files[rank]
         with output.writing(file.path):
             return file.tensor(tensor)
 
-    def put_layer(self, index, stage, local, name, value, kind):
-        self.put(stage, self.schema.layer(local, name), value, kind)
+    def put_layer(self, index, stage, local, name, value, kind, experts=False):
+        if not experts:
+            return self.put(stage, self.schema.layer(local, name), value, kind)
+        stacked = value if isinstance(value, tuple) else (value,)
+        per_rank = stacked[0].shape[0] // self.ep
+        for expert in range(stacked[0].shape[0]):
+            e, j = divmod(expert, per_rank)
+            one = tuple(part[expert] for part in stacked)
+            self.put(stage, self.schema.layer(local, name.format(j)), one if isinstance(value, tuple) else one[0],
+                     kind, ep_ranks=[e])
 
     def put_layer_value(self, index, stage, local, name, value):
         self.put_value(stage, self.schema.layer(local, name), value)
 
     def finish(self, args):
-        for (t, p), file in self.files.items():
+        for rank, file in self.files.items():
             with output.writing(file.path):
                 file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
-                            "model": self.models[t, p], "num_floating_point_operations_so_far": 0})
+                            "model": self.models[rank], "num_floating_point_operations_so_far": 0})
         self.staged.commit()
         rank_files.write_tracker(self.save_dir, self.iteration)
 
@@ -100,7 +115,7 @@ class TorchDistSink:
 
     per_rank = False
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers):
+    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers, ep=1):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, num_layers
         self.staged = _staged_iteration(save_dir, iteration)
         self.writer = torch_dist.DistWriter(self.staged.path)
@@ -114,7 +129,7 @@ class TorchDistSink:
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
 
-    def put_layer(self, index, stage, local, name, value, kind):
+    def put_layer(self, index, stage, local, name, value, kind, experts=False):
         tensor = torch.cat(value, dim=0) if kind == layout.SWIGLU else value
         key = megatron_schema.dist_layer_key(name)
         if index == 0:
@@ -145,11 +160,12 @@ class TorchDistSink:
 SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}
 
 
-def output_args(md, args, tp, pp, schema, ckpt_format):
+def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
     """The Megatron args written into the output: the stream's model args with the new layout."""
     margs = megatron_args.plain_copy(md.checkpoint_args)
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
-    margs.world_size, margs.data_parallel_size = tp * pp, 1
+    margs.expert_model_parallel_size, margs.expert_tensor_parallel_size = ep, tp  # experts split like the dense MLP
+    margs.world_size, margs.data_parallel_size = tp * pp * ep, ep
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
     for uneven in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                    "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
@@ -174,8 +190,12 @@ def save(queue, args, schema, ckpt_format="torch"):
     tp = args.target_tensor_parallel_size or md.previous_tensor_parallel_size or 1
     pp = args.target_pipeline_parallel_size or md.previous_pipeline_parallel_size or 1
     require(tp >= 1 and pp >= 1, f"{where}: parallel sizes must be at least 1, got TP {tp}, PP {pp}")
-    require(args.target_expert_parallel_size == 1, f"{where}: expert parallelism is not supported (dense models)")
-    margs = output_args(md, args, tp, pp, schema, ckpt_format)
+    experts = getattr(md.checkpoint_args, "num_experts", None) or 0
+    ep = args.target_expert_parallel_size or (getattr(md.checkpoint_args, "expert_model_parallel_size", 1) or 1
+                                              if experts else 1)
+    require(ep == 1 or experts, f"{where}: expert parallel size {ep} for a model without experts")
+    require(not experts or experts % ep == 0, f"{where}: expert parallel size {ep} does not divide the {experts} experts")
+    margs = output_args(md, args, tp, pp, schema, ckpt_format, ep)
     written_format = "legacy" if schema.legacy else ckpt_format
     for setting, why in megatron_schema.FORMAT_LIMITS.get(written_format, {}).items():
         require(not getattr(margs, setting, None), f"{where}: {setting} cannot be written as {written_format}: {why}")
@@ -183,9 +203,10 @@ def save(queue, args, schema, ckpt_format="torch"):
     require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
     per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
     dtype, last = md.params_dtype, pp - 1
-    layer_shapes = protocol.layer_message_shapes(margs)
+    require(not getattr(margs, "moe_grouped_gemm", False),
+            f"{where}: moe_grouped_gemm (TEGroupedMLP names) is not written yet")
 
-    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, md.num_layers)
+    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, md.num_layers, ep)
     try:
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
@@ -204,15 +225,14 @@ def save(queue, args, schema, ckpt_format="torch"):
         if not md.output_layer and pp > 1 and sink.per_rank:
             sink.put(last, schema.tied_output_layer, table, layout.COLUMN)
 
-        entries = schema.entries(margs)
         for index in range(md.num_layers):
-            message = receiver.get(protocol.layer_name(index), layer_shapes)
+            message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
             stage, local = divmod(index, per_stage)
-            for entry in entries:
+            for entry in schema.entries(margs, index):
                 tensors = [message.pop(key).to(dtype) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
-                sink.put_layer(index, stage, local, entry.name, value, entry.kind)
-            for key, value in schema.layer_values().items():
+                sink.put_layer(index, stage, local, entry.name, value, entry.kind, entry.experts)
+            for key, value in schema.layer_values(margs, index, experts // ep).items():
                 sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
 
@@ -235,7 +255,8 @@ def save(queue, args, schema, ckpt_format="torch"):
     except BaseException:
         sink.abandon()
         raise
-    protocol.report("saved", message=f"saved TP {tp} x PP {pp} checkpoint to {args.save_dir}")
+    protocol.report("saved", message=f"saved TP {tp} x PP {pp}{f' x EP {ep}' if ep > 1 else ''} checkpoint to "
+                                     f"{args.save_dir}")
 
 
 def final_norm_keys(args):
@@ -260,55 +281,67 @@ def load(queue, args):
     iteration, folder = rank_files.read_tracker(args.load_dir)
     if torch_dist.is_dist_checkpoint(folder):
         return load_dist(queue, args, iteration, folder)
-    paths, tp, pp = rank_files.find_rank_files(folder)
-    first = paths[0, 0]
-    states = {(0, 0): torch_file.load(first)}
-    require(isinstance(states[0, 0], dict) and "args" in states[0, 0], f"{first}: no 'args' in the checkpoint")
-    require(isinstance(states[0, 0]["args"], argparse.Namespace), f"{first}: 'args' is not an argparse.Namespace")
-    margs = megatron_args.complete(states[0, 0]["args"], str(first))
-    rank_files.check_grid(folder, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
-    states.update({key: torch_file.load(path) for key, path in paths.items() if key != (0, 0)})
-    require((margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size) == (tp, pp),
-            f"{first}: args say TP {margs.tensor_model_parallel_size} x PP {margs.pipeline_model_parallel_size}, "
-            f"files are TP {tp} x PP {pp}")
+    first = rank_files.first_rank_file(folder)
+    state = torch_file.load(first)
+    require(isinstance(state, dict) and "args" in state, f"{first}: no 'args' in the checkpoint")
+    require(isinstance(state["args"], argparse.Namespace), f"{first}: 'args' is not an argparse.Namespace")
+    margs = megatron_args.complete(state["args"], str(first))
+    tp, pp = margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size
+    experts = margs.num_experts or 0
+    ep = (margs.expert_model_parallel_size or 1) if experts else 1
+    require(not experts or experts % ep == 0, f"{first}: EP {ep} does not divide the {experts} experts")
+    require(getattr(margs, "expert_tensor_parallel_size", None) in (None, tp) or not experts,
+            f"{first}: expert tensor parallel size {margs.expert_tensor_parallel_size} differs from TP {tp}; "
+            "not supported")
+    require(not getattr(margs, "moe_grouped_gemm", False),
+            f"{first}: moe_grouped_gemm (TEGroupedMLP names) is not read yet")
+    paths = rank_files.find_rank_files(folder, tp, pp, ep)
+    require(paths[0, 0, 0] == first, f"{first}: not the first rank file of TP {tp} x PP {pp} x EP {ep}")
+    states = {key: state if key == (0, 0, 0) else torch_file.load(path) for key, path in paths.items()}
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(first))
-    version = states[0, 0].get("checkpoint_version", 0)
-    chunks = sorted((k for k in states[0, 0] if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
+    version = state.get("checkpoint_version", 0)
+    chunks = sorted((k for k in state if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
     require(chunks, f"{first}: no model state in the checkpoint")
-    schema = megatron_schema.detect(states[0, 0][chunks[0]])
+    schema = megatron_schema.detect(state[chunks[0]])
     if version < 2.0:
         require(schema.legacy and megatron_args.query_groups(margs) == margs.num_attention_heads,
                 f"{first}: checkpoint_version {version} with grouped-query attention is not a known layout")
     models = {}
-    for (t, p), state in states.items():
+    for (t, p, e), rank_state in states.items():
         for chunk in chunks:
-            require(chunk in state, f"{paths[t, p]}: no {chunk!r} entry")
-            models[t, p, chunk] = schema.normalize(state[chunk])
+            require(chunk in rank_state, f"{paths[t, p, e]}: no {chunk!r} entry")
+            models[t, p, e, chunk] = schema.normalize(rank_state[chunk])
 
-    def tensor(t, p, chunk, path):
-        value = megatron_schema.lookup(models[t, p, chunk], path)
-        require(torch.is_tensor(value), f"{paths[t, p]}: missing tensor {'.'.join(path)}")
-        require(value.is_floating_point(), f"{paths[t, p]}: {'.'.join(path)} has dtype {value.dtype}, not a weight's")
+    def tensor(t, p, chunk, path, e=0):
+        value = megatron_schema.lookup(models[t, p, e, chunk], path)
+        require(torch.is_tensor(value), f"{paths[t, p, e]}: missing tensor {'.'.join(path)}")
+        require(value.is_floating_point(), f"{paths[t, p, e]}: {'.'.join(path)} has dtype {value.dtype}, not a weight's")
         return value
 
     order = []  # global layer -> (pp rank, chunk, local index)
     for chunk in chunks:
         for p in range(pp):
-            indices = schema.layer_indices(models[0, p, chunk])
-            require(indices == set(range(len(indices))), f"{paths[0, p]}: layer numbers {sorted(indices)} are not 0..n-1")
+            indices = schema.layer_indices(models[0, p, 0, chunk])
+            require(indices == set(range(len(indices))), f"{paths[0, p, 0]}: layer numbers {sorted(indices)} are not 0..n-1")
             order += [(p, chunk, j) for j in range(len(indices))]
     require(len(order) == margs.num_layers, f"{folder}: holds {len(order)} layers, args say {margs.num_layers}")
-    entries = schema.entries(margs)
-    _check_nothing_left_out(models, paths, schema, entries, margs)
-    layer_shapes = protocol.layer_message_shapes(margs)
+    _check_nothing_left_out(models, paths, schema, order, margs, experts // ep)
     heads_per_rank = margs.num_attention_heads // tp
     md = _metadata_for(margs, args, iteration, tp, pp)
 
-    def merged(p, chunk, path, kind, old_qkv=False):
-        shards = [tensor(t, p, chunk, path) for t in range(tp)]
+    def merged(p, chunk, path, kind, old_qkv=False, e=0):
+        shards = [tensor(t, p, chunk, path, e) for t in range(tp)]
         if old_qkv:
             shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
         return layout.merge(shards, kind)
+
+    def stacked(p, chunk, local, entry):
+        """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
+        parts = [merged(p, chunk, schema.layer(local, entry.name.format(j)), entry.kind, e=e)
+                 for e in range(ep) for j in range(experts // ep)]
+        if entry.kind == layout.SWIGLU:
+            return tuple(torch.stack([part[half] for part in parts]) for half in range(2))
+        return torch.stack(parts)
 
     def messages():
         table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN)
@@ -316,13 +349,16 @@ def load(queue, args):
                 f"{first}: word embeddings are {list(table.shape)}, hidden size is {margs.hidden_size}")
         yield protocol.EMBEDDINGS, {"word embeddings": table}
         for index, (p, chunk, local) in enumerate(order):
-            message = {}
-            for entry in entries:
+            message, layer_shapes = {}, protocol.layer_message_shapes(margs, index)
+            for entry in schema.entries(margs, index):
                 path = schema.layer(local, entry.name)
-                value = merged(p, chunk, path, entry.kind, old_qkv=version < 2.0 and "qkv" in entry.keys[0])
+                if entry.experts:
+                    value = stacked(p, chunk, local, entry)
+                else:
+                    value = merged(p, chunk, path, entry.kind, old_qkv=version < 2.0 and "qkv" in entry.keys[0])
                 for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
                     require(tuple(part.shape) == layer_shapes[key],
-                            f"{paths[0, p]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
+                            f"{paths[0, p, 0]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
                             f"the args imply {list(layer_shapes[key])}")
                     message[key] = part
             yield protocol.layer_name(index), message
@@ -331,7 +367,7 @@ def load(queue, args):
         if md.output_layer:
             weight = merged(p, chunk, schema.output_layer, layout.COLUMN)
             require(weight.shape == table.shape,
-                    f"{paths[0, p]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
+                    f"{paths[0, p, 0]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
 
     protocol.send_model(queue, md, messages())
@@ -345,16 +381,22 @@ def _tensor_paths(tree, prefix=()):
             yield prefix + (key,)
 
 
-def _check_nothing_left_out(models, paths, schema, entries, margs):
+def _check_nothing_left_out(models, paths, schema, order, margs, local_experts):
     """Every tensor of every rank file is one this converter carries: a parameter it does not know
-    (qk norms, MoE experts, ...) is refused rather than dropped."""
-    for (t, p, chunk), model in models.items():
+    (an expert bias, multi-token prediction, ...) is refused rather than dropped."""
+    layers = {}  # (pp rank, chunk) -> {local index: global index}
+    for index, (p, chunk, local) in enumerate(order):
+        layers.setdefault((p, chunk), {})[local] = index
+    for (t, p, e, chunk), model in models.items():
         known = {schema.word_embeddings, schema.output_layer, schema.tied_output_layer}
         known |= {schema.final_norm(key) for key in final_norm_keys(margs)}
-        known |= {schema.layer(j, e.name) for j in schema.layer_indices(model) for e in entries}
+        for local, index in layers.get((p, chunk), {}).items():
+            for entry in schema.entries(margs, index):
+                names = [entry.name.format(j) for j in range(local_experts)] if entry.experts else [entry.name]
+                known |= {schema.layer(local, name) for name in names}
         for path in _tensor_paths(model):
             require(path in known or path[-1].endswith("_extra_state"),
-                    f"{paths[t, p]}: holds {'.'.join(path)}, a parameter this converter does not carry")
+                    f"{paths[t, p, e]}: holds {'.'.join(path)}, a parameter this converter does not carry")
 
 
 def _metadata_for(margs, args, iteration, tp, pp):
@@ -372,6 +414,7 @@ def load_dist(queue, args, iteration, folder):
     reader = torch_dist.DistReader(folder)
     where = folder / torch_dist.DCP_METADATA
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
+    require(not margs.num_experts, f"{folder}: mixture-of-experts torch_dist checkpoints are not read yet")
     layers, hidden = margs.num_layers, margs.hidden_size
     layer_shapes = protocol.layer_message_shapes(margs)
     entries = megatron_schema.layer_entries(margs)

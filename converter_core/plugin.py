@@ -10,8 +10,9 @@ from converter_core import hf_stream, megatron_schema, megatron_stream
 from converter_core.errors import ConversionError, require
 from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
 from converter_core.formats.torch_file import load as load_torch_file
-from converter_core.hf_family import (COPY, FUSED_GATE_UP, FUSED_QKV, LLAMA_LAYER, QK_NORM, QKV, QKV_BIAS, Family,
-                                      Tensor, by_model_type)
+from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION, LLAMA_LAYER,
+                                      LLAMA_MLP, MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Experts, Family, Tensor, by_model_type,
+                                      experts, on_dense_layers)
 from converter_core.megatron_args import complete as complete_args, make_args
 from converter_core.megatron_schema import FORMATS
 from converter_core.output import StagedFolder, write_atomically
@@ -21,7 +22,8 @@ from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_K
 
 __all__ = [
     # families as data
-    "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM",
+    "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "EXPERTS", "MOE_LAYER", "DENSE_LAYER",
+    "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
     "by_model_type",
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",

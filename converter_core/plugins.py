@@ -9,7 +9,7 @@ from stevedore.exception import NoMatches
 
 from converter_core.errors import ConversionError
 
-ALIASES = {"llama_mistral": "llama_hf", "core": "mcore", "legacy": "megatron"}
+ALIASES = {"llama_mistral": "llama_hf", "core": "mcore", "legacy": "megatron", "mixtral_hf": "hf"}
 
 
 def canonical(name):

@@ -60,7 +60,7 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
 
 
 # Megatron features whose tensors or maths this converter does not carry: refused, never dropped.
-_UNSUPPORTED = {"num_experts": "mixture-of-experts layers", "mtp_num_layers": "multi-token prediction layers",
+_UNSUPPORTED = {"mtp_num_layers": "multi-token prediction layers",
                 "multi_latent_attention": "multi-latent attention",
                 "heterogeneous_layers_config_path": "heterogeneous layers",
                 "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
@@ -247,11 +247,16 @@ LAYER_KEYS = {
     "mlp l0 weight": "first MLP projection without SwiGLU [ffn, hidden]",
     "mlp l0 bias W": "gate bias", "mlp l0 bias V": "up bias", "mlp l0 bias": "first projection bias",
     "mlp l1 weight": "MLP output projection [hidden, ffn]", "mlp l1 bias": "its bias",
+    "router weight": "MoE layers: the router [experts, hidden]; on these layers the mlp l0 weight W / V and "
+                     "mlp l1 weight keys hold every expert stacked [experts, ...]",
+    "shared mlp l0 weight W": "MoE layers: shared experts' gate [shared ffn, hidden]",
+    "shared mlp l0 weight V": "shared experts' up [shared ffn, hidden]",
+    "shared mlp l1 weight": "shared experts' output projection [hidden, shared ffn]",
 }
 
 
-def layer_message_shapes(args):
-    """{message key: shape} of one dense "transformer layer N" message (reference §2.4); which keys a
+def layer_message_shapes(args, index=0):
+    """{message key: shape} of the "transformer layer `index`" message (reference §2.4); which keys a
     layer has is megatron_schema.layer_entries' decision, made in that one place."""
     from converter_core import megatron_schema
     hidden, heads = args.hidden_size, args.num_attention_heads
@@ -265,4 +270,12 @@ def layer_message_shapes(args):
         "mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden), "mlp l0 weight": (ffn, hidden),
         "mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,), "mlp l0 bias": (ffn,),
         "mlp l1 weight": (hidden, ffn), "mlp l1 bias": (hidden,)}
-    return {key: every_shape[key] for entry in megatron_schema.layer_entries(args) for key in entry.keys}
+    if megatron_args.moe_layers(args)[index]:
+        experts, expert_ffn = args.num_experts, megatron_args.expert_ffn_size(args)
+        shared = getattr(args, "moe_shared_expert_intermediate_size", None)
+        every_shape.update({
+            "router weight": (experts, hidden), "mlp l0 weight W": (experts, expert_ffn, hidden),
+            "mlp l0 weight V": (experts, expert_ffn, hidden), "mlp l1 weight": (experts, hidden, expert_ffn),
+            "shared mlp l0 weight W": (shared, hidden), "shared mlp l0 weight V": (shared, hidden),
+            "shared mlp l1 weight": (hidden, shared)})
+    return {key: every_shape[key] for entry in megatron_schema.layer_entries(args, index) for key in entry.keys}

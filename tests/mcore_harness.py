@@ -444,14 +444,24 @@ def _megatron_cpu(rank, world_size, port):
 def _gpt_model(args, num_layers, pre_process, post_process):
     """A local-spec GPTModel (one PP stage of `num_layers` layers) from Megatron-LM args."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     for name, supported in (("position_embedding_type", "rope"), ("normalization", "RMSNorm")):
         if getattr(args, name) != supported:
             raise NotImplementedError(f"harness supports {name}={supported!r} only, got {getattr(args, name)!r}")
-    if getattr(args, "num_experts", None):
-        raise NotImplementedError("harness does not build MoE models")
+    experts = getattr(args, "num_experts", None)
+    frequency = getattr(args, "moe_layer_freq", 1)
+    if experts and num_layers != args.num_layers and frequency != 1:
+        raise NotImplementedError("harness builds MoE models with dense layers in one pipeline stage only")
+    if experts and (getattr(args, "expert_model_parallel_size", 1) or 1) != 1:
+        raise NotImplementedError("harness runs EP 1 checkpoints only")
+    moe = dict(num_moe_experts=experts, moe_router_topk=args.moe_router_topk, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+               moe_router_pre_softmax=args.moe_router_pre_softmax, moe_layer_freq=frequency,
+               moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+               moe_aux_loss_coeff=0.0) if experts else {}
+    moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router without TransformerEngine
 
     config = TransformerConfig(
         num_layers=num_layers,
@@ -471,12 +481,17 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        qk_layernorm=getattr(args, "qk_layernorm", False),
+        **moe,
         **minicpm_config_overrides(args),
     )
+    if experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm",
-                                                        qk_layernorm=getattr(args, "qk_layernorm", False)),
+        transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -10,7 +10,7 @@ from converter_core.formats.untrusted import read_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_([0-9]{2})(?:_([0-9]{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_[0-9]{2}(?:_[0-9]{3}){0,2}$")
 _ITERATION = re.compile(r"[0-9]{1,12}")  # Megatron writes the number only; 12 digits is plenty
 
 
@@ -18,8 +18,12 @@ def iteration_dir_name(iteration):
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank, pp_rank, pp_size):
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank=0, ep_size=1):
+    """Megatron-LM's folder name: mp_rank_TT, then _PPP only when PP > 1, then _EEE only when EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp_size > 1:
+        name += f"_{pp_rank:03d}"
+    return name + (f"_{ep_rank:03d}" if ep_size > 1 else "")
 
 
 def read_tracker(load_dir):
@@ -39,34 +43,30 @@ def read_tracker(load_dir):
     return (0 if text == "release" else int(text)), folder
 
 
-def find_rank_files(iteration_folder):
-    """{(tp_rank, pp_rank): path} for every rank file, checked to form a full TP x PP grid."""
+def first_rank_file(iteration_folder):
+    """The rank file of TP, PP and EP rank 0 (the lowest mp_rank folder), whose args give the grid."""
+    folders = _rank_folders(iteration_folder)
+    require(folders, f"{iteration_folder}: no mp_rank_* folders (not a per-rank torch checkpoint)")
+    return folders[0] / RANK_FILE
+
+
+def find_rank_files(iteration_folder, tp, pp, ep=1):
+    """{(tp_rank, pp_rank, ep_rank): path} of a TP x PP x EP checkpoint: every rank file is there, and
+    no rank folder outside the grid (a folder name alone cannot say whether _NNN is a PP or EP rank)."""
     folder = Path(iteration_folder)
-    found = {}
-    with_pp = without_pp = False
-    for entry in sorted(folder.iterdir()):
-        match = _RANK_DIR.match(entry.name)
-        if not match:
-            continue
+    found = {(t, p, e): folder / rank_dir_name(t, p, pp, e, ep) / RANK_FILE
+             for t in range(tp) for p in range(pp) for e in range(ep)}
+    expected = {path.parent.name for path in found.values()}
+    for entry in _rank_folders(folder):
+        require(entry.name in expected, f"{entry}: not a rank of this checkpoint (its args say TP {tp}, PP {pp}, EP {ep})")
         require(entry.is_dir(), f"{entry}: not a folder")
-        tp_rank, pp_rank = int(match.group(1)), int(match.group(2) or 0)
-        with_pp |= match.group(2) is not None
-        without_pp |= match.group(2) is None
-        found[(tp_rank, pp_rank)] = entry / RANK_FILE
-    require(found, f"{folder}: no mp_rank_* folders (not a per-rank torch checkpoint)")
-    require(not (with_pp and without_pp), f"{folder}: mixes mp_rank_TT and mp_rank_TT_PPP folders")
-    tp = max(t for t, _ in found) + 1
-    pp = max(p for _, p in found) + 1
-    check_grid(folder, tp, pp if with_pp else 1)
-    return found, tp, pp
+    for path in found.values():
+        require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp}, EP {ep})")
+    return found
 
 
-def check_grid(iteration_folder, tp, pp):
-    """Every rank file of a TP x PP checkpoint exists."""
-    for t in range(tp):
-        for p in range(pp):
-            path = Path(iteration_folder) / rank_dir_name(t, p, pp) / RANK_FILE
-            require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp})")
+def _rank_folders(iteration_folder):
+    return sorted(entry for entry in Path(iteration_folder).iterdir() if _RANK_DIR.match(entry.name))
 
 
 def write_tracker(save_dir, iteration):

@@ -6,6 +6,23 @@ LLAMA = plugin.Family("llama", ("LlamaForCausalLM",), config={"attention_bias": 
 MISTRAL = plugin.Family("mistral", ("MistralForCausalLM",))
 QWEN2 = plugin.Family("qwen2", ("Qwen2ForCausalLM",), layer=plugin.LLAMA_LAYER + plugin.QKV_BIAS,
                       args={"add_qkv_bias": True})
+# Qwen3 (dense): per-head RMSNorm on queries and keys, head_dim set apart from hidden / heads.
+QWEN3 = plugin.Family("qwen3", ("Qwen3ForCausalLM",), layer=plugin.LLAMA_LAYER + plugin.QK_NORM,
+                      args={"qk_layernorm": True}, config={"attention_bias": False})
+# Mixtral: every layer a mixture of experts, softmax top-k renormalised; w1 gate, w3 up, w2 down.
+MIXTRAL = plugin.Family(
+    "mixtral", ("MixtralForCausalLM",), experts=plugin.Experts(),
+    layer=plugin.LLAMA_ATTENTION + plugin.experts("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.w1.weight",
+                                                  "block_sparse_moe.experts.{}.w3.weight",
+                                                  "block_sparse_moe.experts.{}.w2.weight"))
+# Qwen3-MoE: Qwen3's attention; MoE layers except mlp_only_layers and off-step ones (decoder_sparse_step).
+QWEN3_MOE = plugin.Family(
+    "qwen3_moe", ("Qwen3MoeForCausalLM",), args={"qk_layernorm": True}, config={"attention_bias": False},
+    layer=plugin.LLAMA_ATTENTION + plugin.QK_NORM + plugin.on_dense_layers(plugin.LLAMA_MLP) + plugin.experts(
+        "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
+        "mlp.experts.{}.down_proj.weight"),
+    experts=plugin.Experts(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
+                           normalize="norm_topk_prob", dense_layers="mlp_only_layers", sparse_step="decoder_sparse_step"))
 # MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (the remote default).
 MINICPM = plugin.Family("minicpm", ("MiniCPMForCausalLM",), tied_by_default=True, mup=True, config={"auto_map": {
     "AutoConfig": "configuration_minicpm.MiniCPMConfig",
@@ -17,5 +34,7 @@ MINICPM = plugin.Family("minicpm", ("MiniCPMForCausalLM",), tied_by_default=True
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM)
+# The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
+ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, MINICPM)
 MINICPM_NOTES = ("muP scalars and LongRoPE carried in the Megatron args; --saver llama_hf writes a plain Llama with "
                  "the scalars folded in",)

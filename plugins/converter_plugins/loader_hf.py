@@ -1,0 +1,17 @@
+"""Loader for any Hugging Face family converter_core ships; the family comes from config.json
+(model_type, else architectures)."""
+
+from converter_core import plugin
+from converter_plugins.families import ALL_FAMILIES, MINICPM_NOTES
+
+MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
+FAMILIES = ALL_FAMILIES
+NOTES = MINICPM_NOTES
+
+
+def add_arguments(parser):
+    plugin.add_hf_loader_arguments(parser, "Hugging Face loader (every built-in family)")
+
+
+def load_checkpoint(queue, args):
+    plugin.load_hf(queue, args, FAMILIES)
