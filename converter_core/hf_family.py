@@ -518,8 +518,9 @@ def _set_rope(config, args, family):
     """Write the args' rotary settings in the config's own style, unless it already says the same."""
     scaling = _rope_from_args(args, family)
     theta, current = rope_settings(config)
-    if config and theta == float(args.rotary_base) and _same_scaling(current, scaling):
-        return
+    stated = "rope_theta" in config or "rope_theta" in (config.get("rope_parameters") or {})
+    if stated and theta == float(args.rotary_base) and _same_scaling(current, scaling):
+        return  # a config without rope_theta would get the family's default (Mixtral's is 1e6), so it is written
     if isinstance(config.get("rope_parameters"), dict):
         extras = {k: v for k, v in config["rope_parameters"].items() if k in ROPE_EXTRAS}
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base), **extras,

@@ -14,8 +14,7 @@ from converter_core.errors import require
 FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Megatron-Core distributed, legacy GPT
 # Model settings (Megatron args) a format cannot hold, and why; savers refuse them, supported() reports them.
 FORMAT_LIMITS = {"legacy": {"qk_layernorm": "legacy Megatron-LM has no q/k norms",
-                            "num_experts": "legacy mixture-of-experts checkpoints are not written here"},
-                 "torch_dist": {"num_experts": "experts in torch_dist are not written yet; use --ckpt-format torch"}}
+                            "num_experts": "legacy mixture-of-experts checkpoints are not written here"}}
 
 LOCAL = "local"
 TRANSFORMER_ENGINE = "transformer_engine"

@@ -54,7 +54,7 @@ class RankFilesSink:
 
     per_rank = True
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers, ep=1):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1):
         self.save_dir, self.schema = Path(save_dir), schema
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.staged = _staged_iteration(save_dir, iteration)
@@ -110,13 +110,18 @@ class RankFilesSink:
 
 
 class TorchDistSink:
-    """A torch_dist iteration folder: full (unsplit) tensors, layers stacked on a leading axis with one
-    chunk per layer, written as they arrive; Megatron reshards it to any TP/PP when loading."""
+    """A torch_dist iteration folder: full (unsplit) tensors, written as they arrive; Megatron reshards it
+    to any TP/PP/EP when loading. As megatron-core's sharded_state_dict lays it out: layers stacked on a
+    leading axis, one chunk per layer (per-layer keys `decoder.layers.N.*` instead when MoE and dense
+    layers mix), experts stacked on the next axis under `mlp.experts.experts.*`."""
 
     per_rank = False
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, num_layers, ep=1):
-        self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, num_layers
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1):
+        self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
+        kinds = megatron_args.moe_layers(args)
+        self.per_layer_keys = any(kinds) and not all(kinds)
+        self.experts = args.num_experts or 0
         self.staged = _staged_iteration(save_dir, iteration)
         self.writer = torch_dist.DistWriter(self.staged.path)
 
@@ -129,19 +134,37 @@ class TorchDistSink:
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
 
+    def _key(self, index, name):
+        """(key, leading shape, leading offset) of layer `index`'s parameter `name`."""
+        key = megatron_schema.dist_layer_key(name).replace("local_experts.{}.", "experts.")
+        if self.per_layer_keys:
+            return key.replace("decoder.layers.", f"decoder.layers.{index}.", 1), (), ()
+        return key, (self.num_layers,), (index,)
+
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
-        tensor = torch.cat(value, dim=0) if kind == layout.SWIGLU else value
-        key = megatron_schema.dist_layer_key(name)
-        if index == 0:
-            self.writer.declare(key, tensor.dtype, (self.num_layers, *tensor.shape))
+        tensor = torch.cat(value, dim=1 if experts else 0) if kind == layout.SWIGLU else value
+        key, lead, offset = self._key(index, name)
+        if self.per_layer_keys or index == 0:
+            self.writer.declare(key, tensor.dtype, (*lead, *tensor.shape))
+        parts = enumerate(tensor) if experts else [(None, tensor)]
         with output.writing(self.writer.handle.name):
-            self.writer.write_chunk(key, tensor.unsqueeze(0), (index,) + (0,) * tensor.dim())
+            for expert, part in parts:
+                at = offset + (() if expert is None else (expert,))
+                self.writer.write_chunk(key, part.reshape((1,) * len(at) + part.shape), at + (0,) * part.dim())
 
     def put_layer_value(self, index, stage, local, name, value):
         module = name.removesuffix("._extra_state")
-        if module in megatron_schema.DIST_EXTRA_STATE_MODULES:
-            with output.writing(self.writer.handle.name):
-                self.writer.write_object(f"decoder.layers.{name}/shard_{index}_{self.num_layers}", [value])
+        expert = re.search(r"local_experts\.([0-9]+)\.", module)
+        if expert:
+            module = module.replace(expert.group(0), "experts.")
+        elif module not in megatron_schema.DIST_EXTRA_STATE_MODULES:
+            return
+        key, lead, offset = self._key(index, module + "._extra_state")
+        if expert:
+            lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
+        shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
+        with output.writing(self.writer.handle.name):
+            self.writer.write_object(f"{key}/{shard}", [value])
 
     def finish(self, args):
         with output.writing(self.staged.path):
@@ -206,7 +229,7 @@ def save(queue, args, schema, ckpt_format="torch"):
     require(not getattr(margs, "moe_grouped_gemm", False),
             f"{where}: moe_grouped_gemm (TEGroupedMLP names) is not written yet")
 
-    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, md.num_layers, ep)
+    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep)
     try:
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
@@ -232,7 +255,7 @@ def save(queue, args, schema, ckpt_format="torch"):
                 tensors = [message.pop(key).to(dtype) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
                 sink.put_layer(index, stage, local, entry.name, value, entry.kind, entry.experts)
-            for key, value in schema.layer_values(margs, index, experts // ep).items():
+            for key, value in schema.layer_values(margs, index, experts // ep if sink.per_rank else experts).items():
                 sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
 
@@ -414,31 +437,28 @@ def load_dist(queue, args, iteration, folder):
     reader = torch_dist.DistReader(folder)
     where = folder / torch_dist.DCP_METADATA
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
-    require(not margs.num_experts, f"{folder}: mixture-of-experts torch_dist checkpoints are not read yet")
+    require(not margs.moe_grouped_gemm, f"{folder}: moe_grouped_gemm (TEGroupedMLP names) is not read yet")
     layers, hidden = margs.num_layers, margs.hidden_size
-    layer_shapes = protocol.layer_message_shapes(margs)
-    entries = megatron_schema.layer_entries(margs)
 
-    def expected(entry):
-        shape = layer_shapes[entry.keys[0]]
-        return (2 * shape[0], *shape[1:]) if entry.kind == layout.SWIGLU else shape
+    def expected(entry, index):
+        shape = protocol.layer_message_shapes(margs, index)[entry.keys[0]]
+        axis = 1 if entry.experts else 0  # SwiGLU's [W; V] rows, after the expert axis
+        return (*shape[:axis], 2 * shape[axis], *shape[axis + 1:]) if entry.kind == layout.SWIGLU else shape
 
     def source_of(entry, index):
         """(key, index along the stacked axis or None) holding `entry` of layer `index`."""
-        stacked = megatron_schema.dist_layer_key(entry.name)
+        stacked = megatron_schema.dist_layer_key(entry.name).replace("local_experts.{}.", "experts.")
         if stacked in reader:
             return stacked, index
         return stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1), None
 
-    for entry in entries:
-        for index in range(layers):
+    for index in range(layers):
+        for entry in megatron_schema.layer_entries(margs, index):
             key, position = source_of(entry, index)
             require(key in reader, f"{where}: no tensor {key} (the args describe {layers} layers of this model)")
-            want = ((layers,) if position is not None else ()) + expected(entry)
+            want = ((layers,) if position is not None else ()) + expected(entry, index)
             require(reader.shape(key) == want,
                     f"{where}: {key} has shape {list(reader.shape(key))}, the args in {torch_dist.COMMON} imply {list(want)}")
-            if position is not None:
-                break
     table_key, norm_key = "embedding.word_embeddings.weight", "decoder.final_layernorm"
     require(table_key in reader and reader.shape(table_key)[1:] == (hidden,),
             f"{where}: {table_key} missing or not [vocab, {hidden}]")
@@ -452,9 +472,9 @@ def load_dist(queue, args, iteration, folder):
         yield protocol.EMBEDDINGS, {"word embeddings": reader.read(table_key)}
         for index in range(layers):
             message = {}
-            for entry in entries:
+            for entry in megatron_schema.layer_entries(margs, index):
                 tensor = reader.read(*source_of(entry, index))
-                parts = torch.chunk(tensor, 2, dim=0) if entry.kind == layout.SWIGLU else (tensor,)
+                parts = torch.chunk(tensor, 2, dim=int(entry.experts)) if entry.kind == layout.SWIGLU else (tensor,)
                 message.update(zip(entry.keys, parts))
             yield protocol.layer_name(index), message
         yield protocol.FINAL_NORM, {key: reader.read(f"{norm_key}.{key}") for key in final_norm_keys(margs)}

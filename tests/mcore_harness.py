@@ -458,7 +458,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     if experts and (getattr(args, "expert_model_parallel_size", 1) or 1) != 1:
         raise NotImplementedError("harness runs EP 1 checkpoints only")
     moe = dict(num_moe_experts=experts, moe_router_topk=args.moe_router_topk, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-               moe_router_pre_softmax=args.moe_router_pre_softmax, moe_layer_freq=frequency,
+               moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False), moe_layer_freq=frequency,
                moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
                moe_aux_loss_coeff=0.0) if experts else {}
     moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router without TransformerEngine

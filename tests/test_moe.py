@@ -8,6 +8,9 @@ import pytest
 import torch
 import transformers
 
+from megatron.core.enums import ModelType
+
+from dist_harness import dist_logits, save_dist_checkpoint
 from helpers import (BASE, assert_bit_identical, convert, error_line, hf_logits, randomize, read_config,
                      read_safetensors_folder, tokens_for)
 from mcore_harness import mcore_logits
@@ -126,8 +129,9 @@ def test_bad_moe_input_is_one_line(tmp_path):
     make_model(source, transformers.MixtralConfig(**MIXTRAL))
     process = to_mcore(source, tmp_path / "ep3", "--target-expert-parallel-size", 3, ok=False)
     assert "expert parallel size 3 does not divide the 4 experts" in error_line(process)
-    process = to_mcore(source, tmp_path / "dist", "--ckpt-format", "torch_dist", ok=False)
-    assert "num_experts cannot be written as torch_dist" in error_line(process)
+    process = convert("--loader", "hf", "--saver", "megatron", "--load-dir", source, "--save-dir", tmp_path / "dist",
+                      ok=False)
+    assert "num_experts cannot be written as legacy" in error_line(process)
     megatron = tmp_path / "mcore"
     to_mcore(source, megatron)
     rank = megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
@@ -143,3 +147,36 @@ def test_bad_moe_input_is_one_line(tmp_path):
            "[5, 64]" in line
     for out in ("ep3", "dist", "o1", "o2"):
         assert not (tmp_path / out).exists()
+
+
+@pytest.mark.parametrize("name,config", [
+    ("mixtral", transformers.MixtralConfig(**MIXTRAL)),  # every layer MoE: layers stacked on one axis
+    ("qwen3_moe", transformers.Qwen3MoeConfig(**QWEN3_MOE)),  # dense and MoE layers mix: per-layer keys
+])
+def test_torch_dist_experts_load_in_megatron_core_and_come_back(tmp_path, name, config):
+    source, dist, back = tmp_path / "hf", tmp_path / "dist", tmp_path / "back"
+    model = make_model(source, config)
+    to_mcore(source, dist, "--ckpt-format", "torch_dist")
+    tokens = tokens_for(VOCAB)
+    logits = dist_logits(dist / "iter_0000001", tokens, tp=2)
+    torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
+    to_hf(dist, back)
+    assert_bit_identical(source, back)
+    assert read_config(back) == read_config(source)
+
+
+def test_torch_dist_experts_megatron_core_saved(tmp_path):
+    """A MoE checkpoint megatron-core's dist_checkpointing wrote itself (TP 2) converts to a Mixtral
+    with its logits, and to per-rank files at EP 2."""
+    tokens = tokens_for(VOCAB)
+    _, expected = save_dist_checkpoint(tmp_path / "dist", tokens=tokens, tp=2, num_layers=2, num_query_groups=2,
+                                       num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                       model_type=ModelType.encoder_or_decoder)
+    to_hf(tmp_path / "dist", tmp_path / "hf")
+    assert read_config(tmp_path / "hf")["model_type"] == "mixtral"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(model, tokens), expected[..., :VOCAB], atol=1e-4, rtol=0)
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tmp_path / "dist", "--save-dir", tmp_path / "ep2",
+            "--target-expert-parallel-size", 2, "--saver-transformer-impl", "local")
+    convert("--loader", "mcore", "--saver", "hf", "--load-dir", tmp_path / "ep2", "--save-dir", tmp_path / "hf2")
+    assert_bit_identical(tmp_path / "hf", tmp_path / "hf2")
