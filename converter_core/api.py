@@ -89,7 +89,9 @@ def detect(path):
     if (folder / hf.CONFIG).is_file():
         config = hf.read_json(folder / hf.CONFIG)
         require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
-        for loader in plugins.installed("loader"):
+        by_size = sorted(plugins.installed("loader"),  # the most specific plugin that reads it
+                         key=lambda name: len(getattr(plugins.load_plugin("loader", name), "FAMILIES", {})) or 1e9)
+        for loader in by_size:
             families = getattr(plugins.load_plugin("loader", loader), "FAMILIES", {})
             try:
                 family = hf_family.family_of(config, str(folder / hf.CONFIG), families)

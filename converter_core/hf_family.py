@@ -459,7 +459,7 @@ def config_from_args(args, vocab_size, family):
         config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
     if family.experts and getattr(args, "num_experts", None):
         moe_config(config, args, family.experts)
-    _set_rope(config, args, family)
+    _set_rope(config, args, family, stored is not None)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]
     return config
@@ -514,13 +514,13 @@ def _rope_from_args(args, family):
             "original_max_position_embeddings": original, "attention_factor": multiplier}
 
 
-def _set_rope(config, args, family):
-    """Write the args' rotary settings in the config's own style, unless it already says the same."""
+def _set_rope(config, args, family, stored):
+    """Write the args' rotary settings in the config's own style, unless the config (`stored`: the one
+    the stream came from) already says the same."""
     scaling = _rope_from_args(args, family)
     theta, current = rope_settings(config)
-    stated = "rope_theta" in config or "rope_theta" in (config.get("rope_parameters") or {})
-    if stated and theta == float(args.rotary_base) and _same_scaling(current, scaling):
-        return  # a config without rope_theta would get the family's default (Mixtral's is 1e6), so it is written
+    if stored and theta == float(args.rotary_base) and _same_scaling(current, scaling):
+        return  # a config made from args alone always states theta (family defaults differ: Mixtral's is 1e6)
     if isinstance(config.get("rope_parameters"), dict):
         extras = {k: v for k, v in config["rope_parameters"].items() if k in ROPE_EXTRAS}
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(args.rotary_base), **extras,

@@ -73,6 +73,8 @@ def load(queue, args, families):
     if untied:
         require(family.output_layer in weights,
                 f"{folder}: config.json says untied embeddings but there is no {family.output_layer}")
+    hf_family.check_counts(config, str(config_path))
+    check_layers(weights, config["num_hidden_layers"], config_path, family)  # before anything is sized by it
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
                   tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder),
                   hf_source_dir=str(folder.resolve()))
@@ -83,7 +85,6 @@ def load(queue, args, families):
     except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
         raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
     hf_family.check_table(family, margs, str(config_path))
-    check_layers(weights, margs.num_layers, config_path, family)
     shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
     ignored = {family.output_layer}
     unknown = [n for n in weights.names() if n not in shapes and n not in ignored and not n.endswith("rotary_emb.inv_freq")]

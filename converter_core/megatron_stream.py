@@ -187,7 +187,9 @@ def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
     """The Megatron args written into the output: the stream's model args with the new layout."""
     margs = megatron_args.plain_copy(md.checkpoint_args)
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
-    margs.expert_model_parallel_size, margs.expert_tensor_parallel_size = ep, tp  # experts split like the dense MLP
+    margs.expert_model_parallel_size = ep
+    if getattr(margs, "num_experts", None):
+        margs.expert_tensor_parallel_size = tp  # experts split like the dense MLP
     margs.world_size, margs.data_parallel_size = tp * pp * ep, ep
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
     for uneven in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",

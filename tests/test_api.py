@@ -140,8 +140,8 @@ def test_version_list_plugins_detect_supported_commands(tmp_path, source):
         return subprocess.run([sys.executable, "-m", "converter_core", *argv], capture_output=True, text=True,
                               timeout=60)
     assert run("--version").stdout == f"converter_core {converter_core.__version__}\n"
-    assert run("--list-plugins").stdout == ("loaders: llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n"
-                                            "savers: llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n")
+    assert run("--list-plugins").stdout == ("loaders: hf, llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n"
+                                            "savers: hf, llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n")
     assert json.loads(run("detect", str(source)).stdout)["format"] == "hf"
     assert json.loads(run("supported").stdout) == converter_core.supported()
     missing = run("detect", str(tmp_path / "nowhere"))

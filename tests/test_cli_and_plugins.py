@@ -407,8 +407,9 @@ def test_foreign_loader_failure_is_the_loaders(tmp_path, saver):
 
 
 def test_help_alone_and_with_plugins():
-    for flags, present in ((["--help"], ["--load-dir", "--target-tensor-parallel-size", "Installed loaders: llama_hf, "
-                                                                                        "mcore, megatron, minicpm_hf"]),
+    for flags, present in ((["--help"], ["--load-dir", "--target-tensor-parallel-size", "Installed loaders: hf, "
+                                                                                        "llama_hf, mcore, megatron, "
+                                                                                        "minicpm_hf"]),
                            (["--loader", "llama_hf", "--saver", "mcore", "--help"], ["--model-size", "--ckpt-format"])):
         process = subprocess.run([sys.executable, "-m", "converter_core", *flags], capture_output=True, text=True,
                                  timeout=60)
