@@ -24,9 +24,10 @@ Entry = collections.namedtuple("Entry", "keys name kind experts", defaults=(Fals
 local expert number); kind: TP rule; experts: the message holds one tensor per expert, stacked."""
 
 
-def layer_entries(args, index=0, names=None):
+def layer_entries(args, index=0, names=None, grouped=False):
     """The tensors of transformer layer `index`, under Megatron-Core local names unless `names` renames
-    them (a MoE layer keeps pre_mlp_layernorm under its own name in every spec)."""
+    them (a MoE layer keeps pre_mlp_layernorm under its own name in every spec); `grouped`: experts as
+    TransformerEngine's TEGroupedMLP names them."""
     moe = megatron_args.moe_layers(args)[index]
     norm_bias = args.normalization == "LayerNorm"
     entries = [Entry(("input norm weight",), "input_layernorm.weight", layout.REPLICATED)]
@@ -48,7 +49,7 @@ def layer_entries(args, index=0, names=None):
     if norm_bias:
         entries.append(Entry(("post norm bias",), "pre_mlp_layernorm.bias", layout.REPLICATED))
     if moe:
-        entries += moe_entries(args)
+        entries += moe_entries(args, grouped)
     elif args.swiglu:
         entries.append(Entry(("mlp l0 weight W", "mlp l0 weight V"), "mlp.linear_fc1.weight", layout.SWIGLU))
         if args.add_bias_linear:
@@ -65,14 +66,16 @@ def layer_entries(args, index=0, names=None):
     return [e._replace(name=names.get(e.name, e.name)) for e in entries]
 
 
-def moe_entries(args):
-    """A MoE layer's MLP as Megatron-Core's local and TransformerEngine (SequentialMLP) specs name it:
-    the router, each expert's SwiGLU fc1 and fc2 (split over TP like the dense MLP), shared experts."""
+def moe_entries(args, grouped=False):
+    """A MoE layer's MLP as Megatron-Core's local and TransformerEngine specs name it: the router, each
+    expert's SwiGLU fc1 and fc2 (split over TP like the dense MLP; SequentialMLP's
+    `local_experts.{j}.linear_fc1.weight`, or TEGroupedMLP's `linear_fc1.weight{j}`), shared experts."""
     require(args.swiglu and not args.add_bias_linear, "mixture-of-experts layers need SwiGLU without linear biases")
+    fc1, fc2 = ("mlp.experts.linear_fc1.weight{}", "mlp.experts.linear_fc2.weight{}") if grouped else \
+        ("mlp.experts.local_experts.{}.linear_fc1.weight", "mlp.experts.local_experts.{}.linear_fc2.weight")
     entries = [Entry(("router weight",), "mlp.router.weight", layout.REPLICATED),
-               Entry(("mlp l0 weight W", "mlp l0 weight V"), "mlp.experts.local_experts.{}.linear_fc1.weight",
-                     layout.SWIGLU, True),
-               Entry(("mlp l1 weight",), "mlp.experts.local_experts.{}.linear_fc2.weight", layout.ROW, True)]
+               Entry(("mlp l0 weight W", "mlp l0 weight V"), fc1, layout.SWIGLU, True),
+               Entry(("mlp l1 weight",), fc2, layout.ROW, True)]
     if getattr(args, "moe_shared_expert_intermediate_size", None):
         entries += [Entry(("shared mlp l0 weight W", "shared mlp l0 weight V"), "mlp.shared_experts.linear_fc1.weight",
                           layout.SWIGLU),
@@ -128,13 +131,24 @@ class CoreSchema:
     def layer(self, index, name):
         return (f"decoder.layers.{index}.{name}",)
 
+    def grouped(self, args):
+        """Whether experts are TEGroupedMLP's (TransformerEngine with moe_grouped_gemm); the local
+        spec's GroupedMLP (one fused weight1 / weight2) is not supported."""
+        grouped = bool(getattr(args, "moe_grouped_gemm", False) and getattr(args, "num_experts", None))
+        require(not grouped or self.impl == TRANSFORMER_ENGINE,
+                "moe_grouped_gemm with local names (GroupedMLP's fused weight1 / weight2) is not supported; use "
+                "TransformerEngine names")
+        return grouped
+
     def entries(self, args, index=0):
-        return layer_entries(args, index, self.names)
+        return layer_entries(args, index, self.names, self.grouped(args))
 
     def layer_values(self, args, index=0, local_experts=0):
         """`_extra_state` entries a real model has per layer: None for Megatron's own linears, an empty
         uint8 tensor for TransformerEngine modules (what TE >= 2.4 returns without FP8)."""
-        if megatron_args.moe_layers(args)[index]:
+        if megatron_args.moe_layers(args)[index] and self.grouped(args):
+            mlp = ["mlp.experts.linear_fc1", "mlp.experts.linear_fc2"]  # one GroupedLinear each
+        elif megatron_args.moe_layers(args)[index]:
             mlp = [f"mlp.experts.local_experts.{j}.{linear}" for j in range(local_experts)
                    for linear in ("linear_fc1", "linear_fc2")]
             if getattr(args, "moe_shared_expert_intermediate_size", None):
@@ -202,8 +216,11 @@ class LegacySchema:
 
 
 def dist_layer_key(name):
-    """torch_dist stacks layers under one key, and uses TE-style norm names for both specs
-    (the local spec's sharded_state_dict_keys_map renames them)."""
+    """torch_dist stacks layers under one key, and uses TE-style norm names for both specs (the local
+    spec's sharded_state_dict_keys_map renames them); experts of either MLP class go under
+    `mlp.experts.experts.*` (TEGroupedMLP's keys are made to match SequentialMLP's)."""
+    name = re.sub(r"^mlp\.experts\.(?:local_experts\.\{\}\.(linear_fc[12])\.weight|(linear_fc[12])\.weight\{\})$",
+                  lambda m: f"mlp.experts.experts.{m.group(1) or m.group(2)}.weight", name)
     return "decoder.layers." + _TE_NAMES.get(name, name)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from converter_core import flags, layout, megatron_args, megatron_schema, output, protocol, vocab
-from converter_core.errors import require
+from converter_core.errors import ConversionError, require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
 
@@ -25,6 +25,9 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
     group.add_argument("--target-expert-parallel-size", type=flags.positive_int, default=None,
                        help="EP size of the output: experts split over mp_rank_TT[_PPP]_EEE folders (default: the "
                             "source's, else 1)")
+    group.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
+                       help="experts as TEGroupedMLP (TransformerEngine names linear_fc1.weight{E}) or, with --no-, "
+                            "SequentialMLP (local_experts.{E}.linear_fc1.weight) (default: as the source says)")
     group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
                        help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
@@ -136,7 +139,7 @@ class TorchDistSink:
 
     def _key(self, index, name):
         """(key, leading shape, leading offset) of layer `index`'s parameter `name`."""
-        key = megatron_schema.dist_layer_key(name).replace("local_experts.{}.", "experts.")
+        key = megatron_schema.dist_layer_key(name)
         if self.per_layer_keys:
             return key.replace("decoder.layers.", f"decoder.layers.{index}.", 1), (), ()
         return key, (self.num_layers,), (index,)
@@ -228,8 +231,16 @@ def save(queue, args, schema, ckpt_format="torch"):
     require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
     per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
     dtype, last = md.params_dtype, pp - 1
-    require(not getattr(margs, "moe_grouped_gemm", False),
-            f"{where}: moe_grouped_gemm (TEGroupedMLP names) is not written yet")
+    if args.moe_grouped_gemm is not None:
+        require(not args.moe_grouped_gemm or md.checkpoint_args.num_experts,
+                f"{where}: --moe-grouped-gemm for a model without experts")
+        margs.moe_grouped_gemm = args.moe_grouped_gemm
+    naming = margs  # whose moe_grouped_gemm picks the expert names: torch_dist has one layout for both
+    if ckpt_format == "torch" and not schema.legacy:
+        schema.grouped(margs)  # refuses GroupedMLP (local names) before anything is written
+    else:
+        naming = megatron_args.plain_copy(margs)
+        naming.moe_grouped_gemm = False
 
     sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep)
     try:
@@ -253,11 +264,11 @@ def save(queue, args, schema, ckpt_format="torch"):
         for index in range(md.num_layers):
             message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
             stage, local = divmod(index, per_stage)
-            for entry in schema.entries(margs, index):
+            for entry in schema.entries(naming, index):
                 tensors = [message.pop(key).to(dtype) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
                 sink.put_layer(index, stage, local, entry.name, value, entry.kind, entry.experts)
-            for key, value in schema.layer_values(margs, index, experts // ep if sink.per_rank else experts).items():
+            for key, value in schema.layer_values(naming, index, experts // ep if sink.per_rank else experts).items():
                 sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
 
@@ -318,8 +329,6 @@ def load(queue, args):
     require(getattr(margs, "expert_tensor_parallel_size", None) in (None, tp) or not experts,
             f"{first}: expert tensor parallel size {margs.expert_tensor_parallel_size} differs from TP {tp}; "
             "not supported")
-    require(not getattr(margs, "moe_grouped_gemm", False),
-            f"{first}: moe_grouped_gemm (TEGroupedMLP names) is not read yet")
     paths = rank_files.find_rank_files(folder, tp, pp, ep)
     require(paths[0, 0, 0] == first, f"{first}: not the first rank file of TP {tp} x PP {pp} x EP {ep}")
     states = {key: state if key == (0, 0, 0) else torch_file.load(path) for key, path in paths.items()}
@@ -328,6 +337,11 @@ def load(queue, args):
     chunks = sorted((k for k in state if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
     require(chunks, f"{first}: no model state in the checkpoint")
     schema = megatron_schema.detect(state[chunks[0]])
+    if not schema.legacy:
+        try:
+            schema.grouped(margs)
+        except ConversionError as error:
+            raise ConversionError(f"{first}: {error}") from None
     if version < 2.0:
         require(schema.legacy and megatron_args.query_groups(margs) == margs.num_attention_heads,
                 f"{first}: checkpoint_version {version} with grouped-query attention is not a known layout")
@@ -439,7 +453,6 @@ def load_dist(queue, args, iteration, folder):
     reader = torch_dist.DistReader(folder)
     where = folder / torch_dist.DCP_METADATA
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
-    require(not margs.moe_grouped_gemm, f"{folder}: moe_grouped_gemm (TEGroupedMLP names) is not read yet")
     layers, hidden = margs.num_layers, margs.hidden_size
 
     def expected(entry, index):
@@ -449,7 +462,7 @@ def load_dist(queue, args, iteration, folder):
 
     def source_of(entry, index):
         """(key, index along the stacked axis or None) holding `entry` of layer `index`."""
-        stacked = megatron_schema.dist_layer_key(entry.name).replace("local_experts.{}.", "experts.")
+        stacked = megatron_schema.dist_layer_key(entry.name)
         if stacked in reader:
             return stacked, index
         return stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1), None

@@ -85,16 +85,30 @@ TINY_ARGS = dict(
 TINY_TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
-def local_to_te_state_dict(state):
-    """Rename a local-spec state dict the way a TransformerEngine-spec model would save it."""
+def local_to_te_state_dict(state, grouped=False):
+    """Rename a local-spec state dict the way a TransformerEngine-spec model would save it. MoE layers
+    keep a separate pre_mlp_layernorm; their experts are SequentialMLP's TE linears, or with `grouped`
+    TEGroupedMLP's (linear_fc1.weight{j}, one extra state per GroupedLinear)."""
     out = {}
     layers = set()
+    moe = {key[: -len("mlp.router.weight")] for key in state if key.endswith(".mlp.router.weight")}
+    expert = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)")
     for key, value in state.items():
         match = LAYER_KEY.fullmatch(key)
         if match:
             prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
             layers.add(prefix)
-            if rest in LOCAL_TO_TE:
+            in_expert = expert.fullmatch(rest)
+            if prefix in moe and rest.startswith("pre_mlp_layernorm."):
+                pass
+            elif in_expert and grouped:
+                if in_expert.group(3) == "_extra_state":
+                    out[f"{prefix}mlp.experts.{in_expert.group(2)}{EXTRA_STATE}"] = _te_extra_state()
+                    continue
+                key = f"{prefix}mlp.experts.{in_expert.group(2)}.weight{in_expert.group(1)}"
+            elif in_expert or re.fullmatch(r"mlp\.shared_experts\.linear_fc[12]\._extra_state", rest):
+                value = _te_extra_state() if rest.endswith(EXTRA_STATE) else value
+            elif rest in LOCAL_TO_TE:
                 key = prefix + LOCAL_TO_TE[rest]
             elif rest.endswith(EXTRA_STATE) and rest[: -len(EXTRA_STATE)] in TE_EXTRA_STATE_MODULES:
                 value = _te_extra_state()
@@ -112,8 +126,16 @@ def te_to_local_state_dict(state):
         if match:
             prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
             module = rest[: -len(EXTRA_STATE)] if rest.endswith(EXTRA_STATE) else None
+            grouped = re.fullmatch(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)", rest)  # TEGroupedMLP
             if rest in TE_TO_LOCAL:
                 key = prefix + TE_TO_LOCAL[rest]
+            elif grouped:
+                expert = f"{prefix}mlp.experts.local_experts.{grouped.group(2)}.{grouped.group(1)}"
+                key, out[expert + EXTRA_STATE] = expert + ".weight", None
+            elif module and re.fullmatch(r"mlp\.experts\.linear_fc[12]", module):
+                continue  # one extra state per GroupedLinear; the local experts have theirs (above)
+            elif module and re.fullmatch(r"mlp\.(experts\.local_experts\.\d+|shared_experts)\.linear_fc[12]", module):
+                value = None  # TE linears of SequentialMLP experts; the local ones save None
             elif module in LOCAL_EXTRA_STATE_MODULES:
                 value = None
             elif module in TE_EXTRA_STATE_MODULES:
@@ -377,7 +399,7 @@ def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
             state = checkpoint["model"]
             num_layers = _layer_count(state)
             model = _gpt_model(args, num_layers, pre_process=stage == 0, post_process=stage == pp - 1)
-            _load_strictly(model, state, te_names, path)
+            _load_strictly(model, state, te_names, path, getattr(args, "moe_grouped_gemm", False))
             stages.append(model)
             total_layers += num_layers
         if total_layers != first_args.num_layers:
@@ -669,11 +691,11 @@ def _checked_args(checkpoint, path, tp, pp):
     return args
 
 
-def _load_strictly(model, state, te_names, path):
+def _load_strictly(model, state, te_names, path, grouped=False):
     """Load exactly the keys the model (TE or local spec) saves; anything else raises."""
     expected = model.state_dict()
     if te_names:
-        expected = local_to_te_state_dict(expected)
+        expected = local_to_te_state_dict(expected, grouped)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:

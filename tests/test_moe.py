@@ -180,3 +180,39 @@ def test_torch_dist_experts_megatron_core_saved(tmp_path):
             "--target-expert-parallel-size", 2, "--saver-transformer-impl", "local")
     convert("--loader", "mcore", "--saver", "hf", "--load-dir", tmp_path / "ep2", "--save-dir", tmp_path / "hf2")
     assert_bit_identical(tmp_path / "hf", tmp_path / "hf2")
+
+
+def test_transformer_engine_names_sequential_and_grouped(tmp_path):
+    """TE names: SequentialMLP (local_experts.{j}.linear_fc1.weight) and, with --moe-grouped-gemm,
+    TEGroupedMLP (linear_fc1.weight{j}, one extra state per GroupedLinear); MoE layers keep
+    pre_mlp_layernorm. Both load into megatron-core (TE names mapped to its local spec) with the logits
+    and go back to HF bit-exactly, also via EP 2 SequentialMLP; GroupedMLP's local names are refused."""
+    source = tmp_path / "hf"
+    model = make_model(source, transformers.Qwen3MoeConfig(**QWEN3_MOE))
+    hf = read_safetensors_folder(source)
+    gate, up = (hf[f"model.layers.0.mlp.experts.3.{p}_proj.weight"] for p in ("gate", "up"))
+    for name, flags in (("sequential", []), ("grouped", ["--moe-grouped-gemm"])):
+        target = tmp_path / name
+        convert("--loader", "hf", "--saver", "mcore", "--load-dir", source, "--save-dir", target,
+                "--target-tensor-parallel-size", 2, *flags)
+        state = torch.load(target / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
+        assert "decoder.layers.0.pre_mlp_layernorm.weight" in state["model"]  # MoE layer: a separate norm
+        assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in state["model"]  # dense layer: fused
+        fc1 = ("decoder.layers.0.mlp.experts.linear_fc1.weight3" if flags else
+               "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight")
+        assert torch.equal(state["model"][fc1], torch.cat([gate[16:], up[16:]]))
+        assert state["args"].moe_grouped_gemm is bool(flags)
+        tokens = tokens_for(VOCAB)
+        logits = mcore_logits(target / "iter_0000001", tokens, te_names=True)
+        torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
+        to_hf(target, tmp_path / f"{name}-hf")
+        assert_bit_identical(source, tmp_path / f"{name}-hf")
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tmp_path / "grouped", "--save-dir",
+            tmp_path / "regrouped", "--no-moe-grouped-gemm", "--target-expert-parallel-size", 2)
+    to_hf(tmp_path / "regrouped", tmp_path / "regrouped-hf")
+    assert_bit_identical(source, tmp_path / "regrouped-hf")
+    process = convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tmp_path / "grouped", "--save-dir",
+                      tmp_path / "local", "--saver-transformer-impl", "local", ok=False)
+    assert "moe_grouped_gemm with local names (GroupedMLP's fused weight1 / weight2) is not supported" in \
+        error_line(process)
+    assert not (tmp_path / "local").exists()
