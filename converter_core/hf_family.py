@@ -21,6 +21,8 @@ QKV = "qkv"                      # HF q, k, v -> Megatron's grouped qkv (weights
 FUSED_QKV = "fused_qkv"          # one HF [q; k; v] tensor -> Megatron's grouped qkv
 FUSED_GATE_UP = "fused_gate_up"  # one HF [gate; up] tensor -> the SwiGLU halves "mlp l0 weight W" / "V"
 EXPERTS = "experts"              # one HF tensor per expert ("{}" in the name: the expert number) -> stacked
+MLA_Q = "mla_q"                  # MLA query rows, per head [nope | rope]: rope rows reordered for rotate-half families
+MLA_KV_DOWN = "mla_kv_down"      # MLA [kv latent | rope key] rows: the rope rows reordered likewise
 
 # `when` values that depend on the layer, not the model: rows of MoE layers and of dense (MLP) layers.
 MOE_LAYER, DENSE_LAYER = "moe layer", "dense layer"
@@ -30,7 +32,8 @@ MOE_LAYER, DENSE_LAYER = "moe layer", "dense layer"
 class Tensor:
     """One row of a family's layer table. `hf`: name(s) inside a layer ("self_attn.q_proj.weight");
     `key`: message key(s); `kind`: one of the kinds above; `when`: a Megatron args attribute that must
-    be true for the tensor to exist (e.g. "add_qkv_bias", "qk_layernorm"), or MOE_LAYER / DENSE_LAYER."""
+    be true for the tensor to exist (e.g. "add_qkv_bias", "qk_layernorm"; "not q_lora_rank": false),
+    or MOE_LAYER / DENSE_LAYER."""
     hf: object
     key: object
     kind: str = COPY
@@ -66,6 +69,22 @@ QK_NORM = (
 )
 
 
+# Multi-latent attention (DeepSeek-V2/V3, MiniCPM3): low-rank query and key/value projections with
+# latent norms, a rope key shared by the heads; without q_lora_rank the query is one projection.
+MLA_ATTENTION = (
+    Tensor("input_layernorm.weight", "input norm weight"),
+    Tensor("self_attn.q_a_proj.weight", "q down weight", when="q_lora_rank"),
+    Tensor("self_attn.q_a_layernorm.weight", "q latent norm weight", when="q_lora_rank"),
+    Tensor("self_attn.q_b_proj.weight", "q up weight", MLA_Q, when="q_lora_rank"),
+    Tensor("self_attn.q_proj.weight", "q weight", MLA_Q, when="not q_lora_rank"),
+    Tensor("self_attn.kv_a_proj_with_mqa.weight", "kv down weight", MLA_KV_DOWN),
+    Tensor("self_attn.kv_a_layernorm.weight", "kv latent norm weight"),
+    Tensor("self_attn.kv_b_proj.weight", "kv up weight"),
+    Tensor("self_attn.o_proj.weight", "dense weight"),
+    Tensor("post_attention_layernorm.weight", "post norm weight"),
+)
+
+
 def on_dense_layers(rows):
     """`rows` present only on the dense layers of a model that also has MoE layers."""
     return tuple(dataclasses.replace(row, when=DENSE_LAYER) for row in rows)
@@ -79,17 +98,32 @@ def experts(router, gate, up, down):
             Tensor(down, "mlp l1 weight", EXPERTS, when=MOE_LAYER))
 
 
+def shared_experts(gate, up, down):
+    """The rows of a MoE layer's shared experts (one SwiGLU MLP every token goes through)."""
+    return (Tensor((gate, up), ("shared mlp l0 weight W", "shared mlp l0 weight V"), when=MOE_LAYER),
+            Tensor(down, "shared mlp l1 weight", when=MOE_LAYER))
+
+
 @dataclasses.dataclass(frozen=True)
 class Experts:
     """How a family's config.json spells its mixture-of-experts settings. `count`: keys of the expert
     count, the first present wins; `ffn`: each expert's hidden size; `normalize`: True when the top-k
     weights are always renormalised, else the key of that bool (absent: false); `dense_layers` /
-    `sparse_step`: keys of the dense-layer list and of "every Nth layer is MoE"."""
+    `sparse_step`: keys of the dense-layer list and of "every Nth layer is MoE"; `first_dense`: key of
+    "the first N layers are dense". DeepSeek-style routing: `score` "softmax" or "sigmoid"; `expert_bias`:
+    the router has a score-correction bias; `groups`: keys of (group count, groups chosen per token);
+    `scaling`: key of the routed-weight scale; `shared`: key of the shared-expert count (each expert_ffn wide)."""
     count: tuple = ("num_local_experts",)
     ffn: str = "intermediate_size"
     normalize: object = True
     dense_layers: str = None
     sparse_step: str = None
+    first_dense: str = None
+    score: str = "softmax"
+    expert_bias: bool = False
+    groups: tuple = None
+    scaling: str = None
+    shared: str = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +131,10 @@ class Family:
     """An HF model family. `args`: Megatron args the family always has (add_qkv_bias, qk_layernorm);
     `config`: config.json fields written when absent; `fields`: {config key: Megatron arg} carried both
     ways when present; `mup`: MiniCPM's scale_emb / scale_depth / dim_model_base; `tied_by_default`:
-    what a config without tie_word_embeddings means; `experts`: an Experts for MoE families. The
-    top-level names default to Llama's."""
+    what a config without tie_word_embeddings means; `experts`: an Experts for MoE families; `mla`:
+    multi-latent attention (q_lora_rank, kv_lora_rank, qk_nope/rope_head_dim, v_head_dim in config.json);
+    `rope_interleaved`: whether its rope pairs are interleaved as Megatron-Core's MLA expects (else the
+    rows are reordered), or the config key saying so (absent: true). The top-level names default to Llama's."""
     model_type: str
     architectures: tuple
     layer: tuple = LLAMA_LAYER
@@ -108,6 +144,8 @@ class Family:
     tied_by_default: bool = False
     mup: bool = False
     experts: Experts = None
+    mla: bool = False
+    rope_interleaved: object = True
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     output_layer: str = "lm_head.weight"
@@ -116,7 +154,7 @@ class Family:
     @property
     def settings(self):
         """The Megatron args every model of the family has set (what a format must be able to hold)."""
-        return dict(self.args, num_experts=self.experts is not None)
+        return dict(self.args, num_experts=self.experts is not None, multi_latent_attention=self.mla)
 
     @property
     def architecture(self):
@@ -134,8 +172,14 @@ class Family:
     def active(self, args, index=0):
         """The layer table rows present in layer `index` of a model with Megatron args `args`."""
         moe = megatron_args.moe_layers(args)[index]
-        return [t for t in self.layer if t.when is None or (moe if t.when == MOE_LAYER else not moe
-                                                             if t.when == DENSE_LAYER else getattr(args, t.when, False))]
+
+        def present(when):
+            if when in (MOE_LAYER, DENSE_LAYER):
+                return moe == (when == MOE_LAYER)
+            if when.startswith("not "):
+                return not getattr(args, when[4:], False)
+            return bool(getattr(args, when, False))
+        return [t for t in self.layer if t.when is None or present(t.when)]
 
 
 def by_model_type(*members):
@@ -224,20 +268,50 @@ def mismatch(family, args):
     if any(kinds) and family.experts is None:
         parts.append(f"{family.model_type} has no mixture-of-experts settings")
     elif any(kinds):
-        parts += routing_problems(args)
+        parts += routing_problems(args, family.experts)
     return "; ".join(parts) or None
 
 
-def routing_problems(args):
-    """Megatron router settings that a softmax top-k HF router (Mixtral, Qwen-MoE) does not have."""
+def routing_problems(args, experts):
+    """Megatron router settings the family's HF router (`experts`: its Experts) does not have."""
     problems = []
-    if getattr(args, "moe_router_score_function", "softmax") != "softmax":
-        problems.append(f"moe_router_score_function {args.moe_router_score_function!r} (softmax only)")
-    for name in ("moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_topk_scaling_factor",
-                 "moe_shared_expert_gate", "moe_router_bias_update_rate_nonzero"):
-        if getattr(args, name, None):
+    score = getattr(args, "moe_router_score_function", "softmax")
+    if score != experts.score:
+        problems.append(f"moe_router_score_function {score!r} ({experts.score} only)")
+    supported = {"moe_router_enable_expert_bias": experts.expert_bias, "moe_router_num_groups": experts.groups,
+                 "moe_router_topk_scaling_factor": experts.scaling, "moe_shared_expert_gate": False}
+    for name, has in supported.items():
+        if getattr(args, name, None) and not has:
             problems.append(f"{name} {getattr(args, name)!r} has no Hugging Face equivalent in this family")
+    problems += [problem for problem in (group_problem(args), sigmoid_problem(args)) if problem]
     return problems
+
+
+def group_problem(args):
+    """Megatron-Core scores an expert group by its top topk/group_topk experts, DeepSeek's HF code by its
+    top 2: they agree only when topk == 2 x group_topk (or grouping is off)."""
+    groups, chosen, topk = getattr(args, "moe_router_num_groups", None), getattr(args, "moe_router_group_topk", None), \
+        args.moe_router_topk
+    if groups and chosen and topk != 2 * chosen:
+        return (f"moe_router_group_topk {chosen} with moe_router_topk {topk}: Megatron-Core scores groups by their top "
+                f"{topk // chosen} experts, Hugging Face by their top 2 (convertible only when topk = 2 x group_topk)")
+    return None
+
+
+def sigmoid_problem(args):
+    """Megatron-Core always renormalises sigmoid top-k weights (top-k > 1); the HF config must too."""
+    if getattr(args, "moe_router_score_function", "softmax") == "sigmoid" and args.moe_router_pre_softmax:
+        return "moe_router_pre_softmax with sigmoid scores has no Hugging Face equivalent"
+    return None
+
+
+def moe_pattern(config, experts, layers):
+    """Per layer, 1 for a MoE layer, as the family's config spells it (dense-layer list, every Nth layer
+    MoE, the first N dense)."""
+    dense = config.get(experts.dense_layers) or [] if experts.dense_layers else []
+    step = config.get(experts.sparse_step) or 1 if experts.sparse_step else 1
+    first = config.get(experts.first_dense) or 0 if experts.first_dense else 0
+    return [int(i >= first and i not in dense and (i + 1) % step == 0) for i in range(layers)]
 
 
 def moe_args(config, experts, where):
@@ -247,39 +321,79 @@ def moe_args(config, experts, where):
     for name, value in ((count_key, count), ("num_experts_per_tok", topk), (experts.ffn, ffn)):
         require(is_count(value), f"{where}: {name} must be a positive integer, got {value!r:.40}")
     require(topk <= count, f"{where}: num_experts_per_tok {topk} exceeds the {count} experts")
-    layers = config["num_hidden_layers"]
-    dense = config.get(experts.dense_layers) or [] if experts.dense_layers else []
-    step = config.get(experts.sparse_step) or 1 if experts.sparse_step else 1
-    require(is_count(step), f"{where}: {experts.sparse_step} must be a positive integer, got {step!r:.40}")
-    require(isinstance(dense, list) and all(isinstance(i, int) for i in dense),
+    if experts.sparse_step and config.get(experts.sparse_step) is not None:
+        require(is_count(config[experts.sparse_step]),
+                f"{where}: {experts.sparse_step} must be a positive integer, got {config[experts.sparse_step]!r:.40}")
+    dense = config.get(experts.dense_layers) if experts.dense_layers else None
+    require(dense is None or isinstance(dense, list) and all(isinstance(i, int) for i in dense),
             f"{where}: {experts.dense_layers} must be a list of layer numbers")
-    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
-    require(any(pattern), f"{where}: {experts.dense_layers} and {experts.sparse_step} leave no MoE layer")
+    first = config.get(experts.first_dense) if experts.first_dense else None
+    require(first is None or isinstance(first, int) and not isinstance(first, bool) and first >= 0,
+            f"{where}: {experts.first_dense} must be a layer count, got {first!r:.40}")
+    pattern = moe_pattern(config, experts, config["num_hidden_layers"])
+    require(any(pattern), f"{where}: the config's dense-layer settings leave no MoE layer")
     normalize = experts.normalize is True or bool(config.get(experts.normalize, False))
     fields = dict(num_experts=count, moe_router_topk=topk, moe_ffn_hidden_size=ffn,
-                  moe_layer_freq=1 if all(pattern) else pattern, moe_router_score_function="softmax",
-                  moe_router_pre_softmax=not normalize, moe_grouped_gemm=False)
+                  moe_layer_freq=1 if all(pattern) else pattern, moe_router_score_function=experts.score,
+                  moe_router_pre_softmax=not normalize and experts.score == "softmax", moe_grouped_gemm=False)
+    if experts.score == "sigmoid":
+        require(normalize or topk == 1, f"{where}: {experts.normalize}=false with sigmoid scores has no Megatron-Core "
+                                        "equivalent (it always renormalises the top-k weights)")
+        fields["moe_router_dtype"] = "fp32"  # the HF router runs in float32
+    if experts.expert_bias:
+        fields["moe_router_enable_expert_bias"] = True
+    if experts.groups:
+        groups, chosen = (config.get(key) for key in experts.groups)
+        for key, value in zip(experts.groups, (groups, chosen)):
+            require(is_count(value), f"{where}: {key} must be a positive integer, got {value!r:.40}")
+        require(count % groups == 0, f"{where}: {experts.groups[0]} {groups} does not divide the {count} experts")
+        if chosen < groups:  # else every group is chosen and grouping changes nothing
+            require(topk == 2 * chosen, f"{where}: {experts.groups[1]} {chosen} with num_experts_per_tok {topk}: "
+                                        "Megatron-Core scores groups by their top topk/group_topk experts, Hugging "
+                                        "Face by their top 2; convertible only when num_experts_per_tok = 2 x "
+                                        f"{experts.groups[1]}")
+            fields.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
+    if experts.scaling and config.get(experts.scaling) is not None:
+        fields["moe_router_topk_scaling_factor"] = float(config[experts.scaling])
+    if experts.shared and config.get(experts.shared):
+        require(is_count(config[experts.shared]),
+                f"{where}: {experts.shared} must be a positive integer, got {config[experts.shared]!r:.40}")
+        fields["moe_shared_expert_intermediate_size"] = config[experts.shared] * ffn
     if config.get("router_aux_loss_coef") is not None:
         fields["moe_aux_loss_coeff"] = float(config["router_aux_loss_coef"])
     return fields
 
 
-def moe_config(config, args, experts):
+def moe_config(config, args, experts, where="config.json"):
     """Write the args' MoE settings into config.json in the family's spelling (in place)."""
     count_key = next((key for key in experts.count if key in config), experts.count[0])
-    config.update({count_key: args.num_experts, "num_experts_per_tok": args.moe_router_topk,
-                   experts.ffn: megatron_args.expert_ffn_size(args)})
+    expert_ffn = megatron_args.expert_ffn_size(args)
+    config.update({count_key: args.num_experts, "num_experts_per_tok": args.moe_router_topk, experts.ffn: expert_ffn})
     if experts.normalize is not True:
         config[experts.normalize] = not args.moe_router_pre_softmax
+    if experts.groups:
+        grouped = args.moe_router_num_groups and args.moe_router_group_topk
+        if grouped or experts.groups[0] not in config:  # ungrouped: one group, chosen
+            config.update(zip(experts.groups, (args.moe_router_num_groups, args.moe_router_group_topk) if grouped
+                              else (1, 1)))
+    if experts.scaling:
+        config[experts.scaling] = float(args.moe_router_topk_scaling_factor or 1.0)
+    if experts.shared:
+        shared = args.moe_shared_expert_intermediate_size or 0
+        require(shared % expert_ffn == 0, f"{where}: shared experts {shared} wide are not whole experts of {expert_ffn}")
+        config[experts.shared] = shared // expert_ffn
     pattern = [int(moe) for moe in megatron_args.moe_layers(args)]
-    stored_dense = config.get(experts.dense_layers) or [] if experts.dense_layers else []
-    stored_step = config.get(experts.sparse_step) or 1 if experts.sparse_step else 1
-    if pattern == [int(i not in stored_dense and (i + 1) % stored_step == 0) for i in range(len(pattern))]:
+    if pattern == moe_pattern(config, experts, len(pattern)):
         return  # the stored spelling already says it
-    if experts.dense_layers:
+    first_moe = pattern.index(1) if any(pattern) else len(pattern)
+    if experts.first_dense and all(pattern[first_moe:]):
+        config[experts.first_dense] = first_moe
+    elif experts.dense_layers:
         config[experts.dense_layers] = [i for i, moe in enumerate(pattern) if not moe]
         if experts.sparse_step:
             config[experts.sparse_step] = 1
+    require(pattern == moe_pattern(config, experts, len(pattern)),
+            f"{where}: the MoE layer pattern {pattern} cannot be written in this family's config")
 
 
 def check_table(family, args, where):
@@ -339,8 +453,12 @@ def rope_args(config, where, family):
             "for it)")
     fields = {"rotary_base": theta}
     kind = scaling and scaling.get("rope_type")
+    if family.mla:
+        fields["rope_type"] = "rope"  # Megatron's MLA default is yarn: always say which
     if kind is None or kind == "dynamic" and family.mup:
         return fields
+    if kind == "yarn" and family.mla:
+        return dict(fields, **yarn_args(scaling, config, where))
     if kind == "longrope" and family.mup:
         half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
         for name in ("long_factor", "short_factor"):
@@ -356,6 +474,40 @@ def rope_args(config, where, family):
                 f"Megatron-Core (it fixes {name}={value})")
     fields.update(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
     return fields
+
+
+# Megatron-LM's yarn args (MLA) and the HF rope_parameters key of each.
+YARN_FIELDS = (("rotary_scaling_factor", "factor"), ("yarn_original_max_position_embeddings",
+               "original_max_position_embeddings"), ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+               ("mscale", "mscale"), ("mscale_all_dim", "mscale_all_dim"))
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def yarn_args(scaling, config, where):
+    """Megatron-Core's YaRN (MLA) from an HF yarn rope_scaling; refuses what it computes differently."""
+    values = dict(YARN_DEFAULTS, **{k: v for k, v in scaling.items() if v is not None})
+    values.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    require(isinstance(values.get("factor"), (int, float)) and values["factor"] > 0,
+            f"{where}: yarn rope scaling needs a positive factor")
+    require(values.get("attention_factor") is None and values.get("truncate", True),
+            f"{where}: yarn attention_factor / truncate=false have no Megatron-Core equivalent")
+    require(values["mscale"] == 1.0 or values["mscale_all_dim"],
+            f"{where}: yarn mscale {values['mscale']} without mscale_all_dim differs between Megatron-Core and "
+            "transformers")
+    return {arg: (int if arg == "yarn_original_max_position_embeddings" else float)(values[key])
+            for arg, key in YARN_FIELDS} | {"rope_type": "yarn"}
+
+
+def mla_args(config, where):
+    """Megatron's multi-latent attention args from an MLA config.json (DeepSeek's names)."""
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        require(is_count(config.get(name)), f"{where}: {name} must be a positive integer, got {config.get(name)!r:.40}")
+    q_lora = config.get("q_lora_rank")
+    require(q_lora is None or is_count(q_lora), f"{where}: q_lora_rank must be a positive integer or null")
+    require(config["qk_rope_head_dim"] % 2 == 0, f"{where}: qk_rope_head_dim must be even")
+    return dict(multi_latent_attention=True, qk_layernorm=True, q_lora_rank=q_lora, kv_lora_rank=config["kv_lora_rank"],
+                qk_head_dim=config["qk_nope_head_dim"], qk_pos_emb_head_dim=config["qk_rope_head_dim"],
+                v_head_dim=config["v_head_dim"])
 
 
 def args_from_config(config, where, dtype, untied, family, **fields):
@@ -381,6 +533,8 @@ def args_from_config(config, where, dtype, untied, family, **fields):
                    if config_value(config, key) is not None})
     if family.experts:
         fields.update(moe_args(config, family.experts, where))
+    if family.mla:
+        fields.update(mla_args(config, where))
     fields.update(family.args)
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
@@ -448,7 +602,7 @@ def config_from_args(args, vocab_size, family):
     if not stored or "model_type" in stored:
         config["model_type"] = family.model_type  # MiniCPM hub configs have none; keep it that way
     head_dim = megatron_args.head_dim(args)
-    if config.get("head_dim") is not None or head_dim != args.hidden_size // args.num_attention_heads:
+    if not family.mla and (config.get("head_dim") is not None or head_dim != args.hidden_size // args.num_attention_heads):
         config["head_dim"] = head_dim
     for name, value in family.config.items():
         config.setdefault(name, value)
@@ -459,6 +613,11 @@ def config_from_args(args, vocab_size, family):
         config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
     if family.experts and getattr(args, "num_experts", None):
         moe_config(config, args, family.experts)
+    if family.mla:
+        config.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim,
+                      qk_rope_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
+        if "head_dim" in config or "qk_head_dim" in config:  # transformers writes both, derived
+            config.update(head_dim=args.qk_pos_emb_head_dim, qk_head_dim=args.qk_head_dim + args.qk_pos_emb_head_dim)
     _set_rope(config, args, family, stored is not None)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]
@@ -499,6 +658,13 @@ def _rope_from_args(args, family):
     """The rope scaling dict the args describe, in the target family's own semantics."""
     if getattr(args, "use_rope_scaling", False):
         return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
+    if getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn"):
+        values = {key: getattr(args, arg) for arg, key in YARN_FIELDS}  # unset rope_type: Megatron's MLA uses yarn
+        if values["factor"] in (None, 1.0):
+            return None  # yarn with factor 1 is plain rope
+        if values["original_max_position_embeddings"] is None:
+            values["original_max_position_embeddings"] = args.max_position_embeddings
+        return {"rope_type": "yarn", **{k: v for k, v in values.items() if v is not None}}
     kind = getattr(args, "rope_scaling_type", None)
     if kind != "longrope":
         require(kind is None, f"rope scaling {kind!r} in the checkpoint args is not supported")
@@ -535,7 +701,7 @@ def _same_scaling(current, wanted):
         return current is None or current.get("rope_type") == "dynamic"
     if current is None or current.get("rope_type") != wanted["rope_type"]:
         return False
-    return all(current.get(k) == v if isinstance(v, list) else float(current.get(k, -1)) == float(v)
+    return all(current.get(k) == v if isinstance(v, list) else float(current.get(k, YARN_DEFAULTS.get(k, -1))) == float(v)
                for k, v in wanted.items() if k != "rope_type")
 
 
@@ -550,13 +716,19 @@ def expected_shapes(args, vocab_rows, family):
     return shapes
 
 
+def float32_names(args, family):
+    """HF names of the tensors kept in float32 whatever the model's dtype (protocol.FLOAT32_KEYS)."""
+    return {family.layer_prefix(i) + name for i in range(args.num_layers) for row in family.active(args, i)
+            if set(row.keys) <= set(protocol.FLOAT32_KEYS) for name in row.hf_names}
+
+
 def _layer_shapes(args, index, family):
     """(name inside the layer, shape) of layer `index`'s HF tensors."""
     heads, groups, head_dim, sizes = _qkv_sizes(args)
     message = protocol.layer_message_shapes(args, index)
     for row in family.active(args, index):
         first = message[row.keys[0]]
-        if row.kind == COPY:
+        if row.kind in (COPY, MLA_Q, MLA_KV_DOWN):
             yield from ((name, message[key]) for name, key in zip(row.hf_names, row.keys))
         elif row.kind == QKV:
             yield from ((name, (size, *first[1:])) for name, size in zip(row.hf_names, sizes))
@@ -592,7 +764,22 @@ def layer_to_message(tensors, index, args, family):
             message[row.key] = layout.hf_qkv_to_megatron(q, k, v, heads, groups, head_dim)
         elif row.kind == FUSED_GATE_UP:
             message.update(zip(row.keys, torch.chunk(hf[0], 2)))
+        elif row.kind in (MLA_Q, MLA_KV_DOWN):
+            message[row.key] = _mla_rope_rows(hf[0], row.kind, args, family, to_megatron=True)
     return message
+
+
+def _mla_rope_rows(tensor, kind, args, family, to_megatron):
+    """Megatron-Core's MLA reads each rope part as interleaved pairs (x0, x1), (x2, x3), ...; a family
+    whose rope rotates halves (x_j with x_{j+d/2}) has its rope rows reordered so both compute the same."""
+    interleaved = family.rope_interleaved
+    if isinstance(interleaved, str):
+        interleaved = (stored_config(args) or {}).get(interleaved, True)
+    if interleaved:
+        return tensor
+    rope = args.qk_pos_emb_head_dim
+    block = args.qk_head_dim + rope if kind == MLA_Q else args.kv_lora_rank + rope
+    return layout.interleave_rope_rows(tensor, block, rope, inverse=not to_megatron)
 
 
 def message_to_layer(message, index, args, family):
@@ -608,6 +795,8 @@ def message_to_layer(message, index, args, family):
             tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], torch.cat([q, k, v]))])
         elif row.kind == FUSED_GATE_UP:
             tensors[names[0]] = torch.cat([message.pop(key) for key in row.keys])
+        elif row.kind in (MLA_Q, MLA_KV_DOWN):
+            tensors[names[0]] = _mla_rope_rows(message.pop(row.key), row.kind, args, family, to_megatron=False)
         elif row.kind == EXPERTS:
             for name, key in zip(names, row.keys):
                 tensors.update((name.format(e), expert) for e, expert in enumerate(message.pop(key)))

@@ -96,8 +96,10 @@ def load(queue, args, families):
         require(weights.shape(name) == shape,
                 f"{weights.file_of[name]}: {name} has shape {list(weights.shape(name))}, config.json implies {list(shape)}")
 
+    float32 = hf_family.float32_names(margs, family)
+
     def read(name):
-        return weights.get(name).to(dtype)
+        return weights.get(name).to(torch.float32 if name in float32 else dtype)
 
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": read(family.embedding)}
@@ -159,17 +161,21 @@ def save(queue, args, families):
     dtype = md.params_dtype
     config = hf_family.config_from_args(margs, rows, family)
     shapes = hf_family.expected_shapes(margs, rows, family)
+    float32 = hf_family.float32_names(margs, family)
     scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
     residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
     hidden = margs.hidden_size
     code_folder, code_files = remote_code_source(args, margs, config, where)
     staged = StagedFolder(args.save_dir)
     try:
-        writer = hf.PlannedSafetensors(staged.path, [(n, dtype, s) for n, s in shapes.items()],
+        def stored(name):
+            return torch.float32 if name in float32 else dtype
+
+        writer = hf.PlannedSafetensors(staged.path, [(n, stored(n), s) for n, s in shapes.items()],
                                        args.max_shard_size)
 
         def write(name, tensor, factor=1):
-            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(dtype))
+            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(stored(name)))
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")

@@ -33,6 +33,17 @@ def megatron_qkv_to_hf(qkv, num_heads, num_groups, head_dim):
             v.reshape(-1, *tail).contiguous())
 
 
+def interleave_rope_rows(tensor, block, rope, inverse=False):
+    """Reorder the last `rope` rows of every `block`-row block from halves (x_0..x_{d/2-1}, x_{d/2}..)
+    to interleaved pairs (x_0, x_{d/2}, x_1, ...), or back with `inverse`."""
+    tail = tensor.shape[1:]
+    blocks = tensor.reshape(-1, block, *tail)
+    kept, rows = blocks[:, : block - rope], blocks[:, block - rope:]
+    order = (2, rope // 2) if not inverse else (rope // 2, 2)
+    rows = rows.reshape(rows.shape[0], *order, *tail).transpose(1, 2).reshape(rows.shape[0], rope, *tail)
+    return torch.cat([kept, rows], dim=1).reshape(tensor.shape)
+
+
 def split(tensor, kind, tp):
     """The tp shards of a full tensor. For SWIGLU pass the pair (W, V)."""
     if kind == REPLICATED:

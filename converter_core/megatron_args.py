@@ -6,6 +6,7 @@ both our internal model description and what we write to disk.
 """
 
 import argparse
+import functools
 
 import torch
 
@@ -52,6 +53,19 @@ _MEGATRON_DEFAULTS = dict(
     moe_router_topk_scaling_factor=None,
     moe_shared_expert_intermediate_size=None,
     moe_grouped_gemm=False,
+    multi_latent_attention=False,
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_head_dim=128,
+    qk_pos_emb_head_dim=64,
+    v_head_dim=128,
+    rope_type=None,
+    rotary_scaling_factor=1.0,
+    mscale=1.0,
+    mscale_all_dim=0.0,
+    yarn_original_max_position_embeddings=None,
+    yarn_beta_fast=None,
+    yarn_beta_slow=None,
     moe_aux_loss_coeff=0.0,
     moe_router_load_balancing_type="aux_loss",
     moe_token_dispatcher_type="allgather",
@@ -135,7 +149,8 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
 COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
           "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
           "pipeline_model_parallel_size", "expert_model_parallel_size", "num_experts", "moe_router_topk",
-          "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+          "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
+          "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 
 
 def complete(args, where="checkpoint args"):
@@ -191,16 +206,25 @@ def ffn_size(args):
 def moe_layers(args):
     """Per layer, whether it is a mixture-of-experts layer: Megatron-LM's moe_layer_freq, an int N (every
     Nth layer from the first) or a 0/1 list with one entry per layer."""
-    if not getattr(args, "num_experts", None):
-        return [False] * args.num_layers
     frequency = getattr(args, "moe_layer_freq", 1)
+    if isinstance(frequency, list):
+        frequency = tuple(frequency)
+    if not isinstance(frequency, (int, tuple)):
+        frequency = repr(frequency)  # refused below, in the same words; the cache needs a hashable key
+    return _moe_pattern(args.num_layers, bool(getattr(args, "num_experts", None)), frequency)
+
+
+@functools.lru_cache(maxsize=64)
+def _moe_pattern(num_layers, experts, frequency):
+    """moe_layers' answer, computed once per model (it is asked for every layer)."""
+    if not experts:
+        return (False,) * num_layers
     if isinstance(frequency, int) and not isinstance(frequency, bool):
         require(frequency >= 1, f"moe_layer_freq {frequency} must be at least 1")
-        return [i % frequency == 0 for i in range(args.num_layers)]
-    require(isinstance(frequency, (list, tuple)) and len(frequency) == args.num_layers
-            and all(v in (0, 1) for v in frequency),
-            f"moe_layer_freq {frequency!r:.60} is neither an int nor a 0/1 list of {args.num_layers} entries")
-    return [bool(v) for v in frequency]
+        return tuple(i % frequency == 0 for i in range(num_layers))
+    require(isinstance(frequency, tuple) and len(frequency) == num_layers and all(v in (0, 1) for v in frequency),
+            f"moe_layer_freq {frequency!r:.60} is neither an int nor a 0/1 list of {num_layers} entries")
+    return tuple(bool(v) for v in frequency)
 
 
 def expert_ffn_size(args):
@@ -227,6 +251,11 @@ def check_tensor_parallel(args, tp, where):
         sizes.append(("expert ffn hidden size", expert_ffn_size(args)))
         if getattr(args, "moe_shared_expert_intermediate_size", None):
             sizes.append(("shared expert ffn hidden size", args.moe_shared_expert_intermediate_size))
+    if getattr(args, "multi_latent_attention", False) and getattr(args, "transformer_impl", None) == "local":
+        # the local spec splits the latent down projections over TP too (TransformerEngine's keeps them whole)
+        sizes.append(("kv latent and rope rows", args.kv_lora_rank + args.qk_pos_emb_head_dim))
+        if args.q_lora_rank:
+            sizes.append(("q latent rows", args.q_lora_rank))
     for what, size in sizes:
         require(size % tp == 0, f"{where}: tensor parallel size {tp} does not divide the {size} {what}")
 

@@ -125,6 +125,8 @@ class TorchDistSink:
         kinds = megatron_args.moe_layers(args)
         self.per_layer_keys = any(kinds) and not all(kinds)
         self.experts = args.num_experts or 0
+        # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
+        self.local_renames = schema.impl == megatron_schema.LOCAL and not args.multi_latent_attention
         self.staged = _staged_iteration(save_dir, iteration)
         self.writer = torch_dist.DistWriter(self.staged.path)
 
@@ -139,7 +141,7 @@ class TorchDistSink:
 
     def _key(self, index, name):
         """(key, leading shape, leading offset) of layer `index`'s parameter `name`."""
-        key = megatron_schema.dist_layer_key(name)
+        key = megatron_schema.dist_layer_key(name, self.local_renames)
         if self.per_layer_keys:
             return key.replace("decoder.layers.", f"decoder.layers.{index}.", 1), (), ()
         return key, (self.num_layers,), (index,)
@@ -265,7 +267,7 @@ def save(queue, args, schema, ckpt_format="torch"):
             message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
             stage, local = divmod(index, per_stage)
             for entry in schema.entries(naming, index):
-                tensors = [message.pop(key).to(dtype) for key in entry.keys]
+                tensors = [message.pop(key).to(protocol.stored_dtype(key, dtype)) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
                 sink.put_layer(index, stage, local, entry.name, value, entry.kind, entry.experts)
             for key, value in schema.layer_values(naming, index, experts // ep if sink.per_rank else experts).items():
@@ -460,17 +462,20 @@ def load_dist(queue, args, iteration, folder):
         axis = 1 if entry.experts else 0  # SwiGLU's [W; V] rows, after the expert axis
         return (*shape[:axis], 2 * shape[axis], *shape[axis + 1:]) if entry.kind == layout.SWIGLU else shape
 
-    def source_of(entry, index):
-        """(key, index along the stacked axis or None) holding `entry` of layer `index`."""
-        stacked = megatron_schema.dist_layer_key(entry.name)
-        if stacked in reader:
-            return stacked, index
-        return stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1), None
+    def source_of(candidates, index):
+        """(key, index along the stacked axis or None) holding an entry of layer `index`: under the
+        stacked key or a per-layer one, as TransformerEngine's or the local spec names it."""
+        for stacked in candidates:
+            per_layer = stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1)
+            if stacked in reader or per_layer in reader:
+                return (stacked, index) if stacked in reader else (per_layer, None)
+        return candidates[0], index
 
     for index in range(layers):
-        for entry in megatron_schema.layer_entries(margs, index):
-            key, position = source_of(entry, index)
-            require(key in reader, f"{where}: no tensor {key} (the args describe {layers} layers of this model)")
+        for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
+            key, position = source_of(candidates, index)
+            require(key in reader, f"{where}: no tensor {' or '.join(candidates)} (the args describe {layers} layers "
+                                   "of this model)")
             want = ((layers,) if position is not None else ()) + expected(entry, index)
             require(reader.shape(key) == want,
                     f"{where}: {key} has shape {list(reader.shape(key))}, the args in {torch_dist.COMMON} imply {list(want)}")
@@ -487,8 +492,8 @@ def load_dist(queue, args, iteration, folder):
         yield protocol.EMBEDDINGS, {"word embeddings": reader.read(table_key)}
         for index in range(layers):
             message = {}
-            for entry in megatron_schema.layer_entries(margs, index):
-                tensor = reader.read(*source_of(entry, index))
+            for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
+                tensor = reader.read(*source_of(candidates, index))
                 parts = torch.chunk(tensor, 2, dim=int(entry.experts)) if entry.kind == layout.SWIGLU else (tensor,)
                 message.update(zip(entry.keys, parts))
             yield protocol.layer_name(index), message

@@ -11,8 +11,8 @@ from converter_core.errors import ConversionError, require
 from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
 from converter_core.formats.torch_file import load as load_torch_file
 from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION, LLAMA_LAYER,
-                                      LLAMA_MLP, MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Experts, Family, Tensor, by_model_type,
-                                      experts, on_dense_layers)
+                                      LLAMA_MLP, MLA_ATTENTION, MLA_KV_DOWN, MLA_Q, MOE_LAYER, QK_NORM, QKV, QKV_BIAS,
+                                      Experts, Family, Tensor, by_model_type, experts, on_dense_layers, shared_experts)
 from converter_core.megatron_args import complete as complete_args, make_args
 from converter_core.megatron_schema import FORMATS
 from converter_core.output import StagedFolder, write_atomically
@@ -24,6 +24,7 @@ __all__ = [
     # families as data
     "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "EXPERTS", "MOE_LAYER", "DENSE_LAYER",
     "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
+    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts",
     "by_model_type",
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",

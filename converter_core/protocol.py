@@ -8,6 +8,8 @@ import argparse
 import queue as queue_module
 import types
 
+import torch
+
 from converter_core import megatron_args
 from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
@@ -61,7 +63,6 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
 
 # Megatron features whose tensors or maths this converter does not carry: refused, never dropped.
 _UNSUPPORTED = {"mtp_num_layers": "multi-token prediction layers",
-                "multi_latent_attention": "multi-latent attention",
                 "heterogeneous_layers_config_path": "heterogeneous layers",
                 "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
 # Settings a Llama-layout HF config cannot say.
@@ -252,7 +253,28 @@ LAYER_KEYS = {
     "shared mlp l0 weight W": "MoE layers: shared experts' gate [shared ffn, hidden]",
     "shared mlp l0 weight V": "shared experts' up [shared ffn, hidden]",
     "shared mlp l1 weight": "shared experts' output projection [hidden, shared ffn]",
+    "router expert bias": "MoE layers with moe_router_enable_expert_bias: the routing score bias, float32 [experts]",
+    "q down weight": "multi-latent attention (MLA): query down projection [q_lora_rank, hidden]",
+    "q latent norm weight": "MLA: norm of the query latent [q_lora_rank]",
+    "q up weight": "MLA: query up projection, per head qk_head_dim rows then qk_pos_emb_head_dim rope rows in "
+                   "Megatron's interleaved rope order [heads x (qk_head_dim + qk_pos_emb_head_dim), q_lora_rank]",
+    "q weight": "MLA without q_lora_rank: the query projection, rows as q up weight's [..., hidden]",
+    "kv down weight": "MLA: key/value latent projection, kv_lora_rank rows then the shared rope key's "
+                      "qk_pos_emb_head_dim rows (interleaved rope order) [kv_lora_rank + qk_pos_emb_head_dim, hidden]",
+    "kv latent norm weight": "MLA: norm of the key/value latent [kv_lora_rank]",
+    "kv up weight": "MLA: key/value up projection, per head qk_head_dim key rows then v_head_dim value rows "
+                    "[heads x (qk_head_dim + v_head_dim), kv_lora_rank]; MLA's dense weight is [hidden, heads x v_head_dim]",
 }
+
+
+# Message tensors that stay float32 whatever the model's dtype (Megatron-Core and DeepSeek-V3 keep the
+# routing bias in float32: a bf16 bias would change which experts are chosen).
+FLOAT32_KEYS = ("router expert bias",)
+
+
+def stored_dtype(key, dtype):
+    """The dtype message tensor `key` is written in, for a model of `dtype`."""
+    return torch.float32 if key in FLOAT32_KEYS else dtype
 
 
 def layer_message_shapes(args, index=0):
@@ -270,11 +292,20 @@ def layer_message_shapes(args, index=0):
         "mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden), "mlp l0 weight": (ffn, hidden),
         "mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,), "mlp l0 bias": (ffn,),
         "mlp l1 weight": (hidden, ffn), "mlp l1 bias": (hidden,)}
+    if getattr(args, "multi_latent_attention", False):
+        q_rows = heads * (args.qk_head_dim + args.qk_pos_emb_head_dim)
+        every_shape.update({
+            "q down weight": (args.q_lora_rank, hidden), "q latent norm weight": (args.q_lora_rank,),
+            "q up weight": (q_rows, args.q_lora_rank), "q weight": (q_rows, hidden),
+            "kv down weight": (args.kv_lora_rank + args.qk_pos_emb_head_dim, hidden),
+            "kv latent norm weight": (args.kv_lora_rank,),
+            "kv up weight": (heads * (args.qk_head_dim + args.v_head_dim), args.kv_lora_rank),
+            "dense weight": (hidden, heads * args.v_head_dim)})
     if megatron_args.moe_layers(args)[index]:
         experts, expert_ffn = args.num_experts, megatron_args.expert_ffn_size(args)
         shared = getattr(args, "moe_shared_expert_intermediate_size", None)
         every_shape.update({
-            "router weight": (experts, hidden), "mlp l0 weight W": (experts, expert_ffn, hidden),
+            "router weight": (experts, hidden), "router expert bias": (experts,), "mlp l0 weight W": (experts, expert_ffn, hidden),
             "mlp l0 weight V": (experts, expert_ffn, hidden), "mlp l1 weight": (experts, hidden, expert_ffn),
             "shared mlp l0 weight W": (shared, hidden), "shared mlp l0 weight V": (shared, hidden),
             "shared mlp l1 weight": (hidden, shared)})

@@ -65,6 +65,16 @@ LOCAL_EXTRA_STATE_MODULES = (
     "mlp.linear_fc1",
     "mlp.linear_fc2",
 )
+# Multi-latent attention: its own linears; TE fuses the latent norms into the up projections and keeps
+# input_layernorm separate.
+MLA_EXTRA_STATE_MODULES = tuple(f"self_attention.linear_{name}" for name in ("q_proj", "q_down_proj", "q_up_proj",
+                                                                             "kv_down_proj", "kv_up_proj"))
+MLA_LOCAL_TO_TE = {
+    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+}
+TE_TO_LOCAL.update({te: local for local, te in MLA_LOCAL_TO_TE.items()})
+LOCAL_EXTRA_STATE_MODULES += MLA_EXTRA_STATE_MODULES
 TE_EXTRA_STATE_MODULES = LOCAL_EXTRA_STATE_MODULES + ("self_attention.core_attention",)
 
 EXTRA_STATE = "._extra_state"
@@ -92,6 +102,8 @@ def local_to_te_state_dict(state, grouped=False):
     out = {}
     layers = set()
     moe = {key[: -len("mlp.router.weight")] for key in state if key.endswith(".mlp.router.weight")}
+    mla = {key[: -len("self_attention.linear_kv_down_proj.weight")] for key in state
+           if key.endswith(".self_attention.linear_kv_down_proj.weight")}
     expert = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)")
     for key, value in state.items():
         match = LAYER_KEY.fullmatch(key)
@@ -99,8 +111,10 @@ def local_to_te_state_dict(state, grouped=False):
             prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
             layers.add(prefix)
             in_expert = expert.fullmatch(rest)
-            if prefix in moe and rest.startswith("pre_mlp_layernorm."):
+            if prefix in moe and rest.startswith("pre_mlp_layernorm.") or prefix in mla and rest.startswith("input_layernorm."):
                 pass
+            elif prefix in mla and rest in MLA_LOCAL_TO_TE:
+                key = prefix + MLA_LOCAL_TO_TE[rest]
             elif in_expert and grouped:
                 if in_expert.group(3) == "_extra_state":
                     out[f"{prefix}mlp.experts.{in_expert.group(2)}{EXTRA_STATE}"] = _te_extra_state()
@@ -479,13 +493,26 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         raise NotImplementedError("harness builds MoE models with dense layers in one pipeline stage only")
     if experts and (getattr(args, "expert_model_parallel_size", 1) or 1) != 1:
         raise NotImplementedError("harness runs EP 1 checkpoints only")
+    routing = {name: getattr(args, name) for name in MOE_ROUTING_ARGS if getattr(args, name, None) is not None}
     moe = dict(num_moe_experts=experts, moe_router_topk=args.moe_router_topk, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False), moe_layer_freq=frequency,
                moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-               moe_aux_loss_coeff=0.0) if experts else {}
+               moe_aux_loss_coeff=0.0, **routing) if experts else {}
     moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router without TransformerEngine
+    mla = getattr(args, "multi_latent_attention", False)
+    config_class, mla_fields = TransformerConfig, {}
+    if mla:
+        from megatron.core.transformer import multi_latent_attention
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    config = TransformerConfig(
+        multi_latent_attention.HAVE_TE = False
+        config_class = MLATransformerConfig
+        mla_fields = {field: getattr(args, name) for field, name in MLA_ARGS if getattr(args, name, None) is not None}
+        mla_fields["q_lora_rank"] = args.q_lora_rank  # None: one query projection
+        mla_fields.setdefault("rope_type", "yarn")  # Megatron-LM's default for MLA
+        mla_fields["rotary_base"] = args.rotary_base
+
+    config = config_class(
         num_layers=num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
@@ -505,12 +532,17 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         attention_dropout=0.0,
         qk_layernorm=getattr(args, "qk_layernorm", False),
         **moe,
+        **mla_fields,
         **minicpm_config_overrides(args),
     )
     if experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm,
+                                        multi_latent_attention=mla)
+    if mla:  # the local core attention rejects MLA's different q/k and v head dims
+        for layer in getattr(spec, "layer_specs", None) or [spec]:
+            layer.submodules.self_attention.submodules.core_attention = _CausalSdpa
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -528,6 +560,32 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     )
     apply_minicpm_multipliers(model, args)
     return model.eval()
+
+
+# Megatron-LM router args passed to TransformerConfig under the same names.
+MOE_ROUTING_ARGS = ("moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_num_groups",
+                    "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size",
+                    "moe_router_dtype")
+# (MLATransformerConfig field, Megatron-LM arg)
+MLA_ARGS = (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"), ("qk_head_dim", "qk_head_dim"),
+            ("qk_pos_emb_head_dim", "qk_pos_emb_head_dim"), ("v_head_dim", "v_head_dim"), ("rope_type", "rope_type"),
+            ("rotary_scaling_factor", "rotary_scaling_factor"), ("mscale", "mscale"),
+            ("mscale_all_dim", "mscale_all_dim"), ("original_max_position_embeddings",
+                                                  "yarn_original_max_position_embeddings"),
+            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"))
+
+
+class _CausalSdpa(torch.nn.Module):
+    """Parameter-free causal attention for MLA on the CPU, honouring the softmax scale MLA computes."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **unused):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, **unused):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [batch, heads, seq, dim]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,6 +760,10 @@ def _load_strictly(model, state, te_names, path, grouped=False):
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     if te_names:
         state = te_to_local_state_dict(state)
+        # TE's MLA down projections are whole on every rank (TELinear, duplicated); the local spec splits them
+        tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        state = {key: torch.chunk(value, tp)[rank] if re.search(r"linear_(q|kv)_down_proj\.weight$", key) else value
+                 for key, value in state.items()}
     state = {
         key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
         for key, value in state.items()
@@ -725,6 +787,10 @@ def _randomize(model, seed, tp_rank):
             else:
                 values = torch.randn(param.shape, generator=generator) * INIT_STD
             param.copy_(values)
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias"):  # a routing bias far enough from 0 to change the choice
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
 def _forward(stages, tokens):

@@ -23,6 +23,20 @@ QWEN3_MOE = plugin.Family(
         "mlp.experts.{}.down_proj.weight"),
     experts=plugin.Experts(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
                            normalize="norm_topk_prob", dense_layers="mlp_only_layers", sparse_step="decoder_sparse_step"))
+# DeepSeek-V3: multi-latent attention; the first layers dense, then MoE with sigmoid scores, a score
+# correction bias (float32), group-limited routing, routed scaling and shared experts.
+DEEPSEEK_V3 = plugin.Family(
+    "deepseek_v3", ("DeepseekV3ForCausalLM",), mla=True, rope_interleaved="rope_interleave",
+    layer=plugin.MLA_ATTENTION + plugin.on_dense_layers(plugin.LLAMA_MLP) + plugin.experts(
+        "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
+        "mlp.experts.{}.down_proj.weight") + (plugin.Tensor("mlp.gate.e_score_correction_bias", "router expert bias",
+                                                            when=plugin.MOE_LAYER),)
+    + plugin.shared_experts("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+                            "mlp.shared_experts.down_proj.weight"),
+    experts=plugin.Experts(count=("n_routed_experts",), ffn="moe_intermediate_size", normalize="norm_topk_prob",
+                           first_dense="first_k_dense_replace", score="sigmoid", expert_bias=True,
+                           groups=("n_group", "topk_group"), scaling="routed_scaling_factor", shared="n_shared_experts"),
+    config={"attention_bias": False})
 # MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (the remote default).
 MINICPM = plugin.Family("minicpm", ("MiniCPMForCausalLM",), tied_by_default=True, mup=True, config={"auto_map": {
     "AutoConfig": "configuration_minicpm.MiniCPMConfig",
@@ -35,6 +49,6 @@ MINICPM = plugin.Family("minicpm", ("MiniCPMForCausalLM",), tied_by_default=True
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
-ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, MINICPM)
+ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM)
 MINICPM_NOTES = ("muP scalars and LongRoPE carried in the Megatron args; --saver llama_hf writes a plain Llama with "
                  "the scalars folded in",)
