@@ -112,7 +112,8 @@ class Experts:
     `sparse_step`: keys of the dense-layer list and of "every Nth layer is MoE"; `first_dense`: key of
     "the first N layers are dense". DeepSeek-style routing: `score` "softmax" or "sigmoid"; `expert_bias`:
     the router has a score-correction bias; `groups`: keys of (group count, groups chosen per token);
-    `scaling`: key of the routed-weight scale; `shared`: key of the shared-expert count (each expert_ffn wide)."""
+    `scaling`: key of the routed-weight scale; `shared`: key of the shared-expert count (each expert_ffn wide);
+    `optional`: the family has dense members too (MiniCPM and MiniCPM-MoE): experts only when the count is set."""
     count: tuple = ("num_local_experts",)
     ffn: str = "intermediate_size"
     normalize: object = True
@@ -124,6 +125,11 @@ class Experts:
     groups: tuple = None
     scaling: str = None
     shared: str = None
+    optional: bool = False
+
+    def in_config(self, config):
+        """Whether a config.json of the family describes experts."""
+        return not self.optional or any(config.get(key) for key in self.count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +160,8 @@ class Family:
     @property
     def settings(self):
         """The Megatron args every model of the family has set (what a format must be able to hold)."""
-        return dict(self.args, num_experts=self.experts is not None, multi_latent_attention=self.mla)
+        return dict(self.args, num_experts=self.experts is not None and not self.experts.optional,
+                    multi_latent_attention=self.mla)
 
     @property
     def architecture(self):
@@ -366,6 +373,12 @@ def moe_args(config, experts, where):
 
 def moe_config(config, args, experts, where="config.json"):
     """Write the args' MoE settings into config.json in the family's spelling (in place)."""
+    if not getattr(args, "num_experts", None):  # a dense model: every layer dense, if the family can say so
+        if experts.optional:
+            return
+        require(experts.first_dense, f"{where}: a model without experts cannot be written as this MoE family")
+        config[experts.first_dense] = args.num_layers
+        return
     count_key = next((key for key in experts.count if key in config), experts.count[0])
     expert_ffn = megatron_args.expert_ffn_size(args)
     config.update({count_key: args.num_experts, "num_experts_per_tok": args.moe_router_topk, experts.ffn: expert_ffn})
@@ -460,7 +473,8 @@ def rope_args(config, where, family):
     if kind == "yarn" and family.mla:
         return dict(fields, **yarn_args(scaling, config, where))
     if kind == "longrope" and family.mup:
-        half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
+        rotated = config.get("qk_rope_head_dim") if family.mla else config.get("head_dim")
+        half = (rotated or config["hidden_size"] // config["num_attention_heads"]) // 2
         for name in ("long_factor", "short_factor"):
             require(len(scaling.get(name) or ()) == half, f"{where}: LongRoPE {name} needs {half} entries")
         fields.update(rope_scaling_type="longrope", long_factor=[float(f) for f in scaling["long_factor"]],
@@ -531,7 +545,7 @@ def args_from_config(config, where, dtype, untied, family, **fields):
             fields[name] = value
     fields.update({arg: config_value(config, key) for key, arg in family.fields.items()
                    if config_value(config, key) is not None})
-    if family.experts:
+    if family.experts and family.experts.in_config(config):
         fields.update(moe_args(config, family.experts, where))
     if family.mla:
         fields.update(mla_args(config, where))
@@ -611,7 +625,7 @@ def config_from_args(args, vocab_size, family):
             set_config_value(config, key, getattr(args, arg))
     if family.mup:
         config.update(zip(MUP_SCALARS, mup_scalars(args)))  # always explicit: the remote defaults are wrong
-    if family.experts and getattr(args, "num_experts", None):
+    if family.experts:
         moe_config(config, args, family.experts)
     if family.mla:
         config.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim,

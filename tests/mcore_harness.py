@@ -663,11 +663,16 @@ def apply_minicpm_multipliers(model, args):
         model.decoder.final_layernorm.register_forward_hook(lambda module, inputs, output: output / divisor)
     choice = minicpm_longrope(args)
     if choice is not None:
-        rotary = model.rotary_pos_emb
-        if len(choice[0]) != rotary.inv_freq.numel():
-            raise ValueError(f"LongRoPE has {len(choice[0])} factors, the rotary embedding {rotary.inv_freq.numel()}")
-        # A plain attribute, read on every (lru-cached) forward: replace it before the first one.
-        rotary.inv_freq = rotary.inv_freq / torch.tensor(choice[0], dtype=rotary.inv_freq.dtype)
+        mla = getattr(args, "multi_latent_attention", False)
+        if mla and choice[1] != 1.0:
+            raise NotImplementedError("harness: a LongRoPE multiplier with multi-latent attention is not supported")
+        # MLA layers each have their own rotary embedding (of the rope part only)
+        for rotary in [layer.self_attention.rotary_pos_emb for layer in model.decoder.layers] if mla else \
+                [model.rotary_pos_emb]:
+            if len(choice[0]) != rotary.inv_freq.numel():
+                raise ValueError(f"LongRoPE has {len(choice[0])} factors, the rotary embedding {rotary.inv_freq.numel()}")
+            # A plain attribute, read on every (lru-cached) forward: replace it before the first one.
+            rotary.inv_freq = rotary.inv_freq / torch.tensor(choice[0], dtype=rotary.inv_freq.dtype)
     return model
 
 

@@ -186,6 +186,13 @@ def make_minicpm_folder(folder, config, *, seed=0, dtype=torch.bfloat16, with_lm
         state[prefix + "self_attn.v_proj.weight"] = weight(kv_heads * dim, hidden)
         state[prefix + "self_attn.o_proj.weight"] = weight(hidden, heads * dim)
         state[prefix + "post_attention_layernorm.weight"] = norm()
+        if config.get("num_experts"):  # MiniCPM-MoE: a router and w1 (gate), w3 (up), w2 (down) per expert
+            state[prefix + "mlp.gate.weight"] = weight(config["num_experts"], hidden)
+            for e in range(config["num_experts"]):
+                state[prefix + f"mlp.experts.{e}.w1.weight"] = weight(inter, hidden)
+                state[prefix + f"mlp.experts.{e}.w3.weight"] = weight(inter, hidden)
+                state[prefix + f"mlp.experts.{e}.w2.weight"] = weight(hidden, inter)
+            continue
         state[prefix + "mlp.gate_proj.weight"] = weight(inter, hidden)
         state[prefix + "mlp.up_proj.weight"] = weight(inter, hidden)
         state[prefix + "mlp.down_proj.weight"] = weight(hidden, inter)
@@ -247,13 +254,29 @@ def minicpm_logits(state_dict, config, tokens):
             attn = (scores @ v).transpose(1, 2).reshape(batch, seq, heads * dim)
             h = h + (attn @ w[p + "self_attn.o_proj.weight"].T) * depth
             x = _rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
-            gate = torch.nn.functional.silu(x @ w[p + "mlp.gate_proj.weight"].T)
-            mlp = (gate * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-            h = h + mlp * depth
+            h = h + (_moe(x, w, p, config) if config.get("num_experts") else _swiglu(x, w, p + "mlp.", "gate_proj",
+                                                                                      "up_proj", "down_proj")) * depth
         h = _rms_norm(h, w["model.norm.weight"], eps)
         untied = not is_tied(config) and "lm_head.weight" in w
         head = w["lm_head.weight"] if untied else w["model.embed_tokens.weight"]
         return (h / (config["hidden_size"] / scalar(config, "dim_model_base"))) @ head.T
+
+
+def _swiglu(x, w, prefix, gate, up, down):
+    return (torch.nn.functional.silu(x @ w[f"{prefix}{gate}.weight"].T) * (x @ w[f"{prefix}{up}.weight"].T)) \
+        @ w[f"{prefix}{down}.weight"].T
+
+
+def _moe(x, w, prefix, config):
+    """MiniCPM-MoE's MLP (vLLM's MiniCPMMoE): softmax router, top-k experts, weights renormalised."""
+    probs = torch.softmax(x @ w[prefix + "mlp.gate.weight"].T, dim=-1)
+    top, chosen = probs.topk(config["num_experts_per_tok"], dim=-1)
+    top = top / top.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(config["num_experts"]):
+        weight = (top * (chosen == e)).sum(dim=-1, keepdim=True)  # 0 where expert e is not chosen
+        out = out + weight * _swiglu(x, w, f"{prefix}mlp.experts.{e}.", "w1", "w3", "w2")
+    return out
 
 
 def _rms_norm(x, weight, eps):

@@ -72,6 +72,14 @@ def test_logits_in_megatron_core_and_bit_exact_back(tmp_path, impl, overrides):
     to_hf(megatron, back)
     assert_bit_identical(source, back)
     assert read_config(back) == read_config(source)
+    for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):  # as if Megatron had made it
+        state = torch.load(rank, weights_only=False)
+        del state["args"].hf_config_json, state["args"].hf_source_dir
+        torch.save(state, rank)
+    to_hf(megatron, tmp_path / "from-args")
+    assert read_config(tmp_path / "from-args")["model_type"] == read_config(source)["model_type"]  # MLA (+ muP)
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from-args").eval()
+    torch.testing.assert_close(hf_logits(rebuilt, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
 
 
 def test_pipeline_and_expert_parallel_bf16_round_trip(tmp_path):
@@ -135,3 +143,39 @@ def test_bad_mla_input_is_one_line(tmp_path):
     assert "multi_latent_attention cannot be written as legacy" in error_line(process)
     for out in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / out).exists()
+
+
+# MiniCPM3's shape (MLA with rotate-half rope, muP scalars, LongRoPE, tied), scaled down.
+MINICPM3 = dict(BASE, num_key_value_heads=4, rms_norm_eps=1e-6, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, scale_emb=12, scale_depth=1.4, dim_model_base=16,
+                tie_word_embeddings=True, max_position_embeddings=256,
+                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+                                 "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.0, 1.6, 2.9, 5.3]})
+
+
+def test_minicpm3_logits_with_mup_in_megatron_core_and_bit_exact_back(tmp_path):
+    """MiniCPM3 through --loader minicpm_hf: megatron-core with the muP multipliers and LongRoPE factors
+    from the written args gives transformers' MiniCPM3 logits; back with --saver hf, bit-exact."""
+    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    torch.manual_seed(0)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(transformers.MiniCPM3Config(**MINICPM3)), 0).eval()
+    model.save_pretrained(source)
+    convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", megatron,
+            "--target-tensor-parallel-size", 2, "--saver-transformer-impl", "local")
+    args = torch.load(megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
+    assert (args.scale_emb, args.scale_depth, args.dim_model_base, args.short_factor) == (12, 1.4, 16,
+                                                                                         [1.0, 1.3, 2.1, 3.7])
+    tokens = tokens_for(VOCAB)
+    logits = mcore_logits(megatron / "iter_0000001", tokens)
+    torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
+    to_hf(megatron, back)
+    assert_bit_identical(source, back)
+    assert read_config(back) == read_config(source)
+    for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):  # as if Megatron had made it
+        state = torch.load(rank, weights_only=False)
+        del state["args"].hf_config_json, state["args"].hf_source_dir
+        torch.save(state, rank)
+    to_hf(megatron, tmp_path / "from-args")
+    assert read_config(tmp_path / "from-args")["model_type"] == read_config(source)["model_type"]  # MLA (+ muP)
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from-args").eval()
+    torch.testing.assert_close(hf_logits(rebuilt, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)

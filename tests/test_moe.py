@@ -139,13 +139,19 @@ def test_bad_moe_input_is_one_line(tmp_path):
     state["args"].moe_router_score_function = "sigmoid"
     torch.save(state, rank)
     assert "moe_router_score_function 'sigmoid' (softmax only)" in error_line(to_hf(megatron, tmp_path / "o1", ok=False))
+    assert "--hf-model-type gpt2: this saver writes llama, " in \
+        error_line(to_hf(megatron, tmp_path / "o3", "--hf-model-type", "gpt2", ok=False))
+    dense = tmp_path / "dense"
+    make_model(dense, transformers.Qwen3Config(**dict(BASE, head_dim=32)))
+    assert "--moe-grouped-gemm for a model without experts" in \
+        error_line(to_mcore(dense, tmp_path / "o4", "--moe-grouped-gemm", ok=False))
     config = read_config(source)
     config["num_local_experts"] = 5  # the weights hold 4
     (source / "config.json").write_text(json.dumps(config))
     line = error_line(to_mcore(source, tmp_path / "o2", ok=False))
     assert "model.safetensors: model.layers.0.block_sparse_moe.gate.weight has shape [4, 64], config.json implies " \
            "[5, 64]" in line
-    for out in ("ep3", "dist", "o1", "o2"):
+    for out in ("ep3", "dist", "o1", "o2", "o3", "o4"):
         assert not (tmp_path / out).exists()
 
 

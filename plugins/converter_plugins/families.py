@@ -38,17 +38,28 @@ DEEPSEEK_V3 = plugin.Family(
                            groups=("n_group", "topk_group"), scaling="routed_scaling_factor", shared="n_shared_experts"),
     config={"attention_bias": False})
 # MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (the remote default).
-MINICPM = plugin.Family("minicpm", ("MiniCPMForCausalLM",), tied_by_default=True, mup=True, config={"auto_map": {
+# MiniCPM-MoE (same model_type and code, with num_experts): every layer's MLP a softmax top-k renormalised
+# mixture of experts named w1 (gate), w3 (up), w2 (down), as vLLM's loader reads them.
+MINICPM = plugin.Family(
+    "minicpm", ("MiniCPMForCausalLM",), tied_by_default=True, mup=True,
+    layer=plugin.LLAMA_ATTENTION + plugin.on_dense_layers(plugin.LLAMA_MLP) + plugin.experts(
+        "mlp.gate.weight", "mlp.experts.{}.w1.weight", "mlp.experts.{}.w3.weight", "mlp.experts.{}.w2.weight"),
+    experts=plugin.Experts(count=("num_experts",), optional=True), config={"auto_map": {
     "AutoConfig": "configuration_minicpm.MiniCPMConfig",
     "AutoModel": "modeling_minicpm.MiniCPMModel",
     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
     "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
     "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
 }})
+# MiniCPM3: DeepSeek's multi-latent attention with rotate-half rope (its rows are reordered for
+# Megatron-Core), a dense MLP and MiniCPM's muP scalars; tied unless the config says otherwise.
+MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_interleaved=False, mup=True,
+                         tied_by_default=True, layer=plugin.MLA_ATTENTION + plugin.LLAMA_MLP,
+                         config={"attention_bias": False})
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
-MINICPM_FAMILIES = plugin.by_model_type(MINICPM)
+MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
-ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM)
+ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM, MINICPM3)
 MINICPM_NOTES = ("muP scalars and LongRoPE carried in the Megatron args; --saver llama_hf writes a plain Llama with "
                  "the scalars folded in",)
