@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, hf_family, megatron_args, protocol, vocab
+from converter_core import flags, hf_family, megatron_args, protocol, vocab, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder
@@ -167,6 +167,7 @@ def save(queue, args, families):
     hidden = margs.hidden_size
     code_folder, code_files = remote_code_source(args, margs, config, where)
     staged = StagedFolder(args.save_dir)
+    pool = workers.Workers(getattr(args, "workers", 1))
     try:
         def stored(name):
             return torch.float32 if name in float32 else dtype
@@ -175,7 +176,8 @@ def save(queue, args, families):
                                        args.max_shard_size)
 
         def write(name, tensor, factor=1):
-            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(stored(name)))
+            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(stored(name)),
+                         pool.submit)
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
@@ -199,6 +201,7 @@ def save(queue, args, families):
             write(family.output_layer, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
             receiver.check_consumed(message)
         receiver.done()
+        pool.finish()
         writer.finish()
         copy_side_files(args, staged.path)
         for name in code_files:
@@ -210,7 +213,10 @@ def save(queue, args, families):
             write_json(staged.path / "generation_config.json", generation)
         staged.commit()
     except BaseException:
-        staged.abandon()
+        try:
+            pool.abandon()
+        finally:
+            staged.abandon()
         raise
     if fold:
         protocol.report("note", message=f"folded MiniCPM's muP scalars into the weights for "

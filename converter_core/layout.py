@@ -17,9 +17,9 @@ def hf_qkv_to_megatron(q, k, v, num_heads, num_groups, head_dim):
     """Interleave HF q/k/v (weights or biases) into Megatron's per-query-group [q..., k, v] rows."""
     per_group = num_heads // num_groups
     tail = q.shape[1:]
-    grouped = torch.cat([q.reshape(num_groups, per_group * head_dim, *tail),
-                         k.reshape(num_groups, head_dim, *tail),
-                         v.reshape(num_groups, head_dim, *tail)], dim=1)
+    grouped = cat_shared([q.reshape(num_groups, per_group * head_dim, *tail),
+                          k.reshape(num_groups, head_dim, *tail),
+                          v.reshape(num_groups, head_dim, *tail)], dim=1)
     return grouped.reshape(-1, *tail)
 
 
@@ -44,31 +44,49 @@ def interleave_rope_rows(tensor, block, rope, inverse=False):
     return torch.cat([kept, rows], dim=1).reshape(tensor.shape)
 
 
-def split(tensor, kind, tp):
-    """The tp shards of a full tensor. For SWIGLU pass the pair (W, V)."""
+def shard_parts(tensor, kind, tp):
+    """Per TP rank, the views whose rows make its shard (SwiGLU: [W_r; V_r]); nothing is copied, so a
+    writer can assemble each shard where and when it writes it. For SWIGLU pass the pair (W, V)."""
     if kind == REPLICATED:
-        return [tensor] * tp
-    if kind == COLUMN:
-        return [t.contiguous() for t in torch.chunk(tensor, tp, dim=0)]
-    if kind == ROW:
-        return [t.contiguous() for t in torch.chunk(tensor, tp, dim=1)]
+        return [(tensor,)] * tp
+    if kind in (COLUMN, ROW):
+        return [(t,) for t in torch.chunk(tensor, tp, dim=0 if kind == COLUMN else 1)]
     if kind == SWIGLU:
         w, v = tensor
-        return [torch.cat([w_r, v_r], dim=0) for w_r, v_r in zip(torch.chunk(w, tp), torch.chunk(v, tp))]
+        return list(zip(torch.chunk(w, tp), torch.chunk(v, tp)))
     raise ValueError(kind)
 
 
+def assemble(parts):
+    """One contiguous tensor from shard_parts' views."""
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def split(tensor, kind, tp):
+    """The tp shards of a full tensor. For SWIGLU pass the pair (W, V)."""
+    return [assemble(parts) for parts in shard_parts(tensor, kind, tp)]
+
+
+def cat_shared(tensors, dim=0):
+    """torch.cat into shared memory. Loaders build their messages this way: the queue sends a shared
+    tensor as it is, instead of copying a private one into shared memory (one pass and one copy of
+    the largest tensors fewer)."""
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.cat(tensors, dim=dim, out=torch.empty(shape, dtype=tensors[0].dtype).share_memory_())
+
+
 def merge(shards, kind):
-    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V)."""
+    """The full tensor from its tp shards (in shared memory); for SWIGLU returns the pair (W, V)."""
     if kind == REPLICATED:
         return shards[0]
     if kind == COLUMN:
-        return torch.cat(shards, dim=0)
+        return cat_shared(shards, dim=0)
     if kind == ROW:
-        return torch.cat(shards, dim=1)
+        return cat_shared(shards, dim=1)
     if kind == SWIGLU:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+        return cat_shared([h[0] for h in halves]), cat_shared([h[1] for h in halves])
     raise ValueError(kind)
 
 

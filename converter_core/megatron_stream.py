@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, layout, megatron_args, megatron_schema, output, protocol, vocab
+from converter_core import flags, layout, megatron_args, megatron_schema, output, protocol, vocab, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.output import StagedFolder
@@ -57,8 +57,9 @@ class RankFilesSink:
 
     per_rank = True
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
         self.save_dir, self.schema = Path(save_dir), schema
+        self.workers = workers.Workers(workers_count)
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.staged = _staged_iteration(save_dir, iteration)
         self.files, self.models = {}, {}
@@ -71,7 +72,7 @@ class RankFilesSink:
                     self.models[t, p, e] = {}
 
     def put(self, stage, path, tensor, kind, ep_ranks=None):
-        for t, shard in enumerate(layout.split(tensor, kind, self.tp)):
+        for t, shard in enumerate(layout.shard_parts(tensor, kind, self.tp)):  # assembled by the writer
             for e in range(self.ep) if ep_ranks is None else ep_ranks:
                 megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
@@ -82,9 +83,9 @@ class RankFilesSink:
                 megatron_schema.place(self.models[t, stage, e], path, stored)
 
     def _write(self, rank, tensor):
+        """Write a tensor into rank file `rank` (on that file's worker); return its stand-in."""
         file = self.files[rank]
-        with output.writing(file.path):
-            return file.tensor(tensor)
+        return file.tensor(tensor, lambda job: self.workers.submit(rank, lambda: _writing(file.path, job)))
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
         if not experts:
@@ -101,6 +102,7 @@ class RankFilesSink:
         self.put_value(stage, self.schema.layer(local, name), value)
 
     def finish(self, args):
+        self.workers.finish()
         for rank, file in self.files.items():
             with output.writing(file.path):
                 file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
@@ -109,7 +111,16 @@ class RankFilesSink:
         rank_files.write_tracker(self.save_dir, self.iteration)
 
     def abandon(self):
-        self.staged.abandon()
+        try:
+            self.workers.abandon()
+        finally:
+            self.staged.abandon()
+
+
+def _writing(path, job):
+    """Run a write job, failures named after `path` (output.writing)."""
+    with output.writing(path):
+        job()
 
 
 class TorchDistSink:
@@ -120,8 +131,9 @@ class TorchDistSink:
 
     per_rank = False
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
+        self.workers = workers.Workers(min(workers_count, 2))  # one data file: a writer beside the receiver
         kinds = megatron_args.moe_layers(args)
         self.per_layer_keys = any(kinds) and not all(kinds)
         self.experts = args.num_experts or 0
@@ -130,11 +142,14 @@ class TorchDistSink:
         self.staged = _staged_iteration(save_dir, iteration)
         self.writer = torch_dist.DistWriter(self.staged.path)
 
+    def _submit(self, job):
+        """Chunks go into one file in order: one worker writes them all."""
+        self.workers.submit(self.writer.handle.name, lambda: _writing(self.writer.handle.name, job))
+
     def put(self, stage, path, tensor, kind):
         key = ".".join(path)
         self.writer.declare(key, tensor.dtype, tensor.shape)
-        with output.writing(self.writer.handle.name):
-            self.writer.write_chunk(key, tensor, (0,) * tensor.dim())
+        self._submit(lambda: self.writer.write_chunk(key, tensor, (0,) * tensor.dim()))
 
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
@@ -152,10 +167,12 @@ class TorchDistSink:
         if self.per_layer_keys or index == 0:
             self.writer.declare(key, tensor.dtype, (*lead, *tensor.shape))
         parts = enumerate(tensor) if experts else [(None, tensor)]
-        with output.writing(self.writer.handle.name):
+
+        def job():
             for expert, part in parts:
                 at = offset + (() if expert is None else (expert,))
                 self.writer.write_chunk(key, part.reshape((1,) * len(at) + part.shape), at + (0,) * part.dim())
+        self._submit(job)
 
     def put_layer_value(self, index, stage, local, name, value):
         module = name.removesuffix("._extra_state")
@@ -168,10 +185,10 @@ class TorchDistSink:
         if expert:
             lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
         shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
-        with output.writing(self.writer.handle.name):
-            self.writer.write_object(f"{key}/{shard}", [value])
+        self._submit(lambda: self.writer.write_object(f"{key}/{shard}", [value]))
 
     def finish(self, args):
+        self.workers.finish()
         with output.writing(self.staged.path):
             self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
                                 "num_floating_point_operations_so_far": 0,
@@ -181,8 +198,11 @@ class TorchDistSink:
         rank_files.write_tracker(self.save_dir, self.iteration)
 
     def abandon(self):
-        self.writer.abandon()
-        self.staged.abandon()
+        try:
+            self.workers.abandon()
+        finally:
+            self.writer.abandon()
+            self.staged.abandon()
 
 
 SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}
@@ -244,7 +264,7 @@ def save(queue, args, schema, ckpt_format="torch"):
         naming = megatron_args.plain_copy(margs)
         naming.moe_grouped_gemm = False
 
-    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep)
+    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep, getattr(args, "workers", 1))
     try:
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")

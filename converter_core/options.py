@@ -4,7 +4,7 @@ parse serves the command line (argv) and the Python API (keyword arguments), so 
 import argparse
 from pathlib import Path
 
-from converter_core import flags, plugins
+from converter_core import flags, plugins, workers
 from converter_core.errors import EXIT_USAGE, ConversionError
 
 
@@ -31,6 +31,9 @@ def base_parser(add_help=True, required=True):
     parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
     parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder")
     parser.add_argument("--save-dir", type=str, required=required, help="output folder")
+    parser.add_argument("--workers", type=flags.positive_int, default=workers.default_count(),
+                        help="threads each of our savers writes with (default: the CPUs, at most "
+                             f"{workers.MAX_DEFAULT_WORKERS}); 1 writes inline. The output is the same either way")
     parser.add_argument("--max-queue-size", type=flags.queue_size, default=2,
                         help="messages (one per layer) in flight between loader and saver, 0 for no limit; "
                              "convert.py's default is 50, ours 2 so memory stays at a few layers")

@@ -1,12 +1,16 @@
-"""Throughput and peak memory of each conversion direction on a synthetic ~1B-parameter Llama (bf16),
-side by side with `cp -r` of the same files in the same run (the physical floor on this machine).
+"""Throughput, cores used and peak memory of each conversion direction on a synthetic bf16 Llama, side by
+side with `cp -r` of the same files in the same run (the physical floor on this machine), and with
+`cp -r` + `sync`, the floor for our savers, which fsync what they write.
 
-Run: python scripts/benchmark.py [work folder] [--max-queue-size N]   (needs psutil: pip install -e '.[test]')
-Prints a markdown table; docs/performance.md records a run.
+Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
+     [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
+(needs psutil: pip install -e '.[test]'). Prints a markdown table; docs/performance.md records runs.
 """
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -18,16 +22,23 @@ import psutil
 import torch
 from safetensors.torch import save_file
 
-CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
-              num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
-              max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-              torch_dtype="bfloat16", hidden_act="silu")
+# Shapes: the 0.89 B model of earlier runs, and Llama-3-8B's widths (vocabulary 128256) with few layers.
+PRESETS = {"0.9b": dict(hidden=2048, ffn=5632, heads=16, kv_heads=8, vocab=32000, layers=16),
+           "8b": dict(hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256, layers=4)}
 
 
-def make_model(folder):
+def config_for(shape):
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=shape["hidden"],
+                intermediate_size=shape["ffn"], num_hidden_layers=shape["layers"],
+                num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
+                max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                torch_dtype="bfloat16", hidden_act="silu")
+
+
+def make_model(folder, config):
     """Random bf16 weights written one shard per 4 layers, so making them never holds the whole model."""
     folder.mkdir(parents=True)
-    c = CONFIG
+    c = config
     hidden, ffn, head_dim = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * head_dim
     generator = torch.Generator().manual_seed(0)
@@ -51,8 +62,14 @@ def make_model(folder):
         name = f"model-{number:05d}-of-{count:05d}.safetensors"
         save_file(shard, folder / name, metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
+        shard.clear()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def largest_tensor_bytes(config):
+    c = config
+    return 2 * max(c["vocab_size"] * c["hidden_size"], c["intermediate_size"] * c["hidden_size"])
 
 
 def folder_bytes(folder):
@@ -85,8 +102,10 @@ def memory(process):
 
 
 def measure(command):
-    """(seconds, peak private memory summed over the processes, peak shared memory of one process,
-    peak RSS summed over the processes), in bytes."""
+    """(seconds, CPU seconds, peak private memory summed over the process tree, peak shared memory of one
+    process, peak RSS summed), in seconds and bytes. CPU time comes from getrusage of the waited-for
+    children, which includes the loader and saver the converter itself waits for."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     private = shared = resident = 0
@@ -100,47 +119,77 @@ def measure(command):
         resident = max(resident, sum(s[2] for s in sizes))
         time.sleep(0.02)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if process.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
-    return seconds, private, shared, resident
+    return seconds, cpu, private, shared, resident
+
+
+RUNS = {  # name: (source, target, flags), folders relative to the work folder
+    "hf-mcore": ("HF -> mcore torch (TP2 PP2)", "hf", "mcore",
+                 ["--loader", "llama_hf", "--saver", "mcore", "--target-tensor-parallel-size", "2",
+                  "--target-pipeline-parallel-size", "2"]),
+    "mcore-hf": ("mcore torch -> HF", "mcore", "hf-back", ["--loader", "mcore", "--saver", "llama_hf"]),
+    "mcore-mcore": ("mcore torch -> mcore torch (TP1 PP1)", "mcore", "mcore-tp1",
+                    ["--loader", "mcore", "--saver", "mcore", "--target-tensor-parallel-size", "1",
+                     "--target-pipeline-parallel-size", "1"]),
+    "hf-dist": ("HF -> torch_dist", "hf", "dist", ["--loader", "llama_hf", "--saver", "mcore", "--ckpt-format",
+                                                   "torch_dist"]),
+    "dist-hf": ("torch_dist -> HF", "dist", "hf-from-dist", ["--loader", "mcore", "--saver", "llama_hf"]),
+}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("work", nargs="?", default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="0.9b")
+    for name in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab"):
+        parser.add_argument(f"--{name}", type=int, help=f"overrides the preset's {name}")
     parser.add_argument("--max-queue-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="passed to the converter (default: its own)")
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="directions to run (default: all)")
     options = parser.parse_args()
+    shape = dict(PRESETS[options.preset])
+    shape.update({k: v for k, v in (("layers", options.layers), ("hidden", options.hidden), ("ffn", options.ffn),
+                                    ("heads", options.heads), ("kv_heads", options.kv_heads), ("vocab", options.vocab))
+                  if v is not None})
+    config = config_for(shape)
     work = Path(options.work or tempfile.mkdtemp(prefix="converter-core-bench-"))
     source = work / "hf"
+    if source.exists() and json.loads((source / "config.json").read_text()) != config:
+        shutil.rmtree(work)  # another shape's files: start over
     if not source.exists():
-        make_model(source)
-    convert = [sys.executable, "-m", "converter_core", "--model-type", "GPT", "--max-queue-size", str(options.max_queue_size)]
-    runs = [
-        ("HF -> mcore torch (TP2 PP2)", source, work / "mcore", ["--loader", "llama_hf", "--saver", "mcore",
-                                                                  "--target-tensor-parallel-size", "2",
-                                                                  "--target-pipeline-parallel-size", "2"]),
-        ("mcore torch -> HF", work / "mcore", work / "hf-back", ["--loader", "mcore", "--saver", "llama_hf"]),
-        ("mcore torch -> mcore torch (TP1 PP1)", work / "mcore", work / "mcore-tp1",
-         ["--loader", "mcore", "--saver", "mcore", "--target-tensor-parallel-size", "1",
-          "--target-pipeline-parallel-size", "1"]),
-        ("HF -> torch_dist", source, work / "dist", ["--loader", "llama_hf", "--saver", "mcore", "--ckpt-format", "torch_dist"]),
-        ("torch_dist -> HF", work / "dist", work / "hf-from-dist", ["--loader", "mcore", "--saver", "llama_hf"]),
-    ]
-    model_bytes = folder_bytes(source)
-    print(f"model: {model_bytes / 1e9:.2f} GB of bf16 safetensors ({model_bytes // 2 / 1e9:.2f} B parameters), "
-          f"--max-queue-size {options.max_queue_size}, {psutil.cpu_count()} CPUs\n")
-    print("| direction | read GB | seconds | GB/s | `cp -r` seconds | time / cp | peak private memory (Private_Dirty, summed) | peak shared memory (queue) | peak RSS, summed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, load, save, flags in runs:
+        make_model(source, config)
+    convert = [sys.executable, "-m", "converter_core", "--model-type", "GPT", "--max-queue-size",
+               str(options.max_queue_size)] + (["--workers", str(options.workers)] if options.workers else [])
+    model_bytes, largest = folder_bytes(source), largest_tensor_bytes(config)
+    print(f"model: {model_bytes / 1e9:.2f} GB of bf16 safetensors ({model_bytes // 2 / 1e9:.2f} B parameters; "
+          f"{shape}), largest tensor {largest / 2**30:.2f} GiB, memory goal 2 x largest + 0.5 GiB = "
+          f"{(2 * largest + 2**29) / 2**30:.2f} GiB; --max-queue-size {options.max_queue_size}, "
+          f"--workers {options.workers or 'default'}, {psutil.cpu_count()} CPUs\n")
+    print("| direction | read GB | seconds | GB/s | `cp -r` s | time / cp | `cp -r` + `sync` s | time / (cp + sync) | "
+          "CPU s / wall s | peak private (summed) | peak shared (queue) | peak RSS, summed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in options.only or RUNS:
+        name, load, save, flags = RUNS[key]
+        load, save = work / load, work / save
         for folder in (save, work / "copy"):
             shutil.rmtree(folder, ignore_errors=True)
+        os.sync()  # nothing earlier left to flush into the timed sync
         warm(load)
         copy_seconds = measure(["cp", "-r", str(load), str(work / "copy")])[0]
-        seconds, private, shared, resident = measure(convert + ["--load-dir", str(load), "--save-dir", str(save)] + flags)
+        sync_seconds = measure(["sync"])[0]
+        shutil.rmtree(work / "copy", ignore_errors=True)
+        os.sync()
+        warm(load)
+        seconds, cpu, private, shared, resident = measure(convert + ["--load-dir", str(load), "--save-dir", str(save)]
+                                                          + flags)
         size = folder_bytes(load)
+        floor = copy_seconds + sync_seconds
         print(f"| {name} | {size / 1e9:.2f} | {seconds:.1f} | {size / 1e9 / seconds:.2f} | {copy_seconds:.1f} | "
-              f"{seconds / copy_seconds:.1f}x | {private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | "
-              f"{resident / 2**30:.2f} GiB |", flush=True)
+              f"{seconds / copy_seconds:.1f}x | {floor:.1f} | {seconds / floor:.1f}x | {cpu / seconds:.2f} | "
+              f"{private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB |", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
 
 

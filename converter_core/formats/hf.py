@@ -179,16 +179,26 @@ class PlannedSafetensors:
         self._fds[file] = os.open(self.folder / file, flags, 0o644)
         return self._fds[file]
 
-    def write(self, name, tensor):
+    def write(self, name, tensor, run=None):
+        """Write tensor `name`; with `run`, the writing is a job handed to run(file, job)."""
         require(name in self.where, f"{self.folder}: tensor {name} is not part of the planned output")
         require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         file, offset, dtype, shape = self.where[name]
         require(tensor.dtype == dtype and tuple(tensor.shape) == shape,
                 f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        self.pending.discard(name)
+        job = lambda: self._write(file, offset, tensor)  # noqa: E731
+        job() if run is None else run(file, job)
+
+    def _write(self, file, offset, tensor):
+        """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         with output.writing(self.folder / file):
-            _pwrite_all(self._fd(file), data, offset)
-        self.pending.discard(name)
+            fd = os.open(self.folder / file, os.O_WRONLY)
+            try:
+                _pwrite_all(fd, data, offset)
+            finally:
+                os.close(fd)
 
     def finish(self):
         require(not self.pending, f"{self.folder}: output incomplete, never received {sorted(self.pending)[:3]}")

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy
 import torch
-from torch.distributed.checkpoint import filesystem
-from torch.distributed.checkpoint import metadata as dcp
 
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
@@ -31,6 +29,18 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 DCP_METADATA = ".metadata"
 COMMON = "common.pt"
 DATA_FILE = "__0_0.distcp"
+
+
+def _dcp():
+    """torch.distributed.checkpoint's metadata classes, imported when a torch_dist checkpoint is read or
+    written (the package takes about half a second to import; other conversions never need it)."""
+    from torch.distributed.checkpoint import metadata
+    return metadata
+
+
+def _dcp_filesystem():
+    from torch.distributed.checkpoint import filesystem
+    return filesystem
 
 
 def is_dist_checkpoint(folder):
@@ -136,12 +146,12 @@ class DistReader:
                 metadata = _MetadataUnpickler(handle).load()
         except Exception as error:  # whatever a damaged pickle raises
             raise ConversionError(f"{path}: unreadable DCP metadata ({type(error).__name__}: {error})") from None
-        require(isinstance(metadata, dcp.Metadata) and isinstance(metadata.state_dict_metadata, dict)
+        require(isinstance(metadata, _dcp().Metadata) and isinstance(metadata.state_dict_metadata, dict)
                 and isinstance(metadata.storage_data, dict), f"{path}: not DCP metadata")
-        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, dcp.TensorStorageMetadata)}
+        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, _dcp().TensorStorageMetadata)}
         self.storage = {}
         for index, info in metadata.storage_data.items():
-            require(isinstance(index, dcp.MetadataIndex) and isinstance(info, filesystem._StorageInfo),
+            require(isinstance(index, _dcp().MetadataIndex) and isinstance(info, _dcp_filesystem()._StorageInfo),
                     f"{path}: a storage entry is not DCP's MetadataIndex -> _StorageInfo")
             fqn, offsets = getattr(index, "fqn", None), getattr(index, "offset", None)
             where = f"{path}: storage entry of {fqn!r:.60}"
@@ -185,7 +195,7 @@ class DistReader:
         dtype = meta.properties.dtype
         require(index is None or meta.size and 0 <= index < meta.size[0], f"{self.where}: {key} has no index {index}")
         shape = tuple(meta.size) if index is None else tuple(meta.size)[1:]
-        result = torch.empty(shape, dtype=dtype)
+        result = torch.empty(shape, dtype=dtype).share_memory_()  # sent on the loader's queue without a copy
         for chunk in meta.chunks:  # checked: in bounds, and together covering `result` exactly once
             offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
             if index is not None and not offsets[0] <= index < offsets[0] + sizes[0]:
@@ -304,7 +314,7 @@ class DistWriter:
         self.storage = {}
 
     def declare(self, key, dtype, shape):
-        self.state[key] = dcp.TensorStorageMetadata(dcp.TensorProperties(dtype=dtype), torch.Size(shape), [])
+        self.state[key] = _dcp().TensorStorageMetadata(_dcp().TensorProperties(dtype=dtype), torch.Size(shape), [])
 
     def write_chunk(self, key, tensor, offsets):
         meta = self.state[key]
@@ -316,26 +326,26 @@ class DistWriter:
         finally:
             torch.serialization.set_crc32_options(True)
         offsets = torch.Size(offsets)
-        meta.chunks.append(dcp.ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
-        self.storage[dcp.MetadataIndex(key, offsets)] = filesystem._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+        meta.chunks.append(_dcp().ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
+        self.storage[_dcp().MetadataIndex(key, offsets)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
 
     def write_object(self, key, value):
         """A Megatron ShardedObject: torch.save of its value, stored as bytes."""
         start = self.handle.tell()
         torch.save(value, self.handle)
-        self.state[key] = dcp.BytesStorageMetadata()
-        self.storage[dcp.MetadataIndex(key)] = filesystem._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+        self.state[key] = _dcp().BytesStorageMetadata()
+        self.storage[_dcp().MetadataIndex(key)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
 
     def finish(self, common):
         for key, meta in self.state.items():
-            if isinstance(meta, dcp.TensorStorageMetadata):
+            if isinstance(meta, _dcp().TensorStorageMetadata):
                 covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
                 require(covered == meta.size.numel(), f"{self.folder}: {key} was not written completely")
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
-        metadata = dcp.Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
-                                storage_meta=dcp.StorageMeta(), version="1.0.0")
+        metadata = _dcp().Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
+                                storage_meta=_dcp().StorageMeta(), version="1.0.0")
         with open(self.folder / DCP_METADATA, "wb") as handle:
             pickle.dump(metadata, handle)
         torch_file.save(self.folder / COMMON, common)

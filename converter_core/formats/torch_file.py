@@ -12,6 +12,7 @@ import argparse
 import collections
 import enum
 import io
+import math
 import pickle
 import signal
 import sys
@@ -78,17 +79,25 @@ class StreamingTorchFile:
         self._writer = torch._C.PyTorchFileWriter(self.path, False, torch.serialization._get_storage_alignment())
         self._count = 0
 
-    def tensor(self, tensor):
-        """Write `tensor`'s bytes; return a stand-in to place in the object passed to close()."""
-        tensor = tensor.detach().cpu().contiguous()
+    def tensor(self, tensor, run=None):
+        """Write `tensor`'s bytes (a tensor, or a tuple of tensors whose rows are concatenated as written);
+        return a stand-in to place in the object passed to close(). With `run`, the writing is a job
+        handed to it (records are numbered now, so jobs must run in order)."""
+        parts = tensor if isinstance(tensor, tuple) else (tensor,)
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else parts[0].shape
         key = str(self._count)
         self._count += 1
+        job = lambda: self._write(key, torch.cat(parts) if len(parts) > 1 else parts[0])  # noqa: E731
+        job() if run is None else run(job)
+        return _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape)
+
+    def _write(self, key, tensor):
+        tensor = tensor.detach().cpu().contiguous()
+        start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
         storage = tensor.untyped_storage()
-        if tensor.storage_offset() != 0 or storage.nbytes() != tensor.nbytes:
-            tensor = tensor.clone()
-            storage = tensor.untyped_storage()
-        self._writer.write_record(f"data/{key}", storage, tensor.nbytes)
-        return _TensorRef(_StorageRef(key, tensor.dtype, tensor.numel()), tensor.shape)
+        if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
+            storage = storage[start:start + size]
+        self._writer.write_record(f"data/{key}", storage, size)
 
     def close(self, obj):
         buffer = io.BytesIO()

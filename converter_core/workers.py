@@ -1,0 +1,78 @@
+"""Background writing for the savers (`--workers N`).
+
+Writing is most of a conversion's time. A saver hands each write to a worker thread, so the bytes go
+to disk while the next tensors are received and reshaped, and several files are written at once
+(file writes and tensor copies release the GIL). Writes to one file keep their order on one thread,
+so the output is byte-identical to writing inline, which is what one worker does.
+"""
+
+import os
+import queue
+import threading
+
+# Jobs a worker may be behind before the saver waits: bounds the memory held by pending writes.
+BACKLOG = 2
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_count():
+    """The CPUs this process may use, capped: beyond a few writers the disk is the limit."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_WORKERS))
+
+
+class Workers:
+    """Runs jobs (callables) on `count` threads; jobs with the same key run in submission order on the
+    same thread. With one worker every job runs inline, at submit. The first failure is re-raised in the
+    saver's thread at the next submit or at finish(); later jobs are skipped."""
+
+    def __init__(self, count):
+        self.count = max(1, int(count or 1))
+        self.error = None
+        self.owner = {}
+        self.queues = [queue.Queue(maxsize=BACKLOG) for _ in range(self.count if self.count > 1 else 0)]
+        self.threads = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"converter-writer-{i}")
+                        for i, q in enumerate(self.queues)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, key, job):
+        if not self.queues:
+            job()
+            return
+        self._raise_failure()
+        index = self.owner.setdefault(key, len(self.owner) % self.count)
+        self.queues[index].put(job)
+
+    def _run(self, jobs):
+        while (job := jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as error:  # re-raised in the saver's thread
+                    self.error = error
+
+    def _raise_failure(self):
+        if self.error is not None:
+            raise self.error
+
+    def _stop(self):
+        for jobs in self.queues:
+            jobs.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.queues, self.threads = [], []
+
+    def finish(self):
+        """Wait until every job has run; re-raise the first failure."""
+        self._stop()
+        self._raise_failure()
+
+    def abandon(self):
+        """Skip what is still queued and wait for the running jobs (the output is being removed)."""
+        if self.error is None:
+            self.error = RuntimeError("abandoned")
+        self._stop()

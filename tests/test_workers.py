@@ -1,0 +1,30 @@
+"""`--workers N`: our savers write with N threads (rank files and safetensors shards at once, torch_dist
+beside the receiver); the files are byte-identical to the single-worker path."""
+
+import torch
+
+from helpers import convert, make_hf_model
+
+
+def files_of(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_four_workers_write_the_same_bytes_as_one(tmp_path):
+    source = tmp_path / "hf"
+    make_hf_model(source, "llama", torch.bfloat16)
+    outputs = {}
+    for workers in (1, 4):
+        out = tmp_path / f"w{workers}"
+        common = ("--workers", workers)
+        convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", out / "ranks",
+                "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2, *common)
+        convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", out / "dist",
+                "--ckpt-format", "torch_dist", *common)
+        convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", out / "ranks", "--save-dir", out / "hf",
+                "--max-shard-size", "100KB", *common)
+        outputs[workers] = files_of(out)
+    assert len(outputs[1]) >= 15  # 4 rank files and trackers, the torch_dist files, several safetensors shards
+    assert outputs[1].keys() == outputs[4].keys()
+    different = [str(name) for name in outputs[1] if outputs[1][name] != outputs[4][name]]
+    assert not different
