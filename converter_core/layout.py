@@ -96,6 +96,19 @@ def padded_vocab_size(vocab_size, divisible_by, tp):
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def vocab_shard_parts(table, rows, tp):
+    """shard_parts of resize_vocab(table, rows) split over TP, without building the resized table: each
+    rank's rows are a view of `table`, plus the repeated last row where its slice passes the end."""
+    per_rank, parts = rows // tp, []
+    for rank in range(tp):
+        start, stop = rank * per_rank, (rank + 1) * per_rank
+        kept = table[start:stop]
+        padding = (table[-1:].expand(stop - max(start, table.shape[0]), *table.shape[1:]),) \
+            if stop > table.shape[0] else ()
+        parts.append(((kept,) if kept.shape[0] else ()) + padding)
+    return parts
+
+
 def resize_vocab(table, rows):
     """Trim or pad a vocab-sized table to `rows`; padding repeats the last row, as Megatron's saver does."""
     if table.shape[0] >= rows:

@@ -76,6 +76,13 @@ class RankFilesSink:
             for e in range(self.ep) if ep_ranks is None else ep_ranks:
                 megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
+    def put_vocab(self, stage, path, table, rows):
+        """A vocabulary table resized to `rows` and split over TP, one slice per rank as it is written:
+        the resized table itself is never built (layout.vocab_shard_parts)."""
+        for t, shard in enumerate(layout.vocab_shard_parts(table, rows, self.tp)):
+            for e in range(self.ep):
+                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
+
     def put_value(self, stage, path, value):
         for t in range(self.tp):
             for e in range(self.ep):
@@ -150,6 +157,9 @@ class TorchDistSink:
         key = ".".join(path)
         self.writer.declare(key, tensor.dtype, tensor.shape)
         self._submit(lambda: self.writer.write_chunk(key, tensor, (0,) * tensor.dim()))
+
+    def put_vocab(self, stage, path, table, rows):
+        self.put(stage, path, layout.resize_vocab(table, rows), layout.COLUMN)  # one chunk, as before
 
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
@@ -269,19 +279,19 @@ def save(queue, args, schema, ckpt_format="torch"):
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
         receiver.check_consumed(message)
+        rows = table.shape[0]
         if md.true_vocab_size:
             divisible = md.make_vocab_size_divisible_by or margs.make_vocab_size_divisible_by or 128
-            table = layout.resize_vocab(table, layout.padded_vocab_size(md.true_vocab_size, divisible, tp))
+            rows = layout.padded_vocab_size(md.true_vocab_size, divisible, tp)
             margs.vocab_size = md.true_vocab_size
         else:
             protocol.report("note", message="Original vocab size not specified, leaving embedding table as-is.")
-            require(table.shape[0] % tp == 0,
-                    f"{where}: {table.shape[0]} vocabulary rows do not split over TP {tp}; give --true-vocab-size")
-        margs.padded_vocab_size = table.shape[0]
+            require(rows % tp == 0, f"{where}: {rows} vocabulary rows do not split over TP {tp}; give --true-vocab-size")
+        margs.padded_vocab_size = rows
         table = table.to(dtype)
-        sink.put(0, schema.word_embeddings, table, layout.COLUMN)
+        sink.put_vocab(0, schema.word_embeddings, table, rows)
         if not md.output_layer and pp > 1 and sink.per_rank:
-            sink.put(last, schema.tied_output_layer, table, layout.COLUMN)
+            sink.put_vocab(last, schema.tied_output_layer, table, rows)
 
         for index in range(md.num_layers):
             message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
@@ -302,10 +312,9 @@ def save(queue, args, schema, ckpt_format="torch"):
             message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, margs.hidden_size)})
             weight = message.pop("weight")
             receiver.check_consumed(message)
-            weight = layout.resize_vocab(weight, margs.padded_vocab_size) if md.true_vocab_size else weight
-            require(weight.shape[0] == margs.padded_vocab_size,
+            require(md.true_vocab_size or weight.shape[0] == margs.padded_vocab_size,
                     f"{where}: output layer has {weight.shape[0]} rows, embeddings {margs.padded_vocab_size}")
-            sink.put(last, schema.output_layer, weight.to(dtype), layout.COLUMN)
+            sink.put_vocab(last, schema.output_layer, weight.to(dtype), margs.padded_vocab_size)
         for path, value in schema.last_stage_values().items():
             sink.put_value(last, path, value)
         receiver.done()
