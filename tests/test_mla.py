@@ -48,6 +48,22 @@ def to_hf(source, target, *flags, ok=True):
     return convert("--loader", "mcore", "--saver", "hf", "--load-dir", source, "--save-dir", target, *flags, ok=ok)
 
 
+def assert_back_and_from_args(source, megatron, model, tokens, tmp_path):
+    """mcore -> HF is bit-exact with the same config.json; with the HF config deleted from the args (as if
+    Megatron had made the checkpoint) the saver picks the same family from MLA (+ muP), with the logits."""
+    to_hf(megatron, tmp_path / "back")
+    assert_bit_identical(source, tmp_path / "back")
+    assert read_config(tmp_path / "back") == read_config(source)
+    for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):
+        state = torch.load(rank, weights_only=False)
+        del state["args"].hf_config_json, state["args"].hf_source_dir
+        torch.save(state, rank)
+    to_hf(megatron, tmp_path / "from-args")
+    assert read_config(tmp_path / "from-args")["model_type"] == read_config(source)["model_type"]
+    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from-args").eval()
+    torch.testing.assert_close(hf_logits(rebuilt, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("impl,overrides", [
     ("local", {}),
     # TE names (latent norms fused into the up projections, down projections whole on each rank), one
@@ -55,7 +71,7 @@ def to_hf(source, target, *flags, ok=True):
     ("transformer_engine", {"q_lora_rank": None, "rope_interleave": False, "rope_scaling": YARN}),
 ])
 def test_logits_in_megatron_core_and_bit_exact_back(tmp_path, impl, overrides):
-    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    source, megatron = tmp_path / "hf", tmp_path / "mcore"
     model = make_model(source, **overrides)
     to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--saver-transformer-impl", impl)
     state = torch.load(megatron / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
@@ -69,17 +85,7 @@ def test_logits_in_megatron_core_and_bit_exact_back(tmp_path, impl, overrides):
     tokens = tokens_for(VOCAB)
     logits = mcore_logits(megatron / "iter_0000001", tokens, te_names=impl != "local")
     torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
-    to_hf(megatron, back)
-    assert_bit_identical(source, back)
-    assert read_config(back) == read_config(source)
-    for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):  # as if Megatron had made it
-        state = torch.load(rank, weights_only=False)
-        del state["args"].hf_config_json, state["args"].hf_source_dir
-        torch.save(state, rank)
-    to_hf(megatron, tmp_path / "from-args")
-    assert read_config(tmp_path / "from-args")["model_type"] == read_config(source)["model_type"]  # MLA (+ muP)
-    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from-args").eval()
-    torch.testing.assert_close(hf_logits(rebuilt, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
+    assert_back_and_from_args(source, megatron, model, tokens, tmp_path)
 
 
 def test_pipeline_and_expert_parallel_bf16_round_trip(tmp_path):
@@ -156,7 +162,7 @@ MINICPM3 = dict(BASE, num_key_value_heads=4, rms_norm_eps=1e-6, q_lora_rank=32, 
 def test_minicpm3_logits_with_mup_in_megatron_core_and_bit_exact_back(tmp_path):
     """MiniCPM3 through --loader minicpm_hf: megatron-core with the muP multipliers and LongRoPE factors
     from the written args gives transformers' MiniCPM3 logits; back with --saver hf, bit-exact."""
-    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    source, megatron = tmp_path / "hf", tmp_path / "mcore"
     torch.manual_seed(0)
     model = randomize(transformers.AutoModelForCausalLM.from_config(transformers.MiniCPM3Config(**MINICPM3)), 0).eval()
     model.save_pretrained(source)
@@ -168,14 +174,4 @@ def test_minicpm3_logits_with_mup_in_megatron_core_and_bit_exact_back(tmp_path):
     tokens = tokens_for(VOCAB)
     logits = mcore_logits(megatron / "iter_0000001", tokens)
     torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
-    to_hf(megatron, back)
-    assert_bit_identical(source, back)
-    assert read_config(back) == read_config(source)
-    for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):  # as if Megatron had made it
-        state = torch.load(rank, weights_only=False)
-        del state["args"].hf_config_json, state["args"].hf_source_dir
-        torch.save(state, rank)
-    to_hf(megatron, tmp_path / "from-args")
-    assert read_config(tmp_path / "from-args")["model_type"] == read_config(source)["model_type"]  # MLA (+ muP)
-    rebuilt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from-args").eval()
-    torch.testing.assert_close(hf_logits(rebuilt, tokens), hf_logits(model, tokens), atol=1e-5, rtol=0)
+    assert_back_and_from_args(source, megatron, model, tokens, tmp_path)
