@@ -91,7 +91,7 @@ def test_source_is_never_modified(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("--target-tensor-parallel-size", "0"), ("--target-pipeline-parallel-size", "-1"),
                                         ("--max-queue-size", "lots"), ("--true-vocab-size", "abc"),
-                                        ("--make-vocab-size-divisible-by", "0")])
+                                        ("--make-vocab-size-divisible-by", "0"), ("--workers", "0")])
 def test_bad_flag_values_stop_before_anything_runs(tmp_path, flag, value):
     source = tmp_path / "hf"
     make_hf_model(source, num_hidden_layers=2)
