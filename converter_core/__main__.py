@@ -1,4 +1,4 @@
-from converter_core.cli import main
+from converter_core.cli import program
 
 if __name__ == "__main__":
-    main()
+    program()

@@ -73,13 +73,23 @@ def cat_shared(tensors, dim=0):
     the largest tensors fewer)."""
     shape = list(tensors[0].shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.cat(tensors, dim=dim, out=torch.empty(shape, dtype=tensors[0].dtype).share_memory_())
+    return torch.cat(tensors, dim=dim, out=empty_shared(shape, tensors[0].dtype))
+
+
+def empty_shared(shape, dtype):
+    """An uninitialised tensor in shared memory (share_memory_() would first copy the empty one there)."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def merge(shards, kind):
-    """The full tensor from its tp shards (in shared memory); for SWIGLU returns the pair (W, V)."""
+    """The full tensor from its tp shards (in shared memory); for SWIGLU returns the pair (W, V). One
+    shard is returned as it is (views of it for SWIGLU): a view of a mapped source file crosses the
+    queue as a reference (file_refs), with no copy at all."""
     if kind == REPLICATED:
         return shards[0]
+    if len(shards) == 1:
+        return tuple(torch.chunk(shards[0], 2, dim=0)) if kind == SWIGLU else shards[0]
     if kind == COLUMN:
         return cat_shared(shards, dim=0)
     if kind == ROW:

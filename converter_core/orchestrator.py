@@ -15,7 +15,7 @@ from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
-from converter_core import output, protocol
+from converter_core import file_refs, output, protocol
 from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted
 from converter_core.protocol import EXIT
 
@@ -78,6 +78,8 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.stall_seconds = getattr(args, "stall_timeout", None) or None
     protocol.set_event_sink(events.put)
+    if role == "loader":
+        file_refs.send_by_reference()
     try:
         try:
             function(queue, args)

@@ -6,13 +6,40 @@ to disk while the next tensors are received and reshaped, and several files are 
 so the output is byte-identical to writing inline, which is what one worker does.
 """
 
+import math
 import os
 import queue
 import threading
 
+import torch
+
 # Jobs a worker may be behind before the saver waits: bounds the memory held by pending writes.
 BACKLOG = 2
 MAX_DEFAULT_WORKERS = 8
+# Gathers up to this size reuse their thread's buffer; larger ones (a padded vocabulary slice) get
+# memory of their own, freed after the write, so no thread keeps a table-sized buffer.
+SCRATCH_LIMIT = 1 << 28
+_scratch = threading.local()
+
+
+def contiguous(parts):
+    """The rows of `parts` (a tensor, or a tuple of tensors) as one contiguous tensor, valid only until
+    this thread's next call: a writer uses it at once. A tensor already contiguous is returned as it is;
+    anything else is copied into a buffer the thread reuses, because filling freshly mapped memory
+    costs about four times the copy itself (page faults), for every SwiGLU pair and row slice."""
+    parts = tuple(part.cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
+    if len(parts) == 1 and parts[0].is_contiguous():
+        return parts[0]
+    first = parts[0]
+    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    size = math.prod(shape) * first.element_size()
+    if size > SCRATCH_LIMIT:
+        return torch.cat(parts) if len(parts) > 1 else first.contiguous()
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
+    out = buffer[:size].view(first.dtype).view(shape)
+    return torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
 
 
 def default_count():

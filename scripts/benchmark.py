@@ -1,6 +1,7 @@
 """Throughput, cores used and peak memory of each conversion direction on a synthetic bf16 Llama, side by
 side with `cp -r` of the same files in the same run (the physical floor on this machine), and with
 `cp -r` + `sync`, the floor for our savers, which fsync what they write (each the best of three runs).
+Each conversion runs twice: once timed, once with the memory probe (which needs CPU time of its own).
 
 Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
      [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
@@ -101,14 +102,18 @@ def memory(process):
     return fields["Private_Dirty"], shmem, fields["Rss"]
 
 
-def measure(command):
+def measure(command, probe=False):
     """(seconds, CPU seconds, peak private memory summed over the process tree, peak shared memory of one
     process, peak RSS summed), in seconds and bytes. CPU time comes from getrusage of the waited-for
-    children, which includes the loader and saver the converter itself waits for."""
+    children, which includes the loader and saver the converter itself waits for. Memory is probed (every
+    20 ms through /proc) only with `probe`: the probe itself takes CPU time a 2-CPU machine lacks, so
+    times are taken from a run without it."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     private = shared = resident = 0
+    if not probe:
+        process.wait()
     while process.poll() is None:
         try:
             sizes = [memory(p) for p in [process] + process.children(recursive=True)]
@@ -185,10 +190,14 @@ def main():
             floors.append((copy + measure(["sync"])[0], copy))
             shutil.rmtree(work / "copy", ignore_errors=True)
         floor, copy_seconds = min(floors)
+        command = convert + ["--load-dir", str(load), "--save-dir", str(save)] + flags
         os.sync()
         warm(load)
-        seconds, cpu, private, shared, resident = measure(convert + ["--load-dir", str(load), "--save-dir", str(save)]
-                                                          + flags)
+        seconds, cpu = measure(command)[:2]
+        shutil.rmtree(save)
+        os.sync()
+        warm(load)
+        private, shared, resident = measure(command, probe=True)[2:]
         size = folder_bytes(load)
         print(f"| {name} | {size / 1e9:.2f} | {seconds:.1f} | {size / 1e9 / seconds:.2f} | {copy_seconds:.1f} | "
               f"{seconds / copy_seconds:.1f}x | {floor:.1f} | {seconds / floor:.1f}x | {cpu / seconds:.2f} | "

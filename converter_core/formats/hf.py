@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter_core import output
+from converter_core import file_refs, output, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
@@ -50,6 +50,7 @@ class HFWeights:
                     self._open[path] = safe_open(str(path), framework="pt")
                 except Exception as error:
                     raise ConversionError(f"{path}: unreadable safetensors file ({error})") from None
+                file_refs.register_source(path)  # get_tensor returns views of safetensors' mapping
             else:
                 self._open[path] = _BinFile(path)
         return self._open[path]
@@ -192,7 +193,7 @@ class PlannedSafetensors:
 
     def _write(self, file, offset, tensor):
         """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = workers.contiguous(tensor.detach()).reshape(-1).view(torch.uint8).numpy()
         with output.writing(self.folder / file):
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
+from converter_core import file_refs, layout
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
@@ -195,11 +196,13 @@ class DistReader:
         dtype = meta.properties.dtype
         require(index is None or meta.size and 0 <= index < meta.size[0], f"{self.where}: {key} has no index {index}")
         shape = tuple(meta.size) if index is None else tuple(meta.size)[1:]
-        result = torch.empty(shape, dtype=dtype).share_memory_()  # sent on the loader's queue without a copy
-        for chunk in meta.chunks:  # checked: in bounds, and together covering `result` exactly once
-            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-            if index is not None and not offsets[0] <= index < offsets[0] + sizes[0]:
-                continue
+        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks
+                  if index is None or c.offsets[0] <= index < c.offsets[0] + c.sizes[0]]
+        if len(chunks) == 1 and chunks[0][1] == ((1,) if index is not None else ()) + shape:
+            view = self._chunk(key, *chunks[0], dtype)  # the chunk is exactly the tensor: send its mapping
+            return view if index is None else view[0]  # (a file reference on our queue, no copy)
+        result = layout.empty_shared(shape, dtype)  # sent on the loader's queue without a copy
+        for offsets, sizes in chunks:  # checked: in bounds, and together covering `result` exactly once
             view = self._chunk(key, offsets, sizes, dtype)
             if index is not None:
                 view, offsets, sizes = view[index - offsets[0]], offsets[1:], sizes[1:]
@@ -275,6 +278,7 @@ def _mapped_tensor(path, start, length, sizes, dtype):
     require(storage.dtype == dtype and size == tuple(sizes), f"{path}: chunk is {storage.dtype} {list(size)}, "
             f"the metadata says {dtype} {list(sizes)}")
     nbytes = record.file_size
+    file_refs.register_source(path)  # mapped read-only: nothing can write into its tensors
     mapped = numpy.memmap(path, dtype=numpy.uint8, mode="r", offset=data_start, shape=(nbytes,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory: we never write through it

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from converter_core import file_refs, workers
 from converter_core.errors import ConversionError
 from converter_core.formats.untrusted import regular_file
 
@@ -87,12 +88,12 @@ class StreamingTorchFile:
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else parts[0].shape
         key = str(self._count)
         self._count += 1
-        job = lambda: self._write(key, torch.cat(parts) if len(parts) > 1 else parts[0])  # noqa: E731
+        job = lambda: self._write(key, workers.contiguous(parts))  # noqa: E731
         job() if run is None else run(job)
         return _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape)
 
     def _write(self, key, tensor):
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach()
         start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
         storage = tensor.untyped_storage()
         if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
@@ -184,6 +185,8 @@ def load(path, mmap=True):
     if refused:
         raise ConversionError(f"{path}: refusing to unpickle {', '.join(refused)}: it could run code")
     allowed = list(SAFE_CLASSES.values()) + [(_stand_in(g), g) for g in unsafe if g.startswith(STAND_IN_MODULES)]
+    if mmap:
+        file_refs.register_source(path)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
