@@ -153,13 +153,15 @@ class TorchDistSink:
         """Chunks go into one file in order: one worker writes them all."""
         self.workers.submit(self.writer.handle.name, lambda: _writing(self.writer.handle.name, job))
 
-    def put(self, stage, path, tensor, kind):
-        key = ".".join(path)
-        self.writer.declare(key, tensor.dtype, tensor.shape)
-        self._submit(lambda: self.writer.write_chunk(key, tensor, (0,) * tensor.dim()))
+    def put(self, stage, path, tensor, kind, shape=None):
+        """One whole tensor as one chunk; `tensor` may be a tuple of parts (rows concatenated, of `shape`)."""
+        key, shape = ".".join(path), shape or tuple(tensor.shape)
+        self.writer.declare(key, (tensor[0] if isinstance(tensor, tuple) else tensor).dtype, shape)
+        self._submit(lambda: self.writer.write_chunk(key, tensor, (0,) * len(shape)))
 
     def put_vocab(self, stage, path, table, rows):
-        self.put(stage, path, layout.resize_vocab(table, rows), layout.COLUMN)  # one chunk, as before
+        """One padded chunk, written from the table and its repeated last row (never a padded copy)."""
+        self.put(stage, path, layout.vocab_shard_parts(table, rows, 1)[0], layout.COLUMN, (rows, *table.shape[1:]))
 
     def put_value(self, stage, path, value):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
@@ -172,16 +174,17 @@ class TorchDistSink:
         return key, (self.num_layers,), (index,)
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
-        tensor = torch.cat(value, dim=1 if experts else 0) if kind == layout.SWIGLU else value
+        halves = tuple(value) if kind == layout.SWIGLU else (value,)  # SwiGLU's [W; V] is written, not built
+        axis, first = int(experts), halves[0]
+        shape = (*first.shape[:axis], sum(half.shape[axis] for half in halves), *first.shape[axis + 1:])
         key, lead, offset = self._key(index, name)
         if self.per_layer_keys or index == 0:
-            self.writer.declare(key, tensor.dtype, (*lead, *tensor.shape))
-        parts = enumerate(tensor) if experts else [(None, tensor)]
+            self.writer.declare(key, first.dtype, (*lead, *shape))
+        chunks = [((e,), tuple(half[e] for half in halves)) for e in range(shape[0])] if experts else [((), halves)]
 
         def job():
-            for expert, part in parts:
-                at = offset + (() if expert is None else (expert,))
-                self.writer.write_chunk(key, part.reshape((1,) * len(at) + part.shape), at + (0,) * part.dim())
+            for expert, parts in chunks:
+                self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim())
         self._submit(job)
 
     def put_layer_value(self, index, stage, local, name, value):
@@ -195,7 +198,9 @@ class TorchDistSink:
         if expert:
             lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
         shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
-        self._submit(lambda: self.writer.write_object(f"{key}/{shard}", [value]))
+        name = f"{key}/{shard}"  # one string object for both entries: the pickled metadata shares it
+        self.writer.declare_object(name)
+        self._submit(lambda: self.writer.write_object(name, [value]))
 
     def finish(self, args):
         self.workers.finish()

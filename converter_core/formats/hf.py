@@ -198,6 +198,7 @@ class PlannedSafetensors:
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:
                 _pwrite_all(fd, data, offset)
+                output.start_writeback(fd, offset, data.nbytes)
             finally:
                 os.close(fd)
 

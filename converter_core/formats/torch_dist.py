@@ -320,24 +320,30 @@ class DistWriter:
     def declare(self, key, dtype, shape):
         self.state[key] = _dcp().TensorStorageMetadata(_dcp().TensorProperties(dtype=dtype), torch.Size(shape), [])
 
-    def write_chunk(self, key, tensor, offsets):
+    def write_chunk(self, key, parts, offsets):
+        """The chunk of `key` at `offsets`: the rows of `parts` (a tensor, or a tuple whose rows are
+        concatenated as written, e.g. SwiGLU's W and V), with leading axes of size 1 for the offsets
+        beyond its own dimensions. The bytes torch.save would write, written from views."""
+        parts = parts if isinstance(parts, tuple) else (parts,)
         meta = self.state[key]
-        require(tensor.dtype == meta.properties.dtype, f"{key}: chunk dtype {tensor.dtype} is not {meta.properties.dtype}")
+        require(parts[0].dtype == meta.properties.dtype, f"{key}: chunk dtype {parts[0].dtype} is not {meta.properties.dtype}")
+        rows = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else tuple(parts[0].shape)
+        shape = (1,) * (len(offsets) - len(rows)) + rows
         start = self.handle.tell()
-        torch.serialization.set_crc32_options(False)  # as torch_file: unchecked by torch.load, and slow
-        try:
-            torch.save(tensor.detach().contiguous(), self.handle)
-        finally:
-            torch.serialization.set_crc32_options(True)
+        torch_file.StreamingTorchFile(self.handle).save_tensor(parts, shape)
         offsets = torch.Size(offsets)
-        meta.chunks.append(_dcp().ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(tensor.shape)))
+        meta.chunks.append(_dcp().ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(shape)))
         self.storage[_dcp().MetadataIndex(key, offsets)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
 
+    def declare_object(self, key):
+        """Entries are declared in the receiving thread, in message order (writing is a worker's), so the
+        metadata lists them in the same order however the writing was timed."""
+        self.state[key] = _dcp().BytesStorageMetadata()
+
     def write_object(self, key, value):
-        """A Megatron ShardedObject: torch.save of its value, stored as bytes."""
+        """A Megatron ShardedObject (declared first): torch.save of its value, stored as bytes."""
         start = self.handle.tell()
         torch.save(value, self.handle)
-        self.state[key] = _dcp().BytesStorageMetadata()
         self.storage[_dcp().MetadataIndex(key)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
 
     def finish(self, common):

@@ -13,14 +13,15 @@ import collections
 import enum
 import io
 import math
+import os
 import pickle
 import signal
 import sys
 
 import torch
 
-from converter_core import file_refs, workers
-from converter_core.errors import ConversionError
+from converter_core import file_refs, output, workers
+from converter_core.errors import ConversionError, require
 from converter_core.formats.untrusted import regular_file
 
 _STORAGE_TYPE_NAMES = torch.storage._dtype_to_storage_type_map()
@@ -34,16 +35,17 @@ class _StorageRef:
 class _TensorRef:
     """Pickles exactly as torch pickles a contiguous tensor whose storage was already written."""
 
-    def __init__(self, storage, shape):
-        self.storage, self.shape = storage, tuple(shape)
+    def __init__(self, storage, shape, plain_size=False):
+        self.storage, self.shape, self.plain_size = storage, tuple(shape), plain_size
 
     def __reduce_ex__(self, protocol):
         stride, running = [], 1
         for size in reversed(self.shape):
             stride.insert(0, running)
             running *= size
+        size = self.shape if self.plain_size else torch.Size(self.shape)  # torch.save's is a plain tuple
         return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, torch.Size(self.shape), tuple(stride), False, collections.OrderedDict()))
+                (self.storage, 0, size, tuple(stride), False, collections.OrderedDict()))
 
 
 class _Pickler(pickle._Pickler):
@@ -75,17 +77,27 @@ class StreamingTorchFile:
     """One torch.save file built piece by piece: `tensor()` writes bytes now, `close(obj)` writes the pickle."""
 
     def __init__(self, path):
-        self.path = str(path)
+        """`path`: a file name, or a binary file open for writing (the archive goes at its position)."""
+        into_file = hasattr(path, "write")
+        self.path = path.name if into_file else str(path)
         # No CRC32: torch.load never checks it, and computing it made writing four times slower.
-        self._writer = torch._C.PyTorchFileWriter(self.path, False, torch.serialization._get_storage_alignment())
+        self._writer = torch._C.PyTorchFileWriter(path if into_file else self.path, False,
+                                                  torch.serialization._get_storage_alignment())
+        self._flush = path.flush if into_file else lambda: None
+        self._fd = path.fileno() if into_file else os.open(self.path, os.O_RDONLY)  # for start_writeback
+        self._own_fd = not into_file
+        self._written = os.fstat(self._fd).st_size  # where the disk's writeback has been started up to
         self._count = 0
 
-    def tensor(self, tensor, run=None):
+    def tensor(self, tensor, run=None, shape=None):
         """Write `tensor`'s bytes (a tensor, or a tuple of tensors whose rows are concatenated as written);
-        return a stand-in to place in the object passed to close(). With `run`, the writing is a job
-        handed to it (records are numbered now, so jobs must run in order)."""
+        return a stand-in to place in the object passed to close(), of `shape` if given (the same elements,
+        e.g. with leading axes of size 1). With `run`, the writing is a job handed to it (records are
+        numbered now, so jobs must run in order)."""
         parts = tensor if isinstance(tensor, tuple) else (tensor,)
-        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else parts[0].shape
+        rows = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else parts[0].shape
+        shape = rows if shape is None else shape
+        require(math.prod(shape) == math.prod(rows), f"{self.path}: {list(rows)} written as {list(shape)}")
         key = str(self._count)
         self._count += 1
         job = lambda: self._write(key, workers.contiguous(parts))  # noqa: E731
@@ -99,8 +111,27 @@ class StreamingTorchFile:
         if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
             storage = storage[start:start + size]
         self._writer.write_record(f"data/{key}", storage, size)
+        self._start_writeback()
+
+    def _start_writeback(self):
+        self._flush()
+        end = os.fstat(self._fd).st_size
+        output.start_writeback(self._fd, self._written, end - self._written)
+        self._written = end
+
+    def save_tensor(self, parts, shape):
+        """The archive holds one tensor (the rows of `parts`, as `shape`), laid out byte for byte as
+        torch.save lays it out: the pickle first, then the bytes; then it is closed."""
+        dtype = (parts[0] if isinstance(parts, tuple) else parts).dtype
+        self._write_pickle(_TensorRef(_StorageRef(str(self._count), dtype, math.prod(shape)), shape, plain_size=True))
+        self.tensor(parts, shape=shape)
+        self._end()
 
     def close(self, obj):
+        self._write_pickle(obj)
+        self._end()
+
+    def _write_pickle(self, obj):
         buffer = io.BytesIO()
         _Pickler(buffer, protocol=2).dump(obj)
         data = buffer.getvalue()
@@ -109,8 +140,13 @@ class StreamingTorchFile:
         alignment = str(torch.serialization._get_storage_alignment())
         self._writer.write_record(".storage_alignment", alignment, len(alignment))
         self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def _end(self):
         self._writer.write_end_of_file()
         self._writer = None
+        self._start_writeback()
+        if self._own_fd:
+            os.close(self._fd)
 
 
 _STAND_IN_CLASSES = {}
