@@ -61,13 +61,34 @@ _METADATA_CLASSES = {
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
 
 
+class _Record:
+    """What the reader keeps of an object of one of DCP's classes: its pickled fields, as attributes.
+    Reading a checkpoint then needs no import of torch.distributed.checkpoint (0.6-1 s of every run);
+    only writing one does, since Megatron must unpickle the real classes."""
+
+    def __init__(self, *args):  # DCP's enums are pickled as a call with their value
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif type(self).__name__ == "TensorProperties":  # pickled as (dtype, layout, requires_grad, ...)
+            self.dtype = state[0]
+        else:
+            self.state = state
+
+
+_RECORDS = {name: type(name, (_Record,), {}) for module, name in _METADATA_CLASSES
+            if module.startswith("torch.distributed.checkpoint.")}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata holds dataclasses of torch.distributed.checkpoint, torch sizes and dtypes;
-    nothing else may be constructed from an untrusted file."""
+    """DCP's .metadata holds dataclasses of torch.distributed.checkpoint (read as _Records), torch sizes
+    and dtypes; nothing else may be constructed from an untrusted file."""
 
     def find_class(self, module, name):
         if "." not in name and (module, name) in _METADATA_CLASSES:
-            return super().find_class(module, name)
+            return _RECORDS[name] if name in _RECORDS else super().find_class(module, name)
         if module == "torch" and "." not in name and isinstance(getattr(torch, name, None),
                                                                 (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
@@ -147,12 +168,14 @@ class DistReader:
                 metadata = _MetadataUnpickler(handle).load()
         except Exception as error:  # whatever a damaged pickle raises
             raise ConversionError(f"{path}: unreadable DCP metadata ({type(error).__name__}: {error})") from None
-        require(isinstance(metadata, _dcp().Metadata) and isinstance(metadata.state_dict_metadata, dict)
-                and isinstance(metadata.storage_data, dict), f"{path}: not DCP metadata")
-        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, _dcp().TensorStorageMetadata)}
+        require(isinstance(metadata, _RECORDS["Metadata"])
+                and isinstance(getattr(metadata, "state_dict_metadata", None), dict)
+                and isinstance(getattr(metadata, "storage_data", None), dict), f"{path}: not DCP metadata")
+        self.tensors = {k: v for k, v in metadata.state_dict_metadata.items()
+                        if isinstance(v, _RECORDS["TensorStorageMetadata"])}
         self.storage = {}
         for index, info in metadata.storage_data.items():
-            require(isinstance(index, _dcp().MetadataIndex) and isinstance(info, _dcp_filesystem()._StorageInfo),
+            require(isinstance(index, _RECORDS["MetadataIndex"]) and isinstance(info, _RECORDS["_StorageInfo"]),
                     f"{path}: a storage entry is not DCP's MetadataIndex -> _StorageInfo")
             fqn, offsets = getattr(index, "fqn", None), getattr(index, "offset", None)
             where = f"{path}: storage entry of {fqn!r:.60}"
