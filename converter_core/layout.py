@@ -57,6 +57,13 @@ def shard_parts(tensor, kind, tp):
     raise ValueError(kind)
 
 
+def rows_shape(parts):
+    """The shape of assemble(parts) (a tuple of tensors whose rows are concatenated), without building it."""
+    if len(parts) == 1:
+        return tuple(parts[0].shape)
+    return (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+
+
 def assemble(parts):
     """One contiguous tensor from shard_parts' views."""
     return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()

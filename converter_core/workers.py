@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from converter_core import layout
+
 # Jobs a worker may be behind before the saver waits: bounds the memory held by pending writes.
 BACKLOG = 2
 MAX_DEFAULT_WORKERS = 8
@@ -30,8 +32,7 @@ def contiguous(parts):
     parts = tuple(part.cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
     if len(parts) == 1 and parts[0].is_contiguous():
         return parts[0]
-    first = parts[0]
-    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    first, shape = parts[0], layout.rows_shape(parts)
     size = math.prod(shape) * first.element_size()
     if size > SCRATCH_LIMIT:
         return torch.cat(parts) if len(parts) > 1 else first.contiguous()

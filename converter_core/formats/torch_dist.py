@@ -350,7 +350,7 @@ class DistWriter:
         parts = parts if isinstance(parts, tuple) else (parts,)
         meta = self.state[key]
         require(parts[0].dtype == meta.properties.dtype, f"{key}: chunk dtype {parts[0].dtype} is not {meta.properties.dtype}")
-        rows = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else tuple(parts[0].shape)
+        rows = layout.rows_shape(parts)
         shape = (1,) * (len(offsets) - len(rows)) + rows
         start = self.handle.tell()
         torch_file.StreamingTorchFile(self.handle).save_tensor(parts, shape)

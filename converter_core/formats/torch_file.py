@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from converter_core import file_refs, output, workers
+from converter_core import file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats.untrusted import regular_file
 
@@ -95,7 +95,7 @@ class StreamingTorchFile:
         e.g. with leading axes of size 1). With `run`, the writing is a job handed to it (records are
         numbered now, so jobs must run in order)."""
         parts = tensor if isinstance(tensor, tuple) else (tensor,)
-        rows = (sum(part.shape[0] for part in parts), *parts[0].shape[1:]) if len(parts) > 1 else parts[0].shape
+        rows = layout.rows_shape(parts)
         shape = rows if shape is None else shape
         require(math.prod(shape) == math.prod(rows), f"{self.path}: {list(rows)} written as {list(shape)}")
         key = str(self._count)
