@@ -181,7 +181,8 @@ class PlannedSafetensors:
         return self._fds[file]
 
     def write(self, name, tensor, run=None):
-        """Write tensor `name`; with `run`, the writing is a job handed to run(file, job)."""
+        """Write tensor `name`; with `run`, the writing is a job handed to run(name, job): each tensor has
+        its planned place (pwrite), so the tensors of one shard may be written by several threads."""
         require(name in self.where, f"{self.folder}: tensor {name} is not part of the planned output")
         require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         file, offset, dtype, shape = self.where[name]
@@ -189,7 +190,7 @@ class PlannedSafetensors:
                 f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         self.pending.discard(name)
         job = lambda: self._write(file, offset, tensor)  # noqa: E731
-        job() if run is None else run(file, job)
+        job() if run is None else run(name, job)
 
     def _write(self, file, offset, tensor):
         """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""

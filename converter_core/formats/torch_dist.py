@@ -32,6 +32,11 @@ COMMON = "common.pt"
 DATA_FILE = "__0_0.distcp"
 
 
+def import_dcp():
+    _dcp()
+    _dcp_filesystem()
+
+
 def _dcp():
     """torch.distributed.checkpoint's metadata classes, imported when a torch_dist checkpoint is read or
     written (the package takes about half a second to import; other conversions never need it)."""
