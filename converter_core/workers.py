@@ -18,9 +18,10 @@ from converter_core import layout
 # Jobs a worker may be behind before the saver waits: bounds the memory held by pending writes.
 BACKLOG = 2
 MAX_DEFAULT_WORKERS = 8
-# Gathers up to this size reuse their thread's buffer; larger ones (a padded vocabulary slice) get
-# memory of their own, freed after the write, so no thread keeps a table-sized buffer.
-SCRATCH_LIMIT = 1 << 28
+# Gathers up to this size reuse their thread's buffer; larger ones (an 8B model's SwiGLU shard, a padded
+# vocabulary slice) get memory of their own, freed after the write. Kept small because every writer
+# thread keeps its buffer for the whole run: 8 workers hold at most 0.5 GiB.
+SCRATCH_LIMIT = 1 << 26
 _scratch = threading.local()
 
 
