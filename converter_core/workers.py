@@ -6,6 +6,7 @@ to disk while the next tensors are received and reshaped, and several files are 
 so the output is byte-identical to writing inline, which is what one worker does.
 """
 
+import contextlib
 import math
 import os
 import queue
@@ -25,23 +26,33 @@ SCRATCH_LIMIT = 1 << 26
 _scratch = threading.local()
 
 
+_large_gather = threading.Lock()
+
+
+@contextlib.contextmanager
 def contiguous(parts):
-    """The rows of `parts` (a tensor, or a tuple of tensors) as one contiguous tensor, valid only until
-    this thread's next call: a writer uses it at once. A tensor already contiguous is returned as it is;
-    anything else is copied into a buffer the thread reuses, because filling freshly mapped memory
-    costs about four times the copy itself (page faults), for every SwiGLU pair and row slice."""
+    """The rows of `parts` (a tensor, or a tuple of tensors) as one contiguous tensor, for the duration
+    of the `with`. A tensor already contiguous is used as it is; anything else is copied into a buffer
+    the thread reuses, because filling freshly mapped memory costs about four times the copy itself
+    (page faults), for every SwiGLU pair and row slice. Larger gathers get their own memory, one at a
+    time over all threads, so the writers never add more than one large shard to the peak."""
     parts = tuple(part.cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
     if len(parts) == 1 and parts[0].is_contiguous():
-        return parts[0]
+        yield parts[0]
+        return
     first, shape = parts[0], layout.rows_shape(parts)
     size = math.prod(shape) * first.element_size()
     if size > SCRATCH_LIMIT:
-        return torch.cat(parts) if len(parts) > 1 else first.contiguous()
+        with _large_gather:
+            gathered = torch.cat(parts) if len(parts) > 1 else first.contiguous()
+            yield gathered
+            del gathered
+        return
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < size:
         buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
     out = buffer[:size].view(first.dtype).view(shape)
-    return torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
+    yield torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
 
 
 def default_count():

@@ -194,8 +194,8 @@ class PlannedSafetensors:
 
     def _write(self, file, offset, tensor):
         """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""
-        data = workers.contiguous(tensor.detach()).reshape(-1).view(torch.uint8).numpy()
-        with output.writing(self.folder / file):
+        with output.writing(self.folder / file), workers.contiguous(tensor.detach()) as whole:
+            data = whole.reshape(-1).view(torch.uint8).numpy()
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:
                 _pwrite_all(fd, data, offset)

@@ -100,17 +100,18 @@ class StreamingTorchFile:
         require(math.prod(shape) == math.prod(rows), f"{self.path}: {list(rows)} written as {list(shape)}")
         key = str(self._count)
         self._count += 1
-        job = lambda: self._write(key, workers.contiguous(parts))  # noqa: E731
+        job = lambda: self._write(key, parts)  # noqa: E731
         job() if run is None else run(job)
         return _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape)
 
-    def _write(self, key, tensor):
-        tensor = tensor.detach()
-        start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
-        storage = tensor.untyped_storage()
-        if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
-            storage = storage[start:start + size]
-        self._writer.write_record(f"data/{key}", storage, size)
+    def _write(self, key, parts):
+        with workers.contiguous(parts) as tensor:
+            tensor = tensor.detach()
+            start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
+            storage = tensor.untyped_storage()
+            if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
+                storage = storage[start:start + size]
+            self._writer.write_record(f"data/{key}", storage, size)
         self._start_writeback()
 
     def _start_writeback(self):
