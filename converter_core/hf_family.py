@@ -797,7 +797,8 @@ def _mla_rope_rows(tensor, kind, args, family, to_megatron):
 
 
 def message_to_layer(message, index, args, family):
-    """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers."""
+    """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers. A
+    tensor split out of QKV comes as a tuple of row blocks (layout.megatron_qkv_to_hf), not yet copied."""
     heads, groups, head_dim, _ = _qkv_sizes(args)
     prefix, tensors = family.layer_prefix(index), {}
     for row in family.active(args, index):
@@ -806,7 +807,7 @@ def message_to_layer(message, index, args, family):
             tensors.update(zip(names, (message.pop(key) for key in row.keys)))
         elif row.kind in (QKV, FUSED_QKV):
             q, k, v = layout.megatron_qkv_to_hf(message.pop(row.key), heads, groups, head_dim)
-            tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], torch.cat([q, k, v]))])
+            tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], q + k + v)])
         elif row.kind == FUSED_GATE_UP:
             tensors[names[0]] = torch.cat([message.pop(key) for key in row.keys])
         elif row.kind in (MLA_Q, MLA_KV_DOWN):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, hf_family, megatron_args, protocol, vocab, workers
+from converter_core import flags, hf_family, layout, megatron_args, protocol, vocab, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder
@@ -176,8 +176,13 @@ def save(queue, args, families):
                                        args.max_shard_size)
 
         def write(name, tensor, factor=1):
-            writer.write(name, (tensor.float() * factor if fold and factor != 1 else tensor).to(stored(name)),
-                         pool.submit)
+            """`tensor` may be a tuple of row blocks: written as they are unless scaled or converted."""
+            scaled = fold and factor != 1
+            if isinstance(tensor, tuple) and (scaled or tensor[0].dtype != stored(name)):
+                tensor = layout.assemble(tensor)
+            if not isinstance(tensor, tuple):
+                tensor = (tensor.float() * factor if scaled else tensor).to(stored(name))
+            writer.write(name, tensor, pool.submit)
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")

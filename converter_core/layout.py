@@ -24,13 +24,13 @@ def hf_qkv_to_megatron(q, k, v, num_heads, num_groups, head_dim):
 
 
 def megatron_qkv_to_hf(qkv, num_heads, num_groups, head_dim):
-    """Inverse of hf_qkv_to_megatron: returns (q, k, v)."""
+    """Inverse of hf_qkv_to_megatron: returns (q, k, v), each a tuple of row blocks (views of `qkv`, one
+    per query group) whose concatenation is the HF tensor. Nothing is copied here: a writer gathers the
+    blocks where it writes them (workers.contiguous), or assemble() makes the tensor."""
     per_group = num_heads // num_groups
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *tail)
+    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *qkv.shape[1:])
     q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(),
-            v.reshape(-1, *tail).contiguous())
+    return tuple(q), tuple(k), tuple(v)
 
 
 def interleave_rope_rows(tensor, block, rope, inverse=False):

@@ -36,7 +36,7 @@ def contiguous(parts):
     the thread reuses, because filling freshly mapped memory costs about four times the copy itself
     (page faults), for every SwiGLU pair and row slice. Larger gathers get their own memory, one at a
     time over all threads, so the writers never add more than one large shard to the peak."""
-    parts = tuple(part.cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
+    parts = tuple(part.detach().cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
     if len(parts) == 1 and parts[0].is_contiguous():
         yield parts[0]
         return

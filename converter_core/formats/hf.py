@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter_core import file_refs, output, workers
+from converter_core import file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
@@ -180,21 +180,22 @@ class PlannedSafetensors:
         self._fds[file] = os.open(self.folder / file, flags, 0o644)
         return self._fds[file]
 
-    def write(self, name, tensor, run=None):
+    def write(self, name, tensor, run=None):  # `tensor`: a tensor, or a tuple of row blocks to concatenate
         """Write tensor `name`; with `run`, the writing is a job handed to run(name, job): each tensor has
         its planned place (pwrite), so the tensors of one shard may be written by several threads."""
         require(name in self.where, f"{self.folder}: tensor {name} is not part of the planned output")
         require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         file, offset, dtype, shape = self.where[name]
-        require(tensor.dtype == dtype and tuple(tensor.shape) == shape,
-                f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        parts = tensor if isinstance(tensor, tuple) else (tensor,)
+        got = (parts[0].dtype, layout.rows_shape(parts))
+        require(got == (dtype, shape), f"{name}: expected {dtype} {list(shape)}, got {got[0]} {list(got[1])}")
         self.pending.discard(name)
         job = lambda: self._write(file, offset, tensor)  # noqa: E731
         job() if run is None else run(name, job)
 
     def _write(self, file, offset, tensor):
         """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""
-        with output.writing(self.folder / file), workers.contiguous(tensor.detach()) as whole:
+        with output.writing(self.folder / file), workers.contiguous(tensor) as whole:
             data = whole.reshape(-1).view(torch.uint8).numpy()
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:
