@@ -86,10 +86,11 @@ def program():
     try:
         main()
         status = 0
-    except SystemExit as end:
-        status = end.code if isinstance(end.code, int) or end.code is None else 1
-        if not isinstance(end.code, int) and end.code is not None:
-            print(end.code, file=sys.stderr)
+    except SystemExit as end:  # as the interpreter would end: None is 0, a message is printed and 1
+        status = 0 if end.code is None else end.code
+        if not isinstance(status, int):
+            print(status, file=sys.stderr)
+            status = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

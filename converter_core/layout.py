@@ -69,11 +69,6 @@ def assemble(parts):
     return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
-def split(tensor, kind, tp):
-    """The tp shards of a full tensor. For SWIGLU pass the pair (W, V)."""
-    return [assemble(parts) for parts in shard_parts(tensor, kind, tp)]
-
-
 def cat_shared(tensors, dim=0):
     """torch.cat into shared memory. Loaders build their messages this way: the queue sends a shared
     tensor as it is, instead of copying a private one into shared memory (one pass and one copy of
@@ -114,8 +109,9 @@ def padded_vocab_size(vocab_size, divisible_by, tp):
 
 
 def vocab_shard_parts(table, rows, tp):
-    """shard_parts of resize_vocab(table, rows) split over TP, without building the resized table: each
-    rank's rows are a view of `table`, plus the repeated last row where its slice passes the end."""
+    """shard_parts of `table` trimmed or padded to `rows` (padding repeats the last row, as Megatron's saver
+    does) and split over TP, without building the resized table: each rank's rows are a view of `table`,
+    plus the repeated last row where its slice passes the end."""
     per_rank, parts = rows // tp, []
     for rank in range(tp):
         start, stop = rank * per_rank, (rank + 1) * per_rank
@@ -124,11 +120,3 @@ def vocab_shard_parts(table, rows, tp):
             if stop > table.shape[0] else ()
         parts.append(((kept,) if kept.shape[0] else ()) + padding)
     return parts
-
-
-def resize_vocab(table, rows):
-    """Trim or pad a vocab-sized table to `rows`; padding repeats the last row, as Megatron's saver does."""
-    if table.shape[0] >= rows:
-        return table[:rows]
-    extra = table[-1:].expand(rows - table.shape[0], *table.shape[1:])
-    return torch.cat([table, extra], dim=0)
