@@ -2,10 +2,11 @@
 
 Writing is most of a conversion's time. A saver hands each write to a worker thread, so the bytes go
 to disk while the next tensors are received and reshaped, and several files are written at once
-(file writes and tensor copies release the GIL). Writes to one file keep their order on one thread,
+(file writes and tensor copies release the GIL). Writes to one file run one at a time in their order,
 so the output is byte-identical to writing inline, which is what one worker does.
 """
 
+import collections
 import contextlib
 import math
 import os
@@ -16,7 +17,7 @@ import torch
 
 from converter_core import layout
 
-# Jobs a worker may be behind before the saver waits: bounds the memory held by pending writes.
+# Jobs per worker that may wait to run before the saver waits: bounds the memory held by pending writes.
 BACKLOG = 2
 MAX_DEFAULT_WORKERS = 8
 # Gathers up to this size reuse their thread's buffer; larger ones (an 8B model's SwiGLU shard, a padded
@@ -65,46 +66,62 @@ def default_count():
 
 
 class Workers:
-    """Runs jobs (callables) on `count` threads; jobs with the same key run in submission order on the
-    same thread. With one worker every job runs inline, at submit. The first failure is re-raised in the
-    saver's thread at the next submit or at finish(); later jobs are skipped."""
+    """Runs jobs (callables) on `count` threads; jobs with the same key run in submission order, one at a
+    time, and jobs with different keys on whichever thread is free (a thread that finishes a job runs the
+    next one of its key, so one large tensor never holds up the others). With one worker every job runs
+    inline, at submit. The first failure is re-raised in the saver's thread at the next submit or at
+    finish(); later jobs are skipped."""
 
     def __init__(self, count):
         self.count = max(1, int(count or 1))
         self.error = None
-        self.owner = {}
-        self.queues = [queue.Queue(maxsize=BACKLOG) for _ in range(self.count if self.count > 1 else 0)]
-        self.threads = [threading.Thread(target=self._run, args=(q,), daemon=True, name=f"converter-writer-{i}")
-                        for i, q in enumerate(self.queues)]
+        self.ready = queue.Queue()  # (key, job): the first job of a key that has nothing running
+        self.behind = {}  # key -> the jobs submitted while one of that key was queued or running
+        self.lock = threading.Lock()
+        self.room = threading.Semaphore((BACKLOG + 1) * self.count)  # jobs not yet run: bounds their memory
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"converter-writer-{i}")
+                        for i in range(self.count if self.count > 1 else 0)]
         for thread in self.threads:
             thread.start()
 
     def submit(self, key, job):
-        if not self.queues:
+        if not self.threads:
             job()
             return
         self._raise_failure()
-        index = self.owner.setdefault(key, len(self.owner) % self.count)
-        self.queues[index].put(job)
+        self.room.acquire()
+        with self.lock:
+            if key in self.behind:
+                self.behind[key].append(job)
+                return
+            self.behind[key] = collections.deque()
+        self.ready.put((key, job))
 
-    def _run(self, jobs):
-        while (job := jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    job()
-                except BaseException as error:  # re-raised in the saver's thread
-                    self.error = error
+    def _run(self):
+        while (item := self.ready.get()) is not None:
+            key, job = item
+            while job is not None:
+                if self.error is None:
+                    try:
+                        job()
+                    except BaseException as error:  # re-raised in the saver's thread
+                        self.error = error
+                self.room.release()
+                with self.lock:
+                    job = self.behind[key].popleft() if self.behind[key] else None
+                    if job is None:
+                        del self.behind[key]
 
     def _raise_failure(self):
         if self.error is not None:
             raise self.error
 
     def _stop(self):
-        for jobs in self.queues:
-            jobs.put(None)
+        for _ in self.threads:  # after every job: each key's queued jobs are run by the thread holding its first
+            self.ready.put(None)
         for thread in self.threads:
             thread.join()
-        self.queues, self.threads = [], []
+        self.threads = []
 
     def finish(self):
         """Wait until every job has run; re-raise the first failure."""

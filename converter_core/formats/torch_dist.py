@@ -341,7 +341,7 @@ class DistWriter:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.handle = open(self.folder / DATA_FILE, "wb")
+        self.handle = torch_file.ArchiveFile(self.folder / DATA_FILE)
         self.state = {}
         self.storage = {}
 

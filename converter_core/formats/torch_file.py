@@ -10,6 +10,7 @@ Megatron's own classes (enums in the pickled args) and a one-line refusal for an
 
 import argparse
 import collections
+import contextlib
 import enum
 import io
 import math
@@ -18,6 +19,7 @@ import pickle
 import signal
 import sys
 
+import numpy
 import torch
 
 from converter_core import file_refs, layout, output, workers
@@ -77,15 +79,15 @@ class StreamingTorchFile:
     """One torch.save file built piece by piece: `tensor()` writes bytes now, `close(obj)` writes the pickle."""
 
     def __init__(self, path):
-        """`path`: a file name, or a binary file open for writing (the archive goes at its position)."""
-        into_file = hasattr(path, "write")
-        self.path = path.name if into_file else str(path)
+        """`path`: a file name, or an ArchiveFile (the archive goes at its position). The records of a named
+        file are named after it, as torch.save names them (a rank file's are model_optim_rng/...); an
+        ArchiveFile's are archive/..., as torch.save names them in a file object (a torch_dist chunk)."""
+        self._file = path if isinstance(path, ArchiveFile) else None
+        self.path = str(path) if self._file is None else path.name
         # No CRC32: torch.load never checks it, and computing it made writing four times slower.
-        self._writer = torch._C.PyTorchFileWriter(path if into_file else self.path, False,
+        self._writer = torch._C.PyTorchFileWriter(self.path if self._file is None else self._file, False,
                                                   torch.serialization._get_storage_alignment())
-        self._flush = path.flush if into_file else lambda: None
-        self._fd = path.fileno() if into_file else os.open(self.path, os.O_RDONLY)  # for start_writeback
-        self._own_fd = not into_file
+        self._fd = os.open(self.path, os.O_RDONLY) if self._file is None else self._file.fileno()  # for writeback
         self._written = os.fstat(self._fd).st_size  # where the disk's writeback has been started up to
         self._count = 0
 
@@ -105,17 +107,21 @@ class StreamingTorchFile:
         return _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape)
 
     def _write(self, key, parts):
-        with workers.contiguous(parts) as tensor:
-            tensor = tensor.detach()
-            start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
-            storage = tensor.untyped_storage()
-            if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
-                storage = storage[start:start + size]
-            self._writer.write_record(f"data/{key}", storage, size)
+        if self._file is not None and len(parts) > 1 and all(part.is_contiguous() for part in parts):
+            size = sum(part.nbytes for part in parts)
+            with self._file.parts_for_placeholder(parts, size) as placeholder:
+                self._writer.write_record(f"data/{key}", placeholder, size)
+        else:
+            with workers.contiguous(parts) as tensor:
+                tensor = tensor.detach()
+                start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
+                storage = tensor.untyped_storage()
+                if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
+                    storage = storage[start:start + size]
+                self._writer.write_record(f"data/{key}", storage, size)
         self._start_writeback()
 
     def _start_writeback(self):
-        self._flush()
         end = os.fstat(self._fd).st_size
         output.start_writeback(self._fd, self._written, end - self._written)
         self._written = end
@@ -146,8 +152,65 @@ class StreamingTorchFile:
         self._writer.write_end_of_file()
         self._writer = None
         self._start_writeback()
-        if self._own_fd:
+        if self._file is None:
             os.close(self._fd)
+
+
+class ArchiveFile(io.RawIOBase):
+    """The file PyTorchFileWriter writes an archive into: unbuffered, keeping its own position (where
+    each torch_dist chunk starts). A record can be written from several tensors: the writer is given a
+    placeholder of the record's size, never read, and its one write of the placeholder's bytes becomes
+    writes of the parts, so rows that arrive apart (SwiGLU's W and V) need no gathering copy."""
+
+    def __init__(self, path):
+        self.name = str(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._position = 0
+        self._placeholder = None  # (address, size, parts) while a record is written from parts
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self._fd
+
+    def tell(self):
+        return self._position
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        placeholder = self._placeholder
+        if placeholder is not None and len(view) == placeholder[1] and _address(view) == placeholder[0]:
+            for part in placeholder[2]:
+                self._write_all(memoryview(part.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            self._write_all(view)
+        return len(view)
+
+    def _write_all(self, view):
+        written = 0
+        while written < len(view):
+            written += os.write(self._fd, view[written:])
+        self._position += len(view)
+
+    @contextlib.contextmanager
+    def parts_for_placeholder(self, parts, size):
+        """A storage of `size` bytes (untouched memory) whose write is replaced by the bytes of `parts`."""
+        placeholder = torch.empty(size, dtype=torch.uint8)
+        self._placeholder = (placeholder.data_ptr(), size, parts)
+        try:
+            yield placeholder.untyped_storage()
+        finally:
+            self._placeholder = None
+
+    def close(self):
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def _address(view):
+    return numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data if len(view) else 0
 
 
 _STAND_IN_CLASSES = {}
