@@ -142,9 +142,6 @@ class TorchDistSink:
     def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
         self.workers = workers.Workers(min(workers_count, 2))  # one data file: a writer beside the receiver
-        # The .metadata written at the end needs torch.distributed.checkpoint's classes: import them
-        # (0.6-1 s) beside the conversion instead of in the middle of it.
-        threading.Thread(target=torch_dist.import_dcp, daemon=True, name="converter-import-dcp").start()
         kinds = megatron_args.moe_layers(args)
         self.per_layer_keys = any(kinds) and not all(kinds)
         self.experts = args.num_experts or 0

@@ -142,3 +142,43 @@ def test_per_layer_keys_are_read_too(tmp_path):
     (tmp_path / "per-layer" / "latest_checkpointed_iteration.txt").write_text("1")
     convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "per-layer", "--save-dir", tmp_path / "back")
     assert_bit_identical(tmp_path / "hf", tmp_path / "back")
+
+
+def test_metadata_is_what_pickling_dcps_own_objects_writes(tmp_path):
+    """.metadata is written without importing torch.distributed.checkpoint, from stand-ins of its classes.
+    Read back, it is DCP's real objects, and pickling those again writes the same opcodes and arguments.
+    2468 entries make it span several pickle frames, whose boundaries the pure-Python pickler may place a
+    few opcodes apart from the C pickler's; and a dict of a multiple of 1000 entries gets one more, empty,
+    batch from the C pickler only (both unpickle alike), so the count is not one."""
+    import pickle
+    import pickletools
+
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+
+    from converter_core.formats import torch_dist
+
+    writer = torch_dist.DistWriter(tmp_path)
+    for layer in range(1234):
+        key = f"decoder.layers.{layer}.mlp.linear_fc1.weight"
+        writer.declare(key, torch.bfloat16, (1, 4, 2))
+        writer.write_chunk(key, (torch.ones(2, 2, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.bfloat16)),
+                           (0, 0, 0))
+        name = f"decoder.layers.{layer}.self_attention.linear_proj._extra_state"
+        writer.declare_object(name)
+        writer.write_object(name, None)
+    writer.finish({"args": None})
+    written = (tmp_path / ".metadata").read_bytes()
+    assert len(written) > 3 * 65536
+    metadata = pickle.loads(written)
+    assert isinstance(metadata, dcp_metadata.Metadata)
+    entry = metadata.state_dict_metadata["decoder.layers.7.mlp.linear_fc1.weight"]
+    assert entry == dcp_metadata.TensorStorageMetadata(
+        dcp_metadata.TensorProperties(dtype=torch.bfloat16), torch.Size([1, 4, 2]),
+        [dcp_metadata.ChunkStorageMetadata(offsets=torch.Size([0, 0, 0]), sizes=torch.Size([1, 4, 2]))])
+    index = dcp_metadata.MetadataIndex("decoder.layers.7.mlp.linear_fc1.weight", [0, 0, 0])
+    assert metadata.storage_data[index].relative_path == "__0_0.distcp"
+
+    def opcodes(data):
+        return [(op.name, argument) for op, argument, _ in pickletools.genops(data) if op.name != "FRAME"]
+
+    assert opcodes(pickle.dumps(metadata)) == opcodes(written)

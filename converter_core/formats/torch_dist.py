@@ -7,12 +7,14 @@ inside are memory-mapped, so reading one layer of a stacked [L, ...] tensor touc
 Writing appends each chunk as it arrives and writes `.metadata` last.
 """
 
+import copyreg
 import io
 import json
 import math
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,21 +34,56 @@ COMMON = "common.pt"
 DATA_FILE = "__0_0.distcp"
 
 
-def import_dcp():
-    _dcp()
-    _dcp_filesystem()
+class _DcpObject:
+    """Stands for an object of one of DCP's metadata dataclasses when .metadata is written: _MetadataPickler
+    writes its class under DCP's name and its fields in the real object's order, so the file holds the
+    pickle opcodes that pickling DCP's own objects writes (tests/test_torch_dist.py checks), without
+    importing torch.distributed.checkpoint (0.5-0.9 s of every torch_dist conversion)."""
+
+    def __init__(self, **fields):  # in the order DCP's __init__ sets them
+        self.__dict__.update(fields)
+
+    def __reduce_ex__(self, protocol):
+        return copyreg.__newobj__, (type(self),), self._state()
+
+    def _state(self):
+        return dict(self.__dict__) or None
 
 
-def _dcp():
-    """torch.distributed.checkpoint's metadata classes, imported when a torch_dist checkpoint is read or
-    written (the package takes about half a second to import; other conversions never need it)."""
-    from torch.distributed.checkpoint import metadata
-    return metadata
+def _dcp_class(name, module="metadata", **methods):
+    return type(name, (_DcpObject,), {"dcp_name": f"torch.distributed.checkpoint.{module}.{name}", **methods})
 
 
-def _dcp_filesystem():
-    from torch.distributed.checkpoint import filesystem
-    return filesystem
+_TensorStorageMetadata = _dcp_class("TensorStorageMetadata")
+_ChunkStorageMetadata = _dcp_class("ChunkStorageMetadata")
+_BytesStorageMetadata = _dcp_class("BytesStorageMetadata")
+_StorageMeta = _dcp_class("StorageMeta")
+_Metadata = _dcp_class("Metadata")
+_StorageInfo = _dcp_class("_StorageInfo", module="filesystem")
+_MetadataIndex = _dcp_class("MetadataIndex", __eq__=lambda self, other: self.__dict__ == other.__dict__,
+                            __hash__=lambda self: hash((self.fqn, self.__dict__.get("offset"), self.index)))
+_MemoryFormat = _dcp_class("_MEM_FORMAT_ENCODING", __reduce_ex__=lambda self, protocol: (type(self), (0,)))
+_CONTIGUOUS_FORMAT = _MemoryFormat()  # an enum member: one object, pickled once and then referenced
+# DCP pickles TensorProperties as a tuple: (dtype, layout, requires_grad, memory format, pin_memory).
+_TensorProperties = _dcp_class("TensorProperties", _state=lambda self: (
+    self.dtype, torch.strided, False, _CONTIGUOUS_FORMAT, False))
+
+
+class _MetadataPickler(pickle._Pickler):
+    """The pure-Python pickler, so that a stand-in's class can be written under DCP's name (the C pickler
+    insists that the name resolves to the object, i.e. an import of DCP). Its opcodes are the C pickler's;
+    in a file over 64 KiB its frames (an encoding detail unpicklers do not depend on) may end a few
+    opcodes apart from the C pickler's."""
+
+    def save_global(self, obj, name=None):
+        qualified_name = getattr(obj, "dcp_name", None)
+        if qualified_name is None or not isinstance(obj, type):
+            return super().save_global(obj, name)
+        module, _, name = qualified_name.rpartition(".")
+        self.save(sys.intern(module))  # one object, as a module's __name__ is: pickled once, then referenced
+        self.save(name)
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
 
 
 def is_dist_checkpoint(folder):
@@ -346,7 +383,7 @@ class DistWriter:
         self.storage = {}
 
     def declare(self, key, dtype, shape):
-        self.state[key] = _dcp().TensorStorageMetadata(_dcp().TensorProperties(dtype=dtype), torch.Size(shape), [])
+        self.state[key] = _TensorStorageMetadata(properties=_TensorProperties(dtype=dtype), size=torch.Size(shape), chunks=[])
 
     def write_chunk(self, key, parts, offsets):
         """The chunk of `key` at `offsets`: the rows of `parts` (a tensor, or a tuple whose rows are
@@ -360,32 +397,35 @@ class DistWriter:
         start = self.handle.tell()
         torch_file.StreamingTorchFile(self.handle).save_tensor(parts, shape)
         offsets = torch.Size(offsets)
-        meta.chunks.append(_dcp().ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(shape)))
-        self.storage[_dcp().MetadataIndex(key, offsets)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+        meta.chunks.append(_ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(shape)))
+        index = _MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))
+        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=self.handle.tell() - start)
 
     def declare_object(self, key):
         """Entries are declared in the receiving thread, in message order (writing is a worker's), so the
         metadata lists them in the same order however the writing was timed."""
-        self.state[key] = _dcp().BytesStorageMetadata()
+        self.state[key] = _BytesStorageMetadata()
 
     def write_object(self, key, value):
         """A Megatron ShardedObject (declared first): torch.save of its value, stored as bytes."""
         start = self.handle.tell()
         torch.save(value, self.handle)
-        self.storage[_dcp().MetadataIndex(key)] = _dcp_filesystem()._StorageInfo(DATA_FILE, start, self.handle.tell() - start)
+        index = _MetadataIndex(fqn=key, index=None)
+        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=self.handle.tell() - start)
 
     def finish(self, common):
         for key, meta in self.state.items():
-            if isinstance(meta, _dcp().TensorStorageMetadata):
+            if isinstance(meta, _TensorStorageMetadata):
                 covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
                 require(covered == meta.size.numel(), f"{self.folder}: {key} was not written completely")
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
-        metadata = _dcp().Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
-                                storage_meta=_dcp().StorageMeta(), version="1.0.0")
+        metadata = _Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
+                             storage_meta=_StorageMeta(checkpoint_id=None, save_id=None, load_id=None, modules=[]),
+                             version="1.0.0")
         with open(self.folder / DCP_METADATA, "wb") as handle:
-            pickle.dump(metadata, handle)
+            _MetadataPickler(handle, protocol=pickle.DEFAULT_PROTOCOL).dump(metadata)
         torch_file.save(self.folder / COMMON, common)
         (self.folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
