@@ -96,9 +96,10 @@ def merge(shards, kind):
         return cat_shared(shards, dim=0)
     if kind == ROW:
         return cat_shared(shards, dim=1)
-    if kind == SWIGLU:
+    if kind == SWIGLU:  # built as [W; V] in one segment: a saver writing W and V together needs no gather
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return cat_shared([h[0] for h in halves]), cat_shared([h[1] for h in halves])
+        both = cat_shared([h[0] for h in halves] + [h[1] for h in halves])
+        return tuple(torch.chunk(both, 2, dim=0))
     raise ValueError(kind)
 
 

@@ -38,10 +38,11 @@ def contiguous(parts):
     (page faults), for every SwiGLU pair and row slice. Larger gathers get their own memory, one at a
     time over all threads, so the writers never add more than one large shard to the peak."""
     parts = tuple(part.detach().cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
-    if len(parts) == 1 and parts[0].is_contiguous():
-        yield parts[0]
-        return
     first, shape = parts[0], layout.rows_shape(parts)
+    if _consecutive(parts):  # one tensor, or row blocks that follow each other in one storage ([W; V])
+        yield first if len(parts) == 1 else torch.empty(0, dtype=first.dtype).set_(
+            first.untyped_storage(), first.storage_offset(), shape)
+        return
     size = math.prod(shape) * first.element_size()
     if size > SCRATCH_LIMIT:
         with _large_gather:
@@ -54,6 +55,16 @@ def contiguous(parts):
         buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
     out = buffer[:size].view(first.dtype).view(shape)
     yield torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
+
+
+def _consecutive(parts):
+    """Whether `parts` are contiguous row blocks lying one after another in the same storage."""
+    if not all(part.is_contiguous() for part in parts):
+        return False
+    storage = parts[0].untyped_storage().data_ptr()
+    return all(part.untyped_storage().data_ptr() == storage and part.dtype == before.dtype
+               and part.data_ptr() == before.data_ptr() + before.nbytes
+               for before, part in zip(parts, parts[1:]))
 
 
 def default_count():

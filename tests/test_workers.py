@@ -28,3 +28,22 @@ def test_four_workers_write_the_same_bytes_as_one(tmp_path):
     assert outputs[1].keys() == outputs[4].keys()
     different = [str(name) for name in outputs[1] if outputs[1][name] != outputs[4][name]]
     assert not different
+
+
+def test_row_blocks_are_gathered_only_when_they_are_apart():
+    """A writer needs one contiguous tensor per record: row blocks that already follow each other in one
+    storage (SwiGLU's [W; V] as the Megatron loaders build it) are used in place; others are copied."""
+    from converter_core import workers
+
+    both = torch.arange(48, dtype=torch.float32).reshape(12, 4)
+    w, v = torch.chunk(both, 2)
+    with workers.contiguous((w, v)) as whole:
+        assert torch.equal(whole, both) and whole.data_ptr() == both.data_ptr()
+    apart = (torch.ones(3, 4), torch.zeros(2, 4))
+    with workers.contiguous(apart) as whole:
+        assert torch.equal(whole, torch.cat(apart)) and whole.data_ptr() not in {p.data_ptr() for p in apart}
+    with workers.contiguous((v, w)) as whole:  # the same storage, in the other order
+        assert torch.equal(whole, torch.cat((v, w))) and whole.data_ptr() != both.data_ptr()
+    columns = both[:, :2]
+    with workers.contiguous(columns) as whole:
+        assert torch.equal(whole, columns) and whole.is_contiguous()
