@@ -4,7 +4,6 @@ merges them back. Which names and nesting is the schema's business (megatron_sch
 
 import argparse
 import re
-import threading
 from pathlib import Path
 
 import torch

@@ -182,7 +182,7 @@ class ArchiveFile(io.RawIOBase):
         placeholder = self._placeholder
         if placeholder is not None and len(view) == placeholder[1] and _address(view) == placeholder[0]:
             for part in placeholder[2]:
-                self._write_all(memoryview(part.reshape(-1).view(torch.uint8).numpy()))
+                self._write_all(memoryview(part.detach().reshape(-1).view(torch.uint8).numpy()))
         else:
             self._write_all(view)
         return len(view)
