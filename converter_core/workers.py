@@ -63,7 +63,7 @@ def _consecutive(parts):
         return False
     storage = parts[0].untyped_storage().data_ptr()
     return all(part.untyped_storage().data_ptr() == storage and part.dtype == before.dtype
-               and part.data_ptr() == before.data_ptr() + before.nbytes
+               and part.shape[1:] == before.shape[1:] and part.data_ptr() == before.data_ptr() + before.nbytes
                for before, part in zip(parts, parts[1:]))
 
 

@@ -106,7 +106,7 @@ _METADATA_CLASSES = {
 class _Record:
     """What the reader keeps of an object of one of DCP's classes: its pickled fields, as attributes.
     Reading a checkpoint then needs no import of torch.distributed.checkpoint (0.6-1 s of every run);
-    only writing one does, since Megatron must unpickle the real classes."""
+    writing one needs none either (_DcpObject)."""
 
     def __init__(self, *args):  # DCP's enums are pickled as a call with their value
         self.args = args
