@@ -90,7 +90,10 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
             queue.put(EXIT)  # harmless after "done"; ends a saver still waiting if the loader never sent it
             saver_finished.wait()
     except BaseException as error:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while reporting: just end, no second error
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while reporting: just end, no second error
+        except Interrupted:  # stopped just before that: the parent knows why, so end without a traceback
+            os._exit(1)
         if DEBUG:
             traceback.print_exc()
         if not isinstance(error, Interrupted):  # the parent stopped us and knows why
