@@ -809,9 +809,10 @@ def message_to_layer(message, index, args, family):
             q, k, v = layout.megatron_qkv_to_hf(message.pop(row.key), heads, groups, head_dim)
             tensors.update(zip(names, (q, k, v)) if row.kind == QKV else [(names[0], q + k + v)])
         elif row.kind == FUSED_GATE_UP:
-            tensors[names[0]] = torch.cat([message.pop(key) for key in row.keys])
+            tensors[names[0]] = layout.concat_rows([message.pop(key) for key in row.keys])
         elif row.kind in (MLA_Q, MLA_KV_DOWN):
-            tensors[names[0]] = _mla_rope_rows(message.pop(row.key), row.kind, args, family, to_megatron=False)
+            tensors[names[0]] = _mla_rope_rows(layout.tensor_of(message.pop(row.key)), row.kind, args, family,
+                                               to_megatron=False)
         elif row.kind == EXPERTS:
             for name, key in zip(names, row.keys):
                 tensors.update((name.format(e), expert) for e, expert in enumerate(message.pop(key)))

@@ -138,7 +138,7 @@ def loader_vocab_size(args, config, folder):
 def save(queue, args, families):
     """Write the stream as an HF folder of one of `families` (hf_family.family_for_stream chooses). A
     stream with MiniCPM's muP scalars written as a family without them gets the scalars folded in."""
-    receiver = protocol.Receiver(queue, args.checking)
+    receiver = protocol.Receiver(queue, args.checking, rows=True)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where, to_hf=True)

@@ -1,5 +1,6 @@
 """Tensor layout rules, each in one place: Megatron's grouped QKV, SwiGLU halves, tensor-parallel
-split/merge, vocabulary padding. Messages carry full tensors; only savers split and only loaders merge.
+split/merge, vocabulary padding. Messages carry full tensors (or Rows, views whose rows make one); only
+savers split and only loaders merge.
 """
 
 import math
@@ -11,6 +12,78 @@ COLUMN = "column"          # split along dim 0 (qkv, fc1 without SwiGLU, embeddi
 ROW = "row"                # split along dim 1 (linear_proj, fc2)
 REPLICATED = "replicated"  # same on every rank (norms, row-parallel biases)
 SWIGLU = "swiglu"          # fc1 with SwiGLU: rank r holds [W_r; V_r], not a slice of [W; V]
+
+
+class Rows(tuple):
+    """A tensor given as row blocks, views whose concatenation it is. A Megatron loader sends TP shards
+    merged along rows this way instead of copying them into fresh shared memory: the blocks view its
+    mapped rank files, so they cross the queue as file references (file_refs), and our savers write them
+    where they lie. A process whose saver has not asked for Rows (Megatron's own savers, a plugin's own
+    use of the Receiver) receives the plain tensor, concatenated as it arrives."""
+
+    @property
+    def shape(self):
+        return torch.Size(rows_shape(self))
+
+    @property
+    def dtype(self):
+        return self[0].dtype
+
+    def dim(self):
+        return self[0].dim()
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def element_size(self):
+        return self[0].element_size()
+
+    def to(self, dtype):
+        return self if dtype == self.dtype else assemble(self).to(dtype)
+
+    def __reduce__(self):
+        return _received_rows, (tuple(self),)
+
+
+_rows_accepted = False
+
+
+def accept_rows():
+    """This process's saver takes Rows: receive them as they were sent."""
+    global _rows_accepted
+    _rows_accepted = True
+
+
+def _received_rows(blocks):
+    return Rows(blocks) if _rows_accepted else torch.cat(blocks)
+
+
+def blocks(value):
+    """The row blocks of a tensor (itself) or of Rows."""
+    return tuple(value) if isinstance(value, Rows) else (value,)
+
+
+def tensor_of(value):
+    """A tensor for code that needs one: Rows are concatenated, a tensor is returned as it is."""
+    return assemble(value) if isinstance(value, Rows) else value
+
+
+def row_blocks(value, start, stop):
+    """Views of rows [start, stop) of a tensor or of Rows, one for each block they touch."""
+    views, offset = [], 0
+    for block in blocks(value):
+        low, high = max(start - offset, 0), min(stop - offset, block.shape[0])
+        if low < high:
+            views.append(block[low:high])
+        offset += block.shape[0]
+    return tuple(views)
+
+
+def concat_rows(values):
+    """The rows of `values` one after another: Rows (nothing copied) if any of them is Rows, else torch.cat."""
+    if any(isinstance(value, Rows) for value in values):
+        return Rows(block for value in values for block in blocks(value))
+    return torch.cat(values)
 
 
 def hf_qkv_to_megatron(q, k, v, num_heads, num_groups, head_dim):
@@ -28,7 +101,13 @@ def megatron_qkv_to_hf(qkv, num_heads, num_groups, head_dim):
     per query group) whose concatenation is the HF tensor. Nothing is copied here: a writer gathers the
     blocks where it writes them (workers.contiguous), or assemble() makes the tensor."""
     per_group = num_heads // num_groups
-    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *qkv.shape[1:])
+    group_rows = (per_group + 2) * head_dim
+    if isinstance(qkv, Rows) and not any(block.shape[0] % group_rows for block in qkv):  # TP shards: whole groups
+        per_block = [megatron_qkv_to_hf(block, block.shape[0] // group_rows * per_group, block.shape[0] // group_rows,
+                                        head_dim) for block in qkv]
+        return tuple(sum((split[i] for split in per_block), ()) for i in range(3))
+    qkv = tensor_of(qkv)
+    grouped = qkv.reshape(num_groups, group_rows, *qkv.shape[1:])
     q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
     return tuple(q), tuple(k), tuple(v)
 
@@ -48,13 +127,23 @@ def shard_parts(tensor, kind, tp):
     """Per TP rank, the views whose rows make its shard (SwiGLU: [W_r; V_r]); nothing is copied, so a
     writer can assemble each shard where and when it writes it. For SWIGLU pass the pair (W, V)."""
     if kind == REPLICATED:
-        return [(tensor,)] * tp
-    if kind in (COLUMN, ROW):
-        return [(t,) for t in torch.chunk(tensor, tp, dim=0 if kind == COLUMN else 1)]
+        return [blocks(tensor)] * tp
+    if kind == COLUMN:
+        return _split_rows(tensor, tp)
+    if kind == ROW:
+        return [(t,) for t in torch.chunk(tensor_of(tensor), tp, dim=1)]
     if kind == SWIGLU:
         w, v = tensor
-        return list(zip(torch.chunk(w, tp), torch.chunk(v, tp)))
+        return [w_rows + v_rows for w_rows, v_rows in zip(_split_rows(w, tp), _split_rows(v, tp))]
     raise ValueError(kind)
+
+
+def _split_rows(value, tp):
+    """Per TP rank, the row blocks of its equal slice of a tensor or of Rows."""
+    if not isinstance(value, Rows):
+        return [(t,) for t in torch.chunk(value, tp)]
+    per_rank = value.shape[0] // tp
+    return [row_blocks(value, rank * per_rank, (rank + 1) * per_rank) for rank in range(tp)]
 
 
 def rows_shape(parts):
@@ -85,21 +174,21 @@ def empty_shared(shape, dtype):
 
 
 def merge(shards, kind):
-    """The full tensor from its tp shards (in shared memory); for SWIGLU returns the pair (W, V). One
-    shard is returned as it is (views of it for SWIGLU): a view of a mapped source file crosses the
-    queue as a reference (file_refs), with no copy at all."""
+    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V). Shards stacked along rows
+    are returned as Rows of them and one shard as it is (views of it for SWIGLU), so nothing is copied:
+    a view of a mapped source file crosses the queue as a reference (file_refs). ROW shards are
+    concatenated into shared memory."""
     if kind == REPLICATED:
         return shards[0]
     if len(shards) == 1:
         return tuple(torch.chunk(shards[0], 2, dim=0)) if kind == SWIGLU else shards[0]
     if kind == COLUMN:
-        return cat_shared(shards, dim=0)
+        return Rows(shards)
     if kind == ROW:
         return cat_shared(shards, dim=1)
-    if kind == SWIGLU:  # built as [W; V] in one segment: a saver writing W and V together needs no gather
+    if kind == SWIGLU:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        both = cat_shared([h[0] for h in halves] + [h[1] for h in halves])
-        return tuple(torch.chunk(both, 2, dim=0))
+        return Rows(h[0] for h in halves), Rows(h[1] for h in halves)
     raise ValueError(kind)
 
 
@@ -110,14 +199,13 @@ def padded_vocab_size(vocab_size, divisible_by, tp):
 
 
 def vocab_shard_parts(table, rows, tp):
-    """shard_parts of `table` trimmed or padded to `rows` (padding repeats the last row, as Megatron's saver
-    does) and split over TP, without building the resized table: each rank's rows are a view of `table`,
-    plus the repeated last row where its slice passes the end."""
-    per_rank, parts = rows // tp, []
+    """shard_parts of `table` (a tensor or Rows) trimmed or padded to `rows` (padding repeats the last
+    row, as Megatron's saver does) and split over TP, without building the resized table: each rank's rows
+    are views of `table`, plus the repeated last row where its slice passes the end."""
+    per_rank, parts, count = rows // tp, [], table.shape[0]
+    last = row_blocks(table, count - 1, count)[0]
     for rank in range(tp):
         start, stop = rank * per_rank, (rank + 1) * per_rank
-        kept = table[start:stop]
-        padding = (table[-1:].expand(stop - max(start, table.shape[0]), *table.shape[1:]),) \
-            if stop > table.shape[0] else ()
-        parts.append(((kept,) if kept.shape[0] else ()) + padding)
+        padding = (last.expand(stop - max(start, count), *table.shape[1:]),) if stop > count else ()
+        parts.append(row_blocks(table, start, stop) + padding)
     return parts

@@ -174,7 +174,8 @@ class TorchDistSink:
         return key, (self.num_layers,), (index,)
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
-        halves = tuple(value) if kind == layout.SWIGLU else (value,)  # SwiGLU's [W; V] is written, not built
+        # SwiGLU's [W; V] and Rows are written from their blocks, not built
+        halves = tuple(block for half in (value if kind == layout.SWIGLU else (value,)) for block in layout.blocks(half))
         axis, first = int(experts), halves[0]
         shape = (*first.shape[:axis], sum(half.shape[axis] for half in halves), *first.shape[axis + 1:])
         key, lead, offset = self._key(index, name)
@@ -248,7 +249,7 @@ def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
 
 def save(queue, args, schema, ckpt_format="torch"):
     """Receive the stream and write it in `schema`'s names through the sink of `ckpt_format`."""
-    receiver = protocol.Receiver(queue, args.checking)
+    receiver = protocol.Receiver(queue, args.checking, rows=True)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where)
@@ -415,8 +416,8 @@ def load(queue, args):
         parts = [merged(p, chunk, schema.layer(local, entry.name.format(j)), entry.kind, e=e)
                  for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
-            return tuple(torch.stack([part[half] for part in parts]) for half in range(2))
-        return torch.stack(parts)
+            return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
+        return torch.stack([layout.tensor_of(part) for part in parts])
 
     def messages():
         table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN)

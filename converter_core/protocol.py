@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from converter_core import megatron_args
+from converter_core import layout, megatron_args
 from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
 
@@ -172,7 +172,11 @@ def send_model(queue, md, messages):
 class Receiver:
     """The saver's end of the queue: Megatron's queue_get and check_message, raising instead of exit()."""
 
-    def __init__(self, queue, checking=True):
+    def __init__(self, queue, checking=True, rows=False):
+        """`rows`: the saver takes layout.Rows (row blocks) where a message holds a tensor; otherwise a
+        tensor sent as Rows arrives concatenated."""
+        if rows:
+            layout.accept_rows()
         self.queue = queue
         self.checking = checking
         self.received_bytes = self.written = 0

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from converter_core import protocol
+from converter_core import layout, protocol
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.formats.untrusted import regular_file
@@ -65,4 +65,4 @@ def true_vocab_size(args, md, margs):
 
 def trim(table, rows, what):
     require(table.shape[0] >= rows, f"{what} has {table.shape[0]} rows, fewer than the vocabulary size {rows}")
-    return table[:rows]
+    return layout.Rows(layout.row_blocks(table, 0, rows)) if isinstance(table, layout.Rows) else table[:rows]

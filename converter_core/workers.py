@@ -67,6 +67,27 @@ def _consecutive(parts):
                for before, part in zip(parts, parts[1:]))
 
 
+def write_all(fd, buffers, offset=None):
+    """Write `buffers` (bytes-like objects or contiguous tensors) one after another, at `offset` or at the
+    file's position; returns the bytes written. Row blocks of a tensor are written from where they lie
+    (writev), so blocks that are apart in memory need no gathering copy first."""
+    views = [memoryview(buffer.detach().reshape(-1).view(torch.uint8).numpy()) if torch.is_tensor(buffer)
+             else memoryview(buffer).cast("B") for buffer in buffers]
+    views, total = [view for view in views if len(view)], sum(len(view) for view in views)
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset)
+        offset = None if offset is None else offset + written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
+    return total
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
+
+
 def default_count():
     """The CPUs this process may use, capped: beyond a few writers the disk is the limit."""
     try:

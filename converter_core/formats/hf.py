@@ -161,7 +161,7 @@ class PlannedSafetensors:
         start = 8 + len(encoded)
         with output.writing(self.folder / file):
             fd = self._fd(file, create=True)
-            _pwrite_all(fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+            workers.write_all(fd, [len(encoded).to_bytes(8, "little") + encoded], 0)
             os.ftruncate(fd, start + offset)
         for name, dtype, shape, nbytes in entries:
             self.where[name] = (file, start + header[name]["data_offsets"][0], dtype, tuple(shape))
@@ -195,12 +195,16 @@ class PlannedSafetensors:
 
     def _write(self, file, offset, tensor):
         """Write one tensor at its planned offset, through its own descriptor (pwrite: any order, any thread)."""
-        with output.writing(self.folder / file), workers.contiguous(tensor) as whole:
-            data = whole.reshape(-1).view(torch.uint8).numpy()
+        parts = tensor if isinstance(tensor, tuple) else (tensor,)
+        with output.writing(self.folder / file):
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:
-                _pwrite_all(fd, data, offset)
-                output.start_writeback(fd, offset, data.nbytes)
+                if all(part.is_contiguous() for part in parts):  # e.g. q, k or v: one block per query group
+                    size = workers.write_all(fd, parts, offset)
+                else:
+                    with workers.contiguous(tensor) as whole:
+                        size = workers.write_all(fd, [whole], offset)
+                output.start_writeback(fd, offset, size)
             finally:
                 os.close(fd)
 
@@ -225,13 +229,6 @@ class PlannedSafetensors:
         """Close the open shards (finish() does; a caller abandoning the output may too)."""
         while self._fds:
             os.close(self._fds.popitem()[1])
-
-
-def _pwrite_all(fd, data, offset):
-    view = memoryview(data).cast("B")
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def _nbytes(dtype, shape):

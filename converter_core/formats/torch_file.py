@@ -181,17 +181,11 @@ class ArchiveFile(io.RawIOBase):
         view = memoryview(data).cast("B")
         placeholder = self._placeholder
         if placeholder is not None and len(view) == placeholder[1] and _address(view) == placeholder[0]:
-            for part in placeholder[2]:
-                self._write_all(memoryview(part.detach().reshape(-1).view(torch.uint8).numpy()))
+            workers.write_all(self._fd, placeholder[2])
         else:
-            self._write_all(view)
-        return len(view)
-
-    def _write_all(self, view):
-        written = 0
-        while written < len(view):
-            written += os.write(self._fd, view[written:])
+            workers.write_all(self._fd, [view])
         self._position += len(view)
+        return len(view)
 
     @contextlib.contextmanager
     def parts_for_placeholder(self, parts, size):
