@@ -32,7 +32,7 @@ def test_four_workers_write_the_same_bytes_as_one(tmp_path):
 
 def test_row_blocks_are_gathered_only_when_they_are_apart():
     """A writer needs one contiguous tensor per record: row blocks that already follow each other in one
-    storage (SwiGLU's [W; V] as the Megatron loaders build it) are used in place; others are copied."""
+    storage (SwiGLU's W and V from one TP shard) are used in place; others are copied."""
     from converter_core import workers
 
     both = torch.arange(48, dtype=torch.float32).reshape(12, 4)
