@@ -90,9 +90,10 @@ class RankFilesSink:
                 megatron_schema.place(self.models[t, stage, e], path, stored)
 
     def _write(self, rank, tensor):
-        """Write a tensor into rank file `rank` (on that file's worker); return its stand-in."""
+        """Write a tensor into rank file `rank` (a job for any worker: its place in the file is fixed); return
+        its stand-in."""
         file = self.files[rank]
-        return file.tensor(tensor, lambda job: self.workers.submit(rank, lambda: _writing(file.path, job)))
+        return file.tensor(tensor, lambda key, job: self.workers.submit((rank, key), lambda: _writing(file.path, job)))
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
         if not experts:
@@ -121,6 +122,8 @@ class RankFilesSink:
         try:
             self.workers.abandon()
         finally:
+            for file in self.files.values():
+                file.abandon()
             self.staged.abandon()
 
 
@@ -140,7 +143,7 @@ class TorchDistSink:
 
     def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
-        self.workers = workers.Workers(min(workers_count, 2))  # one data file: a writer beside the receiver
+        self.workers = workers.Workers(workers_count)
         kinds = megatron_args.moe_layers(args)
         self.per_layer_keys = any(kinds) and not all(kinds)
         self.experts = args.num_experts or 0
@@ -150,14 +153,14 @@ class TorchDistSink:
         self.writer = torch_dist.DistWriter(self.staged.path)
 
     def _submit(self, job):
-        """Chunks go into one file in order: one worker writes them all."""
-        self.workers.submit(self.writer.handle.name, lambda: _writing(self.writer.handle.name, job))
+        """A job writing a chunk laid out in the data file: its place is fixed, so any worker may run it."""
+        self.workers.submit(object(), lambda: _writing(self.writer.path, job))
 
     def put(self, stage, path, tensor, kind, shape=None):
         """One whole tensor as one chunk; `tensor` may be a tuple of parts (rows concatenated, of `shape`)."""
         key, shape = ".".join(path), shape or tuple(tensor.shape)
         self.writer.declare(key, (tensor[0] if isinstance(tensor, tuple) else tensor).dtype, shape)
-        self._submit(lambda: self.writer.write_chunk(key, tensor, (0,) * len(shape)))
+        self._submit(self.writer.write_chunk(key, tensor, (0,) * len(shape)))
 
     def put_vocab(self, stage, path, table, rows):
         """One padded chunk, written from the table and its repeated last row (never a padded copy)."""
@@ -182,11 +185,8 @@ class TorchDistSink:
         if self.per_layer_keys or index == 0:
             self.writer.declare(key, first.dtype, (*lead, *shape))
         chunks = [((e,), tuple(half[e] for half in halves)) for e in range(shape[0])] if experts else [((), halves)]
-
-        def job():
-            for expert, parts in chunks:
-                self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim())
-        self._submit(job)
+        for expert, parts in chunks:
+            self._submit(self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim()))
 
     def put_layer_value(self, index, stage, local, name, value):
         module = name.removesuffix("._extra_state")
@@ -200,8 +200,7 @@ class TorchDistSink:
             lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
         shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
         name = f"{key}/{shard}"  # one string object for both entries: the pickled metadata shares it
-        self.writer.declare_object(name)
-        self._submit(lambda: self.writer.write_object(name, [value]))
+        self._submit(self.writer.write_object(name, [value]))
 
     def finish(self, args):
         self.workers.finish()

@@ -85,6 +85,17 @@ def write_all(fd, buffers, offset=None):
     return total
 
 
+def write_rows(fd, offset, parts, before=b"", after=b""):
+    """Write `before`, the rows of `parts` (a tensor, or a tuple of row blocks) and `after` at `offset`,
+    with one pwritev: the blocks straight from where they lie when all are contiguous, else gathered
+    first (contiguous()); returns the bytes written."""
+    parts = parts if isinstance(parts, tuple) else (parts,)
+    if all(part.is_contiguous() for part in parts):
+        return write_all(fd, [before, *parts, after], offset)
+    with contiguous(parts) as whole:
+        return write_all(fd, [before, whole, after], offset)
+
+
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
 
 

@@ -162,10 +162,9 @@ def test_metadata_is_what_pickling_dcps_own_objects_writes(tmp_path):
         key = f"decoder.layers.{layer}.mlp.linear_fc1.weight"
         writer.declare(key, torch.bfloat16, (1, 4, 2))
         writer.write_chunk(key, (torch.ones(2, 2, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.bfloat16)),
-                           (0, 0, 0))
+                           (0, 0, 0))()
         name = f"decoder.layers.{layer}.self_attention.linear_proj._extra_state"
-        writer.declare_object(name)
-        writer.write_object(name, None)
+        writer.write_object(name, None)()
     writer.finish({"args": None})
     written = (tmp_path / ".metadata").read_bytes()
     assert len(written) > 3 * 65536

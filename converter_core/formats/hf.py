@@ -199,12 +199,7 @@ class PlannedSafetensors:
         with output.writing(self.folder / file):
             fd = os.open(self.folder / file, os.O_WRONLY)
             try:
-                if all(part.is_contiguous() for part in parts):  # e.g. q, k or v: one block per query group
-                    size = workers.write_all(fd, parts, offset)
-                else:
-                    with workers.contiguous(tensor) as whole:
-                        size = workers.write_all(fd, [whole], offset)
-                output.start_writeback(fd, offset, size)
+                output.start_writeback(fd, offset, workers.write_rows(fd, offset, parts))
             finally:
                 os.close(fd)
 

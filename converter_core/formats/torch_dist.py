@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from converter_core import file_refs, layout
+from converter_core import file_refs, layout, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
@@ -378,7 +378,9 @@ class DistWriter:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.handle = torch_file.ArchiveFile(self.folder / DATA_FILE)
+        self.path = self.folder / DATA_FILE
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.end = 0  # the data file's bytes laid out so far
         self.state = {}
         self.storage = {}
 
@@ -386,41 +388,42 @@ class DistWriter:
         self.state[key] = _TensorStorageMetadata(properties=_TensorProperties(dtype=dtype), size=torch.Size(shape), chunks=[])
 
     def write_chunk(self, key, parts, offsets):
-        """The chunk of `key` at `offsets`: the rows of `parts` (a tensor, or a tuple whose rows are
+        """Lay out the chunk of `key` at `offsets`: the rows of `parts` (a tensor, or a tuple whose rows are
         concatenated as written, e.g. SwiGLU's W and V), with leading axes of size 1 for the offsets
-        beyond its own dimensions. The bytes torch.save would write, written from views."""
+        beyond its own dimensions. Returns the job that writes it, the bytes torch.save would write, from
+        the views; its place is fixed, so jobs may run on any thread, in any order."""
         parts = parts if isinstance(parts, tuple) else (parts,)
         meta = self.state[key]
         require(parts[0].dtype == meta.properties.dtype, f"{key}: chunk dtype {parts[0].dtype} is not {meta.properties.dtype}")
         rows = layout.rows_shape(parts)
         shape = (1,) * (len(offsets) - len(rows)) + rows
-        start = self.handle.tell()
-        torch_file.StreamingTorchFile(self.handle).save_tensor(parts, shape)
+        length, job = torch_file.StreamingTorchFile(self.path, self.fd, self.end).save_tensor(parts, shape)
         offsets = torch.Size(offsets)
         meta.chunks.append(_ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(shape)))
         index = _MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))
-        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=self.handle.tell() - start)
-
-    def declare_object(self, key):
-        """Entries are declared in the receiving thread, in message order (writing is a worker's), so the
-        metadata lists them in the same order however the writing was timed."""
-        self.state[key] = _BytesStorageMetadata()
+        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=self.end, length=length)
+        self.end += length
+        return job
 
     def write_object(self, key, value):
-        """A Megatron ShardedObject (declared first): torch.save of its value, stored as bytes."""
-        start = self.handle.tell()
-        torch.save(value, self.handle)
-        index = _MetadataIndex(fqn=key, index=None)
-        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=start, length=self.handle.tell() - start)
+        """Lay out a Megatron ShardedObject: torch.save of its value (small), stored as bytes. Returns the
+        job that writes it."""
+        self.state[key] = _BytesStorageMetadata()
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        data, start = buffer.getvalue(), self.end
+        self.storage[_MetadataIndex(fqn=key, index=None)] = _StorageInfo(relative_path=DATA_FILE, offset=start,
+                                                                          length=len(data))
+        self.end += len(data)
+        return lambda: workers.write_all(self.fd, [data], start)
 
     def finish(self, common):
         for key, meta in self.state.items():
             if isinstance(meta, _TensorStorageMetadata):
                 covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
                 require(covered == meta.size.numel(), f"{self.folder}: {key} was not written completely")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
+        os.fsync(self.fd)
+        self.abandon()
         metadata = _Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
                              storage_meta=_StorageMeta(checkpoint_id=None, save_id=None, load_id=None, modules=[]),
                              version="1.0.0")
@@ -430,5 +433,7 @@ class DistWriter:
         (self.folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
     def abandon(self):
-        if not self.handle.closed:
-            self.handle.close()
+        """Close the data file (finish() does; a saver giving up does too)."""
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None

@@ -10,16 +10,15 @@ Megatron's own classes (enums in the pickled args) and a one-line refusal for an
 
 import argparse
 import collections
-import contextlib
 import enum
 import io
 import math
 import os
 import pickle
 import signal
+import struct
 import sys
 
-import numpy
 import torch
 
 from converter_core import file_refs, layout, output, workers
@@ -76,135 +75,163 @@ class _Pickler(pickle._Pickler):
 
 
 class StreamingTorchFile:
-    """One torch.save file built piece by piece: `tensor()` writes bytes now, `close(obj)` writes the pickle."""
+    """One torch.save archive built piece by piece: `tensor()` lays out a tensor's record and writes its
+    bytes (now, or as a job for any thread: its place in the file is fixed), `close(obj)` writes the
+    pickle and the end. The bytes are torch.save's, without CRC32s: torch.load never checks them, and
+    computing them made writing four times slower."""
 
-    def __init__(self, path):
-        """`path`: a file name, or an ArchiveFile (the archive goes at its position). The records of a named
-        file are named after it, as torch.save names them (a rank file's are model_optim_rng/...); an
-        ArchiveFile's are archive/..., as torch.save names them in a file object (a torch_dist chunk)."""
-        self._file = path if isinstance(path, ArchiveFile) else None
-        self.path = str(path) if self._file is None else path.name
-        # No CRC32: torch.load never checks it, and computing it made writing four times slower.
-        self._writer = torch._C.PyTorchFileWriter(self.path if self._file is None else self._file, False,
-                                                  torch.serialization._get_storage_alignment())
-        self._fd = os.open(self.path, os.O_RDONLY) if self._file is None else self._file.fileno()  # for writeback
-        self._written = os.fstat(self._fd).st_size  # where the disk's writeback has been started up to
+    def __init__(self, path, fd=None, start=0):
+        """The archive that is file `path`, its records named after it as torch.save names them (a rank
+        file's are model_optim_rng/...); or, given an open `fd`, the archive at byte `start` of that file,
+        named as torch.save names one written into a file object (archive/...: a torch_dist chunk)."""
+        self.path, self._own_fd, self._start = str(path), fd is None, start
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if fd is None else fd
+        self._zip = ZipLayout(os.path.splitext(os.path.basename(self.path))[0] if fd is None else "archive")
         self._count = 0
 
     def tensor(self, tensor, run=None, shape=None):
         """Write `tensor`'s bytes (a tensor, or a tuple of tensors whose rows are concatenated as written);
         return a stand-in to place in the object passed to close(), of `shape` if given (the same elements,
-        e.g. with leading axes of size 1). With `run`, the writing is a job handed to it (records are
-        numbered now, so jobs must run in order)."""
+        e.g. with leading axes of size 1). With `run`, the writing is a job handed to run(key, job)."""
         parts = tensor if isinstance(tensor, tuple) else (tensor,)
+        key, ref, offset, header, trailer = self._lay_out(parts, shape)
+        job = lambda: self._write(offset, header, parts, trailer)  # noqa: E731
+        job() if run is None else run(key, job)
+        return ref
+
+    def _lay_out(self, parts, shape):
         rows = layout.rows_shape(parts)
         shape = rows if shape is None else shape
         require(math.prod(shape) == math.prod(rows), f"{self.path}: {list(rows)} written as {list(shape)}")
         key = str(self._count)
         self._count += 1
-        job = lambda: self._write(key, parts)  # noqa: E731
-        job() if run is None else run(job)
-        return _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape)
+        size = math.prod(rows) * parts[0].element_size()
+        offset, header, trailer = self._zip.record(f"data/{key}", size, _leading_bytes(parts))
+        return key, _TensorRef(_StorageRef(key, parts[0].dtype, math.prod(shape)), shape), offset, header, trailer
 
-    def _write(self, key, parts):
-        if self._file is not None and len(parts) > 1 and all(part.is_contiguous() for part in parts):
-            size = sum(part.nbytes for part in parts)
-            with self._file.parts_for_placeholder(parts, size) as placeholder:
-                self._writer.write_record(f"data/{key}", placeholder, size)
-        else:
-            with workers.contiguous(parts) as tensor:
-                tensor = tensor.detach()
-                start, size = tensor.storage_offset() * tensor.element_size(), tensor.nbytes
-                storage = tensor.untyped_storage()
-                if start or storage.nbytes() != size:  # a view (a TP shard's rows): its bytes, without a copy
-                    storage = storage[start:start + size]
-                self._writer.write_record(f"data/{key}", storage, size)
-        self._start_writeback()
-
-    def _start_writeback(self):
-        end = os.fstat(self._fd).st_size
-        output.start_writeback(self._fd, self._written, end - self._written)
-        self._written = end
+    def _write(self, offset, before, parts, after):
+        at = self._start + offset
+        output.start_writeback(self._fd, at, workers.write_rows(self._fd, at, parts, before, after))
 
     def save_tensor(self, parts, shape):
-        """The archive holds one tensor (the rows of `parts`, as `shape`), laid out byte for byte as
-        torch.save lays it out: the pickle first, then the bytes; then it is closed."""
-        dtype = (parts[0] if isinstance(parts, tuple) else parts).dtype
-        self._write_pickle(_TensorRef(_StorageRef(str(self._count), dtype, math.prod(shape)), shape, plain_size=True))
-        self.tensor(parts, shape=shape)
-        self._end()
+        """Lay out an archive holding one tensor (the rows of `parts`, as `shape`) byte for byte as torch.save
+        lays it out: the pickle first, then the bytes, then the end. Returns (its length, the job that
+        writes it all with one pwritev)."""
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        ref = _TensorRef(_StorageRef(str(self._count), parts[0].dtype, math.prod(shape)), shape, plain_size=True)
+        head = self._pickle_records(ref)
+        _, _, _, header, trailer = self._lay_out(parts, shape)
+        tail = self._zip.closing()
+        return self._zip.end, lambda: self._write(0, head + header, parts, trailer + tail)
 
     def close(self, obj):
-        self._write_pickle(obj)
-        self._end()
+        """Write the pickle of `obj` (holding the stand-ins) and the end; every tensor job must have run."""
+        at = self._zip.end
+        self._write(at, self._pickle_records(obj) + self._zip.closing(), (), b"")
+        self.abandon()
 
-    def _write_pickle(self, obj):
+    def _pickle_records(self, obj):
+        """data.pkl and the small records torch.save writes after it, laid out: their bytes."""
         buffer = io.BytesIO()
         _Pickler(buffer, protocol=2).dump(obj)
-        data = buffer.getvalue()
-        self._writer.write_record("data.pkl", data, len(data))
-        self._writer.write_record(".format_version", "1", 1)
-        alignment = str(torch.serialization._get_storage_alignment())
-        self._writer.write_record(".storage_alignment", alignment, len(alignment))
-        self._writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        records = (("data.pkl", buffer.getvalue()), (".format_version", b"1"),
+                   (".storage_alignment", str(_ALIGNMENT).encode()), ("byteorder", sys.byteorder.encode()))
+        return b"".join(self._zip.small(name, data) for name, data in records)
 
-    def _end(self):
-        self._writer.write_end_of_file()
-        self._writer = None
-        self._start_writeback()
-        if self._file is None:
+    def abandon(self):
+        """Close the file if this archive opened it (close() does; a saver giving up may too)."""
+        if self._own_fd and self._fd is not None:
             os.close(self._fd)
+        self._fd = None
 
 
-class ArchiveFile(io.RawIOBase):
-    """The file PyTorchFileWriter writes an archive into: unbuffered, keeping its own position (where
-    each torch_dist chunk starts). A record can be written from several tensors: the writer is given a
-    placeholder of the record's size, never read, and its one write of the placeholder's bytes becomes
-    writes of the parts, so rows that arrive apart (SwiGLU's W and V) need no gathering copy."""
-
-    def __init__(self, path):
-        self.name = str(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._position = 0
-        self._placeholder = None  # (address, size, parts) while a record is written from parts
-
-    def writable(self):
-        return True
-
-    def fileno(self):
-        return self._fd
-
-    def tell(self):
-        return self._position
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        placeholder = self._placeholder
-        if placeholder is not None and len(view) == placeholder[1] and _address(view) == placeholder[0]:
-            workers.write_all(self._fd, placeholder[2])
-        else:
-            workers.write_all(self._fd, [view])
-        self._position += len(view)
-        return len(view)
-
-    @contextlib.contextmanager
-    def parts_for_placeholder(self, parts, size):
-        """A storage of `size` bytes (untouched memory) whose write is replaced by the bytes of `parts`."""
-        placeholder = torch.empty(size, dtype=torch.uint8)
-        self._placeholder = (placeholder.data_ptr(), size, parts)
-        try:
-            yield placeholder.untyped_storage()
-        finally:
-            self._placeholder = None
-
-    def close(self):
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
+_ALIGNMENT = torch.serialization._get_storage_alignment()
+_MAX32 = 0xFFFFFFFF
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
 
 
-def _address(view):
-    return numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data if len(view) else 0
+class ZipLayout:
+    """The zip container torch.save writes (PyTorchStreamWriter over miniz: stored records, data aligned
+    to 64 bytes by an "FB" extra field, sizes in a data descriptor, zip64 end records), laid out ahead of
+    the bytes: each record's place is fixed when it is added, so its data may be written later, in any
+    order, from any thread and from row blocks apart in memory. The bytes equal those of torch's own
+    writer given the same records. The records torch adds when it ends a file (version, and a
+    serialization id that hashes every record's name and, through a quirk, first bytes) are taken
+    from a shadow torch writer that is given each record's name and first eight bytes."""
+
+    def __init__(self, archive_name):
+        self.prefix = archive_name + "/"
+        self.end = 0  # the bytes laid out so far
+        self._central, self._names = [], set()
+        self._shadow = io.BytesIO()
+        self._shadow_writer = torch._C.PyTorchFileWriter(self._shadow, False, _ALIGNMENT)
+
+    def record(self, name, size, leading):
+        """Lay out record `name` of `size` bytes, which begin with `leading` (its first eight bytes, or all
+        if fewer), at the end: returns (offset, header, trailer), what goes before and after its data."""
+        self._shadow_writer.write_record(name, leading, len(leading))
+        return self._place(name, size)
+
+    def small(self, name, data):
+        """A record whose bytes are at hand, laid out at the end: header, data and trailer."""
+        _, header, trailer = self.record(name, len(data), bytes(data[:8]))
+        return header + data + trailer
+
+    def _place(self, name, size):
+        full, offset = (self.prefix + name).encode(), self.end
+        large, far = size >= _MAX32, offset >= _MAX32  # where miniz switches a record to zip64 fields
+        local64 = _zip64_extra(([size, 0] if large else []) + ([offset] if far else []))
+        padding = -(offset + _LOCAL_HEADER.size + len(full) + len(local64) + 4) % _ALIGNMENT
+        extra = local64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
+        flags = 0x0808 if size else 0x0800  # UTF-8 names; a data descriptor follows non-empty data
+        header = _LOCAL_HEADER.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra)) + full + extra
+        trailer = b"" if not size else struct.pack("<IIQQ" if large or far else "<IIII", 0x08074B50, 0, size, size)
+        central64 = _zip64_extra(([size, size] if large else []) + ([offset] if far else []))
+        self._central.append(_CENTRAL_HEADER.pack(0x02014B50, 0, 0, flags, 0, 0, 0, 0, min(size, _MAX32),
+                                                  min(size, _MAX32), len(full), len(central64), 0, 0, 0, 0,
+                                                  min(offset, _MAX32)) + full + central64)
+        self._names.add(name)
+        self.end = offset + len(header) + size + len(trailer)
+        return offset, header, trailer
+
+    def closing(self):
+        """Lay out what ends the archive: the records torch adds at the end of a file, the central
+        directory and the end records; returns their bytes."""
+        self._shadow_writer.write_end_of_file()
+        shadow = torch._C.PyTorchFileReader(io.BytesIO(self._shadow.getvalue()))
+        pieces = []
+        for name in shadow.get_all_records():
+            if name not in self._names:
+                data = shadow.get_record(name)
+                _, header, trailer = self._place(name, len(data))
+                pieces += [header, data, trailer]
+        directory, at, count = b"".join(self._central), self.end, len(self._central)
+        pieces += [directory,
+                   struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 0x031E, 0x002D, 0, 0, count, count, len(directory), at),
+                   struct.pack("<IIQI", 0x07064B50, 0, at + len(directory), 1),
+                   struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                               min(len(directory), _MAX32), min(at, _MAX32), 0)]
+        self.end = at + sum(len(piece) for piece in pieces[-4:])
+        return b"".join(pieces)
+
+
+def _zip64_extra(values):
+    return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+
+
+def _leading_bytes(parts, count=8):
+    """The first `count` bytes of the rows of `parts`, read without copying a whole part (but a strided
+    one whose rows are shorter than `count` bytes)."""
+    out = bytearray()
+    for part in parts:
+        if len(out) >= count:
+            break
+        flat = part.reshape(-1)[:0] if not part.numel() else part.reshape(-1) if part.is_contiguous() or (
+            part.dim() and part.shape[-1] * part.element_size() < count) else part[(0,) * (part.dim() - 1)]
+        need = -(-(count - len(out)) // part.element_size())
+        out += flat[:need].contiguous().view(torch.uint8).numpy().tobytes()
+    return bytes(out[:count])
 
 
 _STAND_IN_CLASSES = {}
