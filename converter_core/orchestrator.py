@@ -36,6 +36,28 @@ def _raise_interrupted(signum, frame):
         raise Interrupted(signum)
 
 
+def stop_on_signals():
+    """A child side's stop signals (SIGTERM, SIGHUP) raise Interrupted wherever it is. Raised inside a
+    weakref callback or a __del__, Python swallows it (printing a traceback) and carries on, and the stop
+    would be lost: such a stop is sent to the main thread again a moment later, when it has left the
+    callback (and this hook), quietly."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGHUP, _raise_interrupted)
+    sys.unraisablehook = _redeliver_swallowed_stop
+
+
+REDELIVER_SECONDS = 0.05
+
+
+def _redeliver_swallowed_stop(event):
+    if not isinstance(event.exc_value, Interrupted):
+        return sys.__unraisablehook__(event)
+    timer = threading.Timer(REDELIVER_SECONDS, signal.pthread_kill,
+                            (threading.main_thread().ident, event.exc_value.signum))
+    timer.daemon = True
+    timer.start()
+
+
 def _describe(error):
     """(one line, internal?) for an exception raised in a plugin."""
     if isinstance(error, ConversionError):
@@ -71,8 +93,7 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
     shared-memory handles that the sending process must still own when the saver opens them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)
+    stop_on_signals()
     output.set_owner(parent_pid)
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn

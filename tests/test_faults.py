@@ -164,6 +164,38 @@ def test_signal_to_the_parent_stops_everything(tmp_path, source, signum, saver):
     subprocess.run(command(source, target, saver), check=True, capture_output=True, timeout=120)
 
 
+# A side whose stop signal arrives while a weakref callback runs: the Interrupted raised there is swallowed
+# by Python, so the side must be stopped again from outside the callback (without it, pause() never ends).
+STOP_IN_A_CALLBACK = """
+import os, signal, weakref
+from converter_core import orchestrator
+from converter_core.errors import Interrupted
+
+class Thing:
+    pass
+
+def callback(reference):
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10 ** 6):  # the handler runs here, inside the callback
+        pass
+
+orchestrator.stop_on_signals()
+thing = Thing()
+reference = weakref.ref(thing, callback)
+try:
+    del thing
+    signal.pause()
+except Interrupted as stop:
+    print("stopped by", stop)
+"""
+
+
+def test_a_stop_signal_inside_a_weakref_callback_still_stops_the_side():
+    result = subprocess.run([sys.executable, "-c", STOP_IN_A_CALLBACK], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "stopped by SIGTERM" and result.returncode == 0
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_ctrl_c_to_the_whole_group_is_an_interruption(tmp_path, source):
     target = tmp_path / "out"
     shared_memory = set(os.listdir("/dev/shm"))
