@@ -176,12 +176,11 @@ def save(queue, args, families):
                                        args.max_shard_size)
 
         def write(name, tensor, factor=1):
-            """`tensor` may be a tuple of row blocks: written as they are unless scaled or converted."""
+            """`tensor` may be a tuple of row blocks, or Columns: written as they are unless scaled or converted."""
             scaled = fold and factor != 1
-            if isinstance(tensor, tuple) and (scaled or tensor[0].dtype != stored(name)):
-                tensor = layout.assemble(tensor)
-            if not isinstance(tensor, tuple):
-                tensor = (tensor.float() * factor if scaled else tensor).to(stored(name))
+            if scaled or (tensor[0] if isinstance(tensor, tuple) else tensor).dtype != stored(name):
+                whole = layout.assemble(tensor) if isinstance(tensor, tuple) else layout.tensor_of(tensor)
+                tensor = (whole.float() * factor if scaled else whole).to(stored(name))
             writer.write(name, tensor, pool.submit)
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
@@ -194,7 +193,7 @@ def save(queue, args, families):
             message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
             if fold:  # the residual branch scaling moves into the output projections
                 for key in ("dense weight", "mlp l1 weight"):
-                    message[key] = message[key].float() * residual
+                    message[key] = layout.tensor_of(message[key]).float() * residual
             for name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
                 write(name, tensor)
             receiver.check_consumed(message)

@@ -1,6 +1,6 @@
 """Tensor layout rules, each in one place: Megatron's grouped QKV, SwiGLU halves, tensor-parallel
-split/merge, vocabulary padding. Messages carry full tensors (or Rows, views whose rows make one); only
-savers split and only loaders merge.
+split/merge, vocabulary padding. Messages carry full tensors (or Rows and Columns, views whose rows or
+columns make one); only savers split and only loaders merge.
 """
 
 import math
@@ -45,11 +45,44 @@ class Rows(tuple):
         return _received_rows, (tuple(self),)
 
 
+class Columns:
+    """A 2-D tensor given as column blocks, views whose concatenation along columns it is: TP shards of a
+    row-parallel weight (linear_proj, fc2), sent by a Megatron loader as Rows are, for the same reason.
+    Our writers write it row by row from the blocks (workers.write_rows); code that needs a tensor
+    calls tensor_of. Received as the concatenated tensor where Rows would be."""
+
+    def __init__(self, blocks):
+        self.blocks = tuple(blocks)
+
+    @property
+    def shape(self):
+        return torch.Size((self.blocks[0].shape[0], sum(block.shape[1] for block in self.blocks)))
+
+    @property
+    def dtype(self):
+        return self.blocks[0].dtype
+
+    def dim(self):
+        return 2
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def element_size(self):
+        return self.blocks[0].element_size()
+
+    def to(self, dtype):
+        return self if dtype == self.dtype else tensor_of(self).to(dtype)
+
+    def __reduce__(self):
+        return _received_columns, (self.blocks,)
+
+
 _rows_accepted = False
 
 
 def accept_rows():
-    """This process's saver takes Rows: receive them as they were sent."""
+    """This process's saver takes Rows and Columns: receive them as they were sent."""
     global _rows_accepted
     _rows_accepted = True
 
@@ -58,13 +91,19 @@ def _received_rows(blocks):
     return Rows(blocks) if _rows_accepted else torch.cat(blocks)
 
 
+def _received_columns(blocks):
+    return Columns(blocks) if _rows_accepted else torch.cat(blocks, dim=1)
+
+
 def blocks(value):
     """The row blocks of a tensor (itself) or of Rows."""
     return tuple(value) if isinstance(value, Rows) else (value,)
 
 
 def tensor_of(value):
-    """A tensor for code that needs one: Rows are concatenated, a tensor is returned as it is."""
+    """A tensor for code that needs one: Rows and Columns are concatenated, a tensor is returned as it is."""
+    if isinstance(value, Columns):
+        return torch.cat(value.blocks, dim=1)
     return assemble(value) if isinstance(value, Rows) else value
 
 
@@ -98,8 +137,8 @@ def hf_qkv_to_megatron(q, k, v, num_heads, num_groups, head_dim):
 
 def megatron_qkv_to_hf(qkv, num_heads, num_groups, head_dim):
     """Inverse of hf_qkv_to_megatron: returns (q, k, v), each a tuple of row blocks (views of `qkv`, one
-    per query group) whose concatenation is the HF tensor. Nothing is copied here: a writer gathers the
-    blocks where it writes them (workers.contiguous), or assemble() makes the tensor."""
+    per query group) whose concatenation is the HF tensor. Nothing is copied here: a writer writes the
+    blocks where they lie (workers.write_rows), or assemble() makes the tensor."""
     per_group = num_heads // num_groups
     group_rows = (per_group + 2) * head_dim
     if isinstance(qkv, Rows) and not any(block.shape[0] % group_rows for block in qkv):  # TP shards: whole groups
@@ -131,7 +170,8 @@ def shard_parts(tensor, kind, tp):
     if kind == COLUMN:
         return _split_rows(tensor, tp)
     if kind == ROW:
-        return [(t,) for t in torch.chunk(tensor_of(tensor), tp, dim=1)]
+        return [(column_slice(tensor, rank * tensor.shape[1] // tp, (rank + 1) * tensor.shape[1] // tp),)
+                for rank in range(tp)]
     if kind == SWIGLU:
         w, v = tensor
         return [w_rows + v_rows for w_rows, v_rows in zip(_split_rows(w, tp), _split_rows(v, tp))]
@@ -144,6 +184,19 @@ def _split_rows(value, tp):
         return [(t,) for t in torch.chunk(value, tp)]
     per_rank = value.shape[0] // tp
     return [row_blocks(value, rank * per_rank, (rank + 1) * per_rank) for rank in range(tp)]
+
+
+def column_slice(value, start, stop):
+    """Columns [start, stop) of a 2-D tensor or of Columns, as views: one, or Columns of several."""
+    if not isinstance(value, Columns):
+        return value[:, start:stop]
+    views, offset = [], 0
+    for block in value.blocks:
+        low, high = max(start - offset, 0), min(stop - offset, block.shape[1])
+        if low < high:
+            views.append(block[:, low:high])
+        offset += block.shape[1]
+    return views[0] if len(views) == 1 else Columns(views)
 
 
 def rows_shape(parts):
@@ -174,10 +227,9 @@ def empty_shared(shape, dtype):
 
 
 def merge(shards, kind):
-    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V). Shards stacked along rows
-    are returned as Rows of them and one shard as it is (views of it for SWIGLU), so nothing is copied:
-    a view of a mapped source file crosses the queue as a reference (file_refs). ROW shards are
-    concatenated into shared memory."""
+    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V). Shards are returned as Rows
+    or Columns of them and one shard as it is (views of it for SWIGLU), so nothing is copied: a view of a
+    mapped source file crosses the queue as a reference (file_refs)."""
     if kind == REPLICATED:
         return shards[0]
     if len(shards) == 1:
@@ -185,7 +237,7 @@ def merge(shards, kind):
     if kind == COLUMN:
         return Rows(shards)
     if kind == ROW:
-        return cat_shared(shards, dim=1)
+        return Columns(shards)
     if kind == SWIGLU:
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return Rows(h[0] for h in halves), Rows(h[1] for h in halves)

@@ -37,7 +37,7 @@ def contiguous(parts):
     the thread reuses, because filling freshly mapped memory costs about four times the copy itself
     (page faults), for every SwiGLU pair and row slice. Larger gathers get their own memory, one at a
     time over all threads, so the writers never add more than one large shard to the peak."""
-    parts = tuple(part.detach().cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
+    parts = tuple(layout.tensor_of(part).detach().cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
     first, shape = parts[0], layout.rows_shape(parts)
     if _consecutive(parts):  # one tensor, or row blocks that follow each other in one storage ([W; V])
         yield first if len(parts) == 1 else torch.empty(0, dtype=first.dtype).set_(
@@ -86,14 +86,34 @@ def write_all(fd, buffers, offset=None):
 
 
 def write_rows(fd, offset, parts, before=b"", after=b""):
-    """Write `before`, the rows of `parts` (a tensor, or a tuple of row blocks) and `after` at `offset`,
-    with one pwritev: the blocks straight from where they lie when all are contiguous, else gathered
-    first (contiguous()); returns the bytes written."""
+    """Write `before`, the rows of `parts` (a tensor, Columns, or a tuple of row blocks) and `after` at
+    `offset`, with one pwritev: the bytes straight from where they lie (a column slice or Columns row by
+    row), or, for any other layout, gathered first (contiguous()); returns the bytes written."""
     parts = parts if isinstance(parts, tuple) else (parts,)
-    if all(part.is_contiguous() for part in parts):
-        return write_all(fd, [before, *parts, after], offset)
+    pieces = [_pieces(part) for part in parts]
+    if all(piece is not None for piece in pieces):
+        return write_all(fd, [before, *(view for piece in pieces for view in piece), after], offset)
     with contiguous(parts) as whole:
         return write_all(fd, [before, whole, after], offset)
+
+
+def _pieces(part):
+    """The bytes of `part` in row-major order, as buffers where they lie: a contiguous tensor as itself;
+    a 2-D tensor whose rows are contiguous (a column slice), or Columns, one buffer per row and block.
+    None for other layouts."""
+    if isinstance(part, layout.Columns):
+        rows = [_row_views(block) for block in part.blocks]
+        return None if None in rows else [view for row in zip(*rows) for view in row]
+    return [part] if part.is_contiguous() else _row_views(part)
+
+
+def _row_views(tensor):
+    if tensor.dim() != 2 or (tensor.shape[1] > 1 and tensor.stride(1) != 1):
+        return None
+    size = tensor.element_size()
+    storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
+    start, step, length = tensor.storage_offset() * size, tensor.stride(0) * size, tensor.shape[1] * size
+    return [storage[start + row * step:start + row * step + length] for row in range(tensor.shape[0])]
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16

@@ -1,11 +1,14 @@
-"""layout.Rows: TP shards sent as row blocks instead of one concatenated tensor. Every rule that takes
-Rows must give exactly the rows it gives for the concatenated tensor, and a process whose saver has not
-asked for Rows must receive the plain tensor."""
+"""layout.Rows and layout.Columns: TP shards sent as row or column blocks instead of one concatenated
+tensor. Every rule that takes them must give exactly what it gives for the concatenated tensor, our
+writers must write the same bytes, and a process whose saver has not asked for them must receive the
+plain tensor."""
+
+import os
 
 import torch
 import torch.multiprocessing as mp
 
-from converter_core import layout, vocab
+from converter_core import layout, vocab, workers
 
 
 def _rows(*row_counts, columns=6, dtype=torch.bfloat16):
@@ -67,11 +70,49 @@ def test_qkv_split_from_tp_shards_equals_the_split_of_the_whole():
             _same(ours, layout.assemble(theirs))
 
 
+def _columns(*column_counts, rows=5, dtype=torch.bfloat16):
+    """Columns of blocks with these column counts, and the tensor they make."""
+    whole = torch.randn(rows, sum(column_counts)).to(dtype)
+    starts = [sum(column_counts[:i]) for i in range(len(column_counts) + 1)]
+    return layout.Columns(whole[:, a:b].clone() for a, b in zip(starts, starts[1:])), whole
+
+
+def _written(tmp_path, parts):
+    """The bytes workers.write_rows writes for `parts`, between a header and a trailer."""
+    fd = os.open(tmp_path / "written", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        size = workers.write_rows(fd, 3, parts, b"<<", b">>")
+        return os.pread(fd, size + 3, 0)
+    finally:
+        os.close(fd)
+
+
+def test_columns_give_the_same_shards_and_bytes_as_the_tensor(tmp_path):
+    columns, whole = _columns(8, 8)
+    assert columns.shape == whole.shape and columns.dtype == whole.dtype and columns.dim() == 2
+    assert columns.numel() * columns.element_size() == whole.nbytes
+    assert columns.to(torch.bfloat16) is columns and torch.equal(columns.to(torch.float32), whole.float())
+    assert torch.equal(layout.tensor_of(columns), whole)
+    expected = lambda tensor: b"\0\0\0<<" + tensor.contiguous().view(torch.int16).numpy().tobytes() + b">>"  # noqa: E731
+    assert _written(tmp_path, columns) == expected(whole)
+    for shards in ((8, 8), (4, 4, 4, 4), (16,)):  # from TP 2, 4 and 1 sources
+        columns, whole = _columns(*shards)
+        for tp in (1, 2, 4):
+            for ours, theirs in zip(layout.shard_parts(columns, layout.ROW, tp), layout.shard_parts(whole, layout.ROW, tp)):
+                assert torch.equal(layout.tensor_of(ours[0]), theirs[0])
+                assert _written(tmp_path, ours) == expected(theirs[0])  # a column slice, or Columns of several
+    rows, _ = _rows(3, 4)
+    sliced = torch.randn(2, 9).to(torch.bfloat16)[:, 1:7]  # contiguous rows: written row by row
+    transposed = torch.randn(6, 4).to(torch.bfloat16).t()  # rows not contiguous: gathered first
+    for parts in ((rows[0], sliced), (rows[0], transposed, sliced)):
+        assert _written(tmp_path, parts) == expected(torch.cat(parts))
+
+
 def _receive(queue, results, accept):
     if accept:
         layout.accept_rows()
     value = queue.get()
-    got = layout.assemble(tuple(value)) if isinstance(value, tuple) else value
+    got = layout.assemble(tuple(value)) if isinstance(value, tuple) else layout.tensor_of(value)
     results.put((type(value).__name__, got.dtype, tuple(got.shape), got.view(torch.int16).numpy().tobytes()))
 
 
@@ -84,6 +125,20 @@ def test_rows_arrive_as_a_tensor_unless_the_receiver_takes_rows():
         process.start()
         queue.put(rows)
         got = results.get(timeout=60)  # plain values: a tensor's memory would go with the process
+        process.join(60)
+        assert process.exitcode == 0
+        assert got == (kind, whole.dtype, tuple(whole.shape), whole.view(torch.int16).numpy().tobytes())
+
+
+def test_columns_arrive_as_a_tensor_unless_the_receiver_takes_rows():
+    columns, whole = _columns(3, 5)
+    context = mp.get_context("fork")
+    for accept, kind in ((False, "Tensor"), (True, "Columns")):
+        queue, results = context.Queue(), context.Queue()
+        process = context.Process(target=_receive, args=(queue, results, accept))
+        process.start()
+        queue.put(columns)
+        got = results.get(timeout=60)
         process.join(60)
         assert process.exitcode == 0
         assert got == (kind, whole.dtype, tuple(whole.shape), whole.view(torch.int16).numpy().tobytes())
