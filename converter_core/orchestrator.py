@@ -37,23 +37,38 @@ def _raise_interrupted(signum, frame):
 
 
 def stop_on_signals():
-    """A child side's stop signals (SIGTERM, SIGHUP) raise Interrupted wherever it is. Raised inside a
-    weakref callback or a __del__, Python swallows it (printing a traceback) and carries on, and the stop
-    would be lost: such a stop is sent to the main thread again a moment later, when it has left the
-    callback (and this hook), quietly."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)
+    """A child side's stop signals (SIGTERM, SIGHUP) raise Interrupted wherever it is, with two exceptions
+    that would lose a stop or its cleanup, where the signal is delivered again a moment later instead:
+    while an exception is being handled (the side is cleaning up after a failure, e.g. removing its
+    staged output: cut short, that would be left behind), and inside a weakref callback or a __del__,
+    where Python swallows the exception (printing a traceback) and carries on."""
+    signal.signal(signal.SIGTERM, _stop_side)
+    signal.signal(signal.SIGHUP, _stop_side)
     sys.unraisablehook = _redeliver_swallowed_stop
 
 
 REDELIVER_SECONDS = 0.05
 
 
+def _stop_side(signum, frame):
+    if output.defer_signal(signum):
+        return
+    if sys.exc_info()[1] is not None:
+        _redeliver(signum)
+        return
+    raise Interrupted(signum)
+
+
 def _redeliver_swallowed_stop(event):
     if not isinstance(event.exc_value, Interrupted):
         return sys.__unraisablehook__(event)
-    timer = threading.Timer(REDELIVER_SECONDS, signal.pthread_kill,
-                            (threading.main_thread().ident, event.exc_value.signum))
+    _redeliver(event.exc_value.signum)
+
+
+def _redeliver(signum):
+    """Send `signum` to the main thread again after REDELIVER_SECONDS (from a timer thread, so it lands
+    after the code that could not take it)."""
+    timer = threading.Timer(REDELIVER_SECONDS, signal.pthread_kill, (threading.main_thread().ident, signum))
     timer.daemon = True
     timer.start()
 

@@ -196,6 +196,33 @@ def test_a_stop_signal_inside_a_weakref_callback_still_stops_the_side():
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+# A side whose stop signal arrives while it handles a failure (where it removes its staged output): the
+# cleanup finishes, then the stop lands.
+STOP_DURING_CLEANUP = """
+import os, signal
+from converter_core import orchestrator
+from converter_core.errors import Interrupted
+
+orchestrator.stop_on_signals()
+try:
+    try:
+        raise ValueError("the loader exited")
+    except ValueError:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10 ** 6):  # the handler runs here, inside the except block
+            pass
+        print("cleaned up")
+    signal.pause()
+except Interrupted as stop:
+    print("stopped by", stop)
+"""
+
+
+def test_a_stop_signal_during_cleanup_lets_it_finish_then_stops_the_side():
+    result = subprocess.run([sys.executable, "-c", STOP_DURING_CLEANUP], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["cleaned up", "stopped by SIGTERM"], (result.stdout, result.stderr)
+
+
 def test_ctrl_c_to_the_whole_group_is_an_interruption(tmp_path, source):
     target = tmp_path / "out"
     shared_memory = set(os.listdir("/dev/shm"))
