@@ -109,12 +109,18 @@ def tensor_of(value):
 
 def row_blocks(value, start, stop):
     """Views of rows [start, stop) of a tensor or of Rows, one for each block they touch."""
+    return _slices(blocks(value), start, stop, 0)
+
+
+def _slices(pieces, start, stop, dim):
+    """Views of [start, stop) along `dim` of the tensor that `pieces` make when concatenated along it,
+    one for each piece they touch."""
     views, offset = [], 0
-    for block in blocks(value):
-        low, high = max(start - offset, 0), min(stop - offset, block.shape[0])
+    for piece in pieces:
+        low, high = max(start - offset, 0), min(stop - offset, piece.shape[dim])
         if low < high:
-            views.append(block[low:high])
-        offset += block.shape[0]
+            views.append(piece.narrow(dim, low, high - low))
+        offset += piece.shape[dim]
     return tuple(views)
 
 
@@ -190,12 +196,7 @@ def column_slice(value, start, stop):
     """Columns [start, stop) of a 2-D tensor or of Columns, as views: one, or Columns of several."""
     if not isinstance(value, Columns):
         return value[:, start:stop]
-    views, offset = [], 0
-    for block in value.blocks:
-        low, high = max(start - offset, 0), min(stop - offset, block.shape[1])
-        if low < high:
-            views.append(block[:, low:high])
-        offset += block.shape[1]
+    views = _slices(value.blocks, start, stop, 1)
     return views[0] if len(views) == 1 else Columns(views)
 
 

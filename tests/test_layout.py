@@ -5,6 +5,7 @@ plain tensor."""
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -116,29 +117,16 @@ def _receive(queue, results, accept):
     results.put((type(value).__name__, got.dtype, tuple(got.shape), got.view(torch.int16).numpy().tobytes()))
 
 
-def test_rows_arrive_as_a_tensor_unless_the_receiver_takes_rows():
-    rows, whole = _rows(3, 5)
+@pytest.mark.parametrize("blocks,kind", [(_rows, "Rows"), (_columns, "Columns")])
+def test_blocks_arrive_as_a_tensor_unless_the_receiver_takes_rows(blocks, kind):
+    value, whole = blocks(3, 5)
     context = mp.get_context("fork")
-    for accept, kind in ((False, "Tensor"), (True, "Rows")):
+    for accept, expected in ((False, "Tensor"), (True, kind)):
         queue, results = context.Queue(), context.Queue()
         process = context.Process(target=_receive, args=(queue, results, accept))
         process.start()
-        queue.put(rows)
+        queue.put(value)
         got = results.get(timeout=60)  # plain values: a tensor's memory would go with the process
         process.join(60)
         assert process.exitcode == 0
-        assert got == (kind, whole.dtype, tuple(whole.shape), whole.view(torch.int16).numpy().tobytes())
-
-
-def test_columns_arrive_as_a_tensor_unless_the_receiver_takes_rows():
-    columns, whole = _columns(3, 5)
-    context = mp.get_context("fork")
-    for accept, kind in ((False, "Tensor"), (True, "Columns")):
-        queue, results = context.Queue(), context.Queue()
-        process = context.Process(target=_receive, args=(queue, results, accept))
-        process.start()
-        queue.put(columns)
-        got = results.get(timeout=60)
-        process.join(60)
-        assert process.exitcode == 0
-        assert got == (kind, whole.dtype, tuple(whole.shape), whole.view(torch.int16).numpy().tobytes())
+        assert got == (expected, whole.dtype, tuple(whole.shape), whole.view(torch.int16).numpy().tobytes())

@@ -229,8 +229,12 @@ def _leading_bytes(parts, count=8):
             break
         if isinstance(part, layout.Columns):  # its first `count` rows hold the bytes wanted
             part = torch.cat([block[:count] for block in part.blocks], dim=1)
-        flat = part.reshape(-1)[:0] if not part.numel() else part.reshape(-1) if part.is_contiguous() or (
-            part.dim() and part.shape[-1] * part.element_size() < count) else part[(0,) * (part.dim() - 1)]
+        if not part.numel():
+            continue
+        if part.is_contiguous() or part.shape[-1] * part.element_size() < count:
+            flat = part.reshape(-1)
+        else:  # a strided part's first row holds the bytes wanted
+            flat = part[(0,) * (part.dim() - 1)]
         need = -(-(count - len(out)) // part.element_size())
         out += flat[:need].contiguous().view(torch.uint8).numpy().tobytes()
     return bytes(out[:count])
