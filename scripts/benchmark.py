@@ -2,7 +2,9 @@
 side with `cp -r` of the same files in the same run (the physical floor on this machine), and with
 `cp -r` + `sync`, the floor for our savers, which fsync what they write (each the best of three runs).
 Each conversion is timed the same way (best of three), then run once more with the memory probe, which
-needs CPU time of its own.
+needs CPU time of its own. Start-up is the time until the converter reports its start (Python, torch and
+our imports, reading the source's metadata: no tensor has moved yet, and it runs on one core), so that the
+cores used by the conversion proper can be told apart from it.
 
 Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
      [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,15 +106,30 @@ def memory(process):
     return fields["Private_Dirty"], shmem, fields["Rss"]
 
 
+def watch_start(process, started, start):
+    """Reads the converter's JSON events; at its "start" (the first message is about to be sent) records
+    the time and the CPU time its processes have used so far into `start`."""
+    for line in process.stdout:
+        if not start and '"event": "start"' in line:
+            try:
+                used = sum(sum(p.cpu_times()[:2]) for p in [process] + process.children(recursive=True))
+            except psutil.Error:
+                continue
+            start.extend((time.perf_counter() - started, used))
+
+
 def measure(command, probe=False):
-    """(seconds, CPU seconds, peak private memory summed over the process tree, peak shared memory of one
-    process, peak RSS summed), in seconds and bytes. CPU time comes from getrusage of the waited-for
-    children, which includes the loader and saver the converter itself waits for. Memory is probed (every
-    20 ms through /proc) only with `probe`: the probe itself takes CPU time a 2-CPU machine lacks, so
-    times are taken from a run without it."""
+    """(seconds, CPU seconds, start-up seconds, start-up CPU seconds, peak private memory summed over the
+    process tree, peak shared memory of one process, peak RSS summed), in seconds and bytes. CPU time comes
+    from getrusage of the waited-for children, which includes the loader and saver the converter itself
+    waits for. Memory is probed (every 20 ms through /proc) only with `probe`: the probe itself takes CPU
+    time a 2-CPU machine lacks, so times are taken from a run without it."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = psutil.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = []
+    watcher = threading.Thread(target=watch_start, args=(process, started, start))
+    watcher.start()
     private = shared = resident = 0
     if not probe:
         process.wait()
@@ -127,9 +145,10 @@ def measure(command, probe=False):
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    watcher.join()
     if process.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
-    return seconds, cpu, private, shared, resident
+        sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read()[-2000:]}")
+    return (seconds, cpu, *(start or (float("nan"), float("nan"))), private, shared, resident)
 
 
 COPY_RUNS = 3
@@ -168,7 +187,7 @@ def main():
         shutil.rmtree(work)  # another shape's files: start over
     if not source.exists():
         make_model(source, config)
-    convert = [sys.executable, "-m", "converter_core", "--model-type", "GPT", "--max-queue-size",
+    convert = [sys.executable, "-m", "converter_core", "--model-type", "GPT", "--progress", "json", "--max-queue-size",
                str(options.max_queue_size)] + (["--workers", str(options.workers)] if options.workers else [])
     model_bytes, largest = folder_bytes(source), largest_tensor_bytes(config)
     print(f"model: {model_bytes / 1e9:.2f} GB of bf16 safetensors ({model_bytes // 2 / 1e9:.2f} B parameters; "
@@ -176,8 +195,9 @@ def main():
           f"{(2 * largest + 2**29) / 2**30:.2f} GiB; --max-queue-size {options.max_queue_size}, "
           f"--workers {options.workers or 'default'}, {psutil.cpu_count()} CPUs\n")
     print("| direction | read GB | seconds | GB/s | `cp -r` s | time / cp | `cp -r` + `sync` s | time / (cp + sync) | "
-          "CPU s / wall s | peak private (summed) | peak shared (queue) | peak RSS, summed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU s / wall s | start-up s | CPU s / wall s after start-up | peak private (summed) | peak shared (queue) | "
+          "peak RSS, summed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key in options.only or RUNS:
         name, load, save, flags = RUNS[key]
         load, save = work / load, work / save
@@ -197,15 +217,16 @@ def main():
             shutil.rmtree(save, ignore_errors=True)
             os.sync()
             warm(load)
-            runs.append(measure(command)[:2])
-        seconds, cpu = min(runs)
+            runs.append(measure(command)[:4])
+        seconds, cpu, start_seconds, start_cpu = min(runs)
         shutil.rmtree(save)
         os.sync()
         warm(load)
-        private, shared, resident = measure(command, probe=True)[2:]
+        private, shared, resident = measure(command, probe=True)[4:]
         size = folder_bytes(load)
         print(f"| {name} | {size / 1e9:.2f} | {seconds:.1f} | {size / 1e9 / seconds:.2f} | {copy_seconds:.1f} | "
               f"{seconds / copy_seconds:.1f}x | {floor:.1f} | {seconds / floor:.1f}x | {cpu / seconds:.2f} | "
+              f"{start_seconds:.1f} | {(cpu - start_cpu) / (seconds - start_seconds):.2f} | "
               f"{private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB |", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
 
