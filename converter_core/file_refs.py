@@ -8,6 +8,9 @@ layout), and the saver maps the same page-cache pages, so its bytes are copied o
 `cp` does. Applies only on our orchestrator's queue (our loader process installs it) and only to files a
 loader registered as sources: our loaders never write into those tensors, and a page written in place in
 a private mapping would no longer be the file's. Anything else travels the way torch sends it.
+
+Nobody writes into a received one either, so our writers copy its bytes from the file itself, inside the
+kernel (`file_range`, copy_file_range), as `cp` does, rather than from the mapping.
 """
 
 import os
@@ -15,10 +18,13 @@ import sys
 
 import torch
 from torch.multiprocessing import reductions
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from converter_core.errors import ConversionError
 
 _sources = set()  # real paths of files this process reads weights from
+_received = {}  # address of a storage received by reference -> (weak reference to it, fd, file offset, path)
+_source_fds = {}  # (device, inode) -> the source file, open for reading
 
 
 def register_source(path):
@@ -66,5 +72,21 @@ def _rebuild(path, device, inode, offset, size, dtype, shape, stride, storage_of
     status = os.stat(path)
     if (status.st_dev, status.st_ino) != (device, inode):
         raise ConversionError(f"{path}: the source file was replaced during the conversion")
+    if (device, inode) not in _source_fds:
+        _source_fds[device, inode] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     storage = torch.UntypedStorage.from_file(path, False, offset + size)[offset:offset + size]
+    _received[storage.data_ptr()] = (StorageWeakRef(storage), _source_fds[device, inode], offset, path)
     return torch.empty(0, dtype=dtype).set_(storage, storage_offset, shape, stride)
+
+
+def file_range(tensor):
+    """(source fd, byte offset, path) of `tensor`'s bytes when it is a contiguous view of a tensor this process
+    received by reference, else None. The weak reference tells a storage received here from a later one
+    that happens to lie at the same address."""
+    if not _received or not tensor.is_contiguous():
+        return None
+    storage = tensor.untyped_storage()
+    entry = _received.get(storage.data_ptr())
+    if entry is None or entry[0].cdata != storage._cdata:
+        return None
+    return entry[1], entry[2] + tensor.data_ptr() - storage.data_ptr(), entry[3]

@@ -8,6 +8,7 @@ so the output is byte-identical to writing inline, which is what one worker does
 
 import collections
 import contextlib
+import errno
 import math
 import os
 import queue
@@ -15,7 +16,8 @@ import threading
 
 import torch
 
-from converter_core import layout
+from converter_core import file_refs, layout
+from converter_core.errors import ConversionError
 
 # Jobs per worker that may wait to run before the saver waits: bounds the memory held by pending writes.
 BACKLOG = 2
@@ -70,7 +72,45 @@ def _consecutive(parts):
 def write_all(fd, buffers, offset=None):
     """Write `buffers` (bytes-like objects or contiguous tensors) one after another, at `offset` or at the
     file's position; returns the bytes written. Row blocks of a tensor are written from where they lie
-    (writev), so blocks that are apart in memory need no gathering copy first."""
+    (writev), so blocks that are apart in memory need no gathering copy first. At an `offset`, a tensor
+    received by reference to a source file is copied from that file inside the kernel (copy_file_range):
+    from a mapping, each page costs a fault and a copy from user memory, and writing an 8B-shape model
+    into one file took 1.3-1.7x as long."""
+    if offset is None or not hasattr(os, "copy_file_range"):
+        return _write_buffers(fd, buffers, offset)
+    start, pending = offset, []
+    for buffer in buffers:
+        source = file_refs.file_range(buffer) if torch.is_tensor(buffer) and buffer.nbytes else None
+        if source is None:
+            pending.append(buffer)
+            continue
+        offset += _write_buffers(fd, pending, offset)
+        pending = []
+        offset += _copy_from_file(*source, fd, offset, buffer)
+    return offset + _write_buffers(fd, pending, offset) - start
+
+
+# copy_file_range refused for these files (another filesystem, a kernel or sandbox without it): write from memory
+_NO_FILE_COPY = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM}
+
+
+def _copy_from_file(source, at, path, fd, offset, tensor):
+    """Copy `tensor`'s bytes, which lie at `at` in the file `source` (`path`), to `fd` at `offset`."""
+    done, size = 0, tensor.nbytes
+    while done < size:
+        try:
+            copied = os.copy_file_range(source, fd, size - done, at + done, offset + done)
+        except OSError as error:
+            if error.errno not in _NO_FILE_COPY:
+                raise
+            return done + _write_buffers(fd, [tensor.reshape(-1).view(torch.uint8)[done:]], offset + done)
+        if copied == 0:
+            raise ConversionError(f"{path}: the file ended {size - done} bytes early; it changed during the conversion")
+        done += copied
+    return size
+
+
+def _write_buffers(fd, buffers, offset):
     views = [memoryview(buffer.detach().reshape(-1).view(torch.uint8).numpy()) if torch.is_tensor(buffer)
              else memoryview(buffer).cast("B") for buffer in buffers]
     views, total = [view for view in views if len(view)], sum(len(view) for view in views)

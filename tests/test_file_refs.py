@@ -2,6 +2,7 @@
 receiving process maps the same bytes instead of reading a shared-memory copy. Anything else travels
 the way torch sends it, and a source file replaced in the meantime is refused in one line."""
 
+import errno
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from converter_core import file_refs
+from converter_core import file_refs, workers
 from converter_core.errors import ConversionError
 from converter_core.formats import hf
 
@@ -81,3 +82,65 @@ def test_a_source_replaced_before_it_is_read_is_refused(source):
 
     with pytest.raises(ConversionError, match=f"^{path}: the source file was replaced during the conversion$"):
         sent_through_queue(folder, replace)
+
+
+def written_with(received, tmp_path, copy_file_range=None, monkeypatch=None):
+    """Bytes of a file that workers.write_all wrote `received` into, between a header and a trailer, at
+    an offset; and the calls made to copy_file_range."""
+    calls = []
+    real = os.copy_file_range
+
+    def counted(*args):
+        calls.append(args)
+        return (copy_file_range or real)(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert workers.write_all(fd, [b"head", received, b"tail"], 3) == 8 + received.nbytes
+    finally:
+        os.close(fd)
+    return (tmp_path / "out.bin").read_bytes(), calls
+
+
+def raw(tensor):
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="copy_file_range is Linux's")
+def test_received_views_are_copied_from_the_source_file_by_the_kernel(source, tmp_path, monkeypatch):
+    folder, weights = source
+    message = sent_through_queue(folder)
+    data = (folder / "model.safetensors").read_bytes()
+    rows_at = data.index(raw(weights["table"][2:5]))
+    assert file_refs.file_range(message["rows"])[1:] == (rows_at, str((folder / "model.safetensors").resolve()))
+    assert file_refs.file_range(message["column"]) is None  # not contiguous: written from memory, row by row
+    assert file_refs.file_range(message["computed"]) is None  # shared memory, not a source file
+    assert file_refs.file_range(weights["table"][2:5]) is None  # never received
+    output, calls = written_with(message["rows"], tmp_path, monkeypatch=monkeypatch)
+    assert output == b"\0" * 3 + b"head" + raw(weights["table"][2:5]) + b"tail"
+    assert [call[2:] for call in calls] == [(message["rows"].nbytes, rows_at, 7)]
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="copy_file_range is Linux's")
+def test_where_the_kernel_cannot_copy_the_bytes_are_written_from_memory(source, tmp_path, monkeypatch):
+    folder, weights = source
+    message = sent_through_queue(folder)
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")  # e.g. the output is on another filesystem
+
+    output, calls = written_with(message["table"], tmp_path, refused, monkeypatch)
+    assert output == b"\0" * 3 + b"head" + raw(weights["table"]) + b"tail" and len(calls) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="copy_file_range is Linux's")
+def test_a_source_cut_short_while_it_is_copied_is_refused(source, tmp_path, monkeypatch):
+    folder, weights = source
+    message = sent_through_queue(folder)
+    path = folder / "model.safetensors"
+    os.truncate(path, file_refs.file_range(message["rows"])[1] + 10)  # the mapping is not read again
+    missing = message["rows"].nbytes - 10  # 3 rows of 24 bf16 values, 10 bytes of them still there
+    with pytest.raises(ConversionError, match=f"^{path.resolve()}: the file ended {missing} bytes early; it "
+                                              "changed during the conversion$"):
+        written_with(message["rows"], tmp_path, monkeypatch=monkeypatch)
