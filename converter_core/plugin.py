@@ -44,7 +44,8 @@ __all__ = [
 def _one_op_thread():
     """Loading and saving only copy and slice tensors, which one thread does at memory speed; torch's
     other OpenMP threads would spin between those copies on the CPUs the writer threads need (on 2
-    CPUs: 0.2-0.3 s of a 2.5 s conversion from HF to TP2 x PP2). Runs in the loader's or saver's process."""
+    CPUs: 0.2-0.3 s of CPU in a 2.5 s conversion from HF to TP2 x PP2). Runs in the loader's or saver's
+    process."""
     torch.set_num_threads(1)
 
 
