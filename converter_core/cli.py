@@ -2,7 +2,6 @@
 progress display in the parent (children print nothing themselves)."""
 
 import json
-import os
 import sys
 
 from converter_core import __version__, api, plugins, protocol, report
@@ -77,23 +76,6 @@ def main(argv=None):
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
-
-
-def program():
-    """`python -m converter_core` and the `converter-core` script: main(), then exit without the
-    interpreter's teardown. Everything is written and flushed by then; the teardown only unregisters
-    torch's operator libraries one by one, which took half a second of every run."""
-    try:
-        main()
-        status = 0
-    except SystemExit as end:  # as the interpreter would end: None is 0, a message is printed and 1
-        status = 0 if end.code is None else end.code
-        if not isinstance(status, int):
-            print(status, file=sys.stderr)
-            status = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def _inspect(argv):

@@ -112,8 +112,10 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     # A forked child shares the parent's heap copy-on-write, torch's modules included (hundreds of
     # thousands of objects). A full collection walks them all and writes to each page it visits, so the
     # kernel copies those pages: 0.3-0.5 s of CPU in a 3 s conversion. Frozen, they are left out of every
-    # collection; what the child allocates itself is collected as before.
+    # collection; what the child allocates itself is collected as before (even where the parent
+    # collects nothing, as the command line's does).
     gc.freeze()
+    gc.enable()
     stop_on_signals()
     output.set_owner(parent_pid)
     _die_with_parent(parent_pid)
