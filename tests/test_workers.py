@@ -47,3 +47,31 @@ def test_row_blocks_are_gathered_only_when_they_are_apart():
     columns = both[:, :2]
     with workers.contiguous(columns) as whole:
         assert torch.equal(whole, columns) and whole.is_contiguous()
+
+
+def test_writes_into_one_file_take_turns(tmp_path):
+    """Two writers of one file: the second waits (asleep, not spinning in the kernel) until the first is
+    done, whichever descriptor each uses; a writer of another file does not wait."""
+    import os
+    import threading
+
+    from converter_core import workers
+
+    shared, other = tmp_path / "shared.bin", tmp_path / "other.bin"
+    shared.write_bytes(b"\0" * 8)
+    fds = [os.open(path, os.O_RDWR | os.O_CREAT) for path in (shared, shared, other)]
+    try:
+        with workers._file_lock(fds[0]):  # a write into shared.bin in progress
+            waiting = threading.Thread(target=workers.write_all, args=(fds[1], [b"late"], 4))
+            waiting.start()
+            free = threading.Thread(target=workers.write_all, args=(fds[2], [b"free"], 0))
+            free.start()
+            free.join(30)
+            assert not free.is_alive() and other.read_bytes() == b"free"
+            waiting.join(0.2)
+            assert waiting.is_alive() and shared.read_bytes() == b"\0" * 8
+        waiting.join(30)
+        assert not waiting.is_alive() and shared.read_bytes() == b"\0" * 4 + b"late"
+    finally:
+        for fd in fds:
+            os.close(fd)
