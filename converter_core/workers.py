@@ -123,16 +123,20 @@ def _copy_from_file(source, at, path, fd, offset, tensor):
         except OSError as error:
             if error.errno not in _NO_FILE_COPY:
                 raise
-            return done + _write_buffers(fd, [tensor.reshape(-1).view(torch.uint8)[done:]], offset + done)
+            return done + _write_buffers(fd, [_bytes_of(tensor)[done:]], offset + done)
         if copied == 0:
             raise ConversionError(f"{path}: the file ended {size - done} bytes early; it changed during the conversion")
         done += copied
     return size
 
 
+def _bytes_of(tensor):
+    """The bytes of a contiguous tensor, where they lie."""
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
 def _write_buffers(fd, buffers, offset):
-    views = [memoryview(buffer.detach().reshape(-1).view(torch.uint8).numpy()) if torch.is_tensor(buffer)
-             else memoryview(buffer).cast("B") for buffer in buffers]
+    views = [_bytes_of(buffer) if torch.is_tensor(buffer) else memoryview(buffer).cast("B") for buffer in buffers]
     views, total = [view for view in views if len(view)], sum(len(view) for view in views)
     while views:
         batch = views[:_IOV_MAX]
