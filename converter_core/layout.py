@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from converter_core.errors import ConversionError
+
 # How a Megatron tensor is divided over tensor-parallel ranks.
 COLUMN = "column"          # split along dim 0 (qkv, fc1 without SwiGLU, embeddings, output layer)
 ROW = "row"                # split along dim 1 (linear_proj, fc2)
@@ -88,11 +90,22 @@ def accept_rows():
 
 
 def _received_rows(blocks):
+    _check_blocks(blocks, 1, "row")
     return Rows(blocks) if _rows_accepted else torch.cat(blocks)
 
 
 def _received_columns(blocks):
+    _check_blocks(blocks, 0, "column")
     return Columns(blocks) if _rows_accepted else torch.cat(blocks, dim=1)
+
+
+def _check_blocks(blocks, keep, what):
+    """Blocks make one tensor only if they agree on every other axis (the shape check of the whole
+    message sees the first block's); refused rather than written into each other."""
+    shapes = {tuple(block.shape[keep:]) if keep else (tuple(block.shape[:1]), block.dim()) for block in blocks}
+    if len(shapes) > 1:
+        raise ConversionError(f"a message tensor sent as {what} blocks of different shapes "
+                              f"{[list(block.shape) for block in blocks]}")
 
 
 def blocks(value):
@@ -225,6 +238,22 @@ def empty_shared(shape, dtype):
     """An uninitialised tensor in shared memory (share_memory_() would first copy the empty one there)."""
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
+def shard_shape(full, kind, tp):
+    """The shape of each TP rank's shard of a tensor of shape `full` (SWIGLU: of one half, W or V; the
+    shard is [W_r; V_r]). None (a size not known in advance) stays None."""
+    def split(size):
+        return None if size is None else size // tp
+    if kind == REPLICATED:
+        return tuple(full)
+    if kind == COLUMN:
+        return (split(full[0]), *full[1:])
+    if kind == ROW:
+        return (full[0], split(full[1]), *full[2:])
+    if kind == SWIGLU:
+        return (None if full[0] is None else 2 * (full[0] // tp), *full[1:])
+    raise ValueError(kind)
 
 
 def merge(shards, kind):

@@ -387,10 +387,15 @@ def load(queue, args):
             require(chunk in rank_state, f"{paths[t, p, e]}: no {chunk!r} entry")
             models[t, p, e, chunk] = schema.normalize(rank_state[chunk])
 
-    def tensor(t, p, chunk, path, e=0):
+    def tensor(t, p, chunk, path, e=0, shape=None):
+        """The tensor at `path` of one rank file, which must have `shape` (None: any size along that axis)."""
         value = megatron_schema.lookup(models[t, p, e, chunk], path)
         require(torch.is_tensor(value), f"{paths[t, p, e]}: missing tensor {'.'.join(path)}")
         require(value.is_floating_point(), f"{paths[t, p, e]}: {'.'.join(path)} has dtype {value.dtype}, not a weight's")
+        got = tuple(value.shape)
+        require(shape is None or len(got) == len(shape) and all(w is None or w == g for w, g in zip(shape, got)),
+                f"{paths[t, p, e]}: {'.'.join(path)} has shape {list(got)}, the args imply "
+                f"{[w if w is not None else '*' for w in shape or ()]} on each of the {tp} TP ranks")
         return value
 
     order = []  # global layer -> (pp rank, chunk, local index)
@@ -404,33 +409,39 @@ def load(queue, args):
     heads_per_rank = margs.num_attention_heads // tp
     md = _metadata_for(margs, args, iteration, tp, pp)
 
-    def merged(p, chunk, path, kind, old_qkv=False, e=0):
-        shards = [tensor(t, p, chunk, path, e) for t in range(tp)]
+    def merged(p, chunk, path, kind, full, old_qkv=False, e=0):
+        """The TP shards of `path` merged (layout.merge), each first checked against the shard shape that
+        the tensor's full shape `full` (SwiGLU: one half's) implies: a shard of the wrong shape would
+        otherwise be written into its neighbours' rows or columns."""
+        want = layout.shard_shape(full, kind, tp)
+        if None in want:  # the vocabulary's padded rows: every rank has the first's
+            want = tuple(tensor(0, p, chunk, path, e).shape[0] if w is None else w for w in want)
+        shards = [tensor(t, p, chunk, path, e, want) for t in range(tp)]
         if old_qkv:
             shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
         return layout.merge(shards, kind)
 
-    def stacked(p, chunk, local, entry):
+    def stacked(p, chunk, index, local, entry):
         """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
-        parts = [merged(p, chunk, schema.layer(local, entry.name.format(j)), entry.kind, e=e)
+        full = protocol.layer_message_shapes(margs, index)[entry.keys[0]][1:]  # one expert's
+        parts = [merged(p, chunk, schema.layer(local, entry.name.format(j)), entry.kind, full, e=e)
                  for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
             return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
         return torch.stack([layout.tensor_of(part) for part in parts])
 
     def messages():
-        table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN)
-        require(table.shape[1] == margs.hidden_size,
-                f"{first}: word embeddings are {list(table.shape)}, hidden size is {margs.hidden_size}")
+        table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN, (None, margs.hidden_size))
         yield protocol.EMBEDDINGS, {"word embeddings": table}
         for index, (p, chunk, local) in enumerate(order):
             message, layer_shapes = {}, protocol.layer_message_shapes(margs, index)
             for entry in schema.entries(margs, index):
                 path = schema.layer(local, entry.name)
                 if entry.experts:
-                    value = stacked(p, chunk, local, entry)
+                    value = stacked(p, chunk, index, local, entry)
                 else:
-                    value = merged(p, chunk, path, entry.kind, old_qkv=version < 2.0 and "qkv" in entry.keys[0])
+                    value = merged(p, chunk, path, entry.kind, layer_shapes[entry.keys[0]],
+                                   old_qkv=version < 2.0 and "qkv" in entry.keys[0])
                 for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
                     require(tuple(part.shape) == layer_shapes[key],
                             f"{paths[0, p, 0]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
@@ -438,9 +449,10 @@ def load(queue, args):
                     message[key] = part
             yield protocol.layer_name(index), message
         p, chunk = pp - 1, chunks[-1]
-        yield protocol.FINAL_NORM, {key: tensor(0, p, chunk, schema.final_norm(key)) for key in final_norm_keys(margs)}
+        yield protocol.FINAL_NORM, {key: merged(p, chunk, schema.final_norm(key), layout.REPLICATED, (margs.hidden_size,))
+                                    for key in final_norm_keys(margs)}
         if md.output_layer:
-            weight = merged(p, chunk, schema.output_layer, layout.COLUMN)
+            weight = merged(p, chunk, schema.output_layer, layout.COLUMN, (None, margs.hidden_size))
             require(weight.shape == table.shape,
                     f"{paths[0, p, 0]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
@@ -516,6 +528,9 @@ def load_dist(queue, args, iteration, folder):
     table_key, norm_key = "embedding.word_embeddings.weight", "decoder.final_layernorm"
     require(table_key in reader and reader.shape(table_key)[1:] == (hidden,),
             f"{where}: {table_key} missing or not [vocab, {hidden}]")
+    for key in final_norm_keys(margs):
+        require(f"{norm_key}.{key}" in reader and reader.shape(f"{norm_key}.{key}") == (hidden,),
+                f"{where}: {norm_key}.{key} missing or not [{hidden}]")
     untied = megatron_args.untied(margs)
     if untied:
         require(reader.shape("output_layer.weight") == reader.shape(table_key) if "output_layer.weight" in reader else False,
