@@ -2,6 +2,7 @@
 progress display in the parent (children print nothing themselves)."""
 
 import json
+import os
 import sys
 
 from converter_core import __version__, api, plugins, protocol, report
@@ -17,6 +18,7 @@ class Display:
     def __init__(self, mode):
         self.mode, self.bar = mode, None
         self.sent = self.written = self.bytes = 0
+        self.cwd = os.getcwd()
 
     def __call__(self, event):
         if self.mode == "json":
@@ -41,6 +43,8 @@ class Display:
             rate = event["bytes"] / max(event["seconds"], 1e-9) / 1e9
             print(f"wrote {event['save_dir']}: {event['files']} files, {event['bytes'] / 1e9:.3f} GB "
                   f"in {event['seconds']:.1f} s ({rate:.2f} GB/s)", flush=True)
+            if event["save_dir"] == self.cwd and not os.path.samefile(".", self.cwd):  # an HF output took its place
+                print(f"note: the output replaced the working directory; `cd {self.cwd}` to see it", flush=True)
         elif (line := protocol.event_line(event)) is not None:
             (self.bar.write if self.bar is not None else print)(line)
 
@@ -66,8 +70,10 @@ def main(argv=None):
         known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
         display.mode = "quiet" if known.quiet else known.progress
         api.convert_argv(argv, progress=display, handle_signals=True)
+        _ignore_stop_signals()
         status = 0
     except ConversionError as error:
+        _ignore_stop_signals()
         display.close()
         if isinstance(error, UsageError):
             sys.stderr.write(error.usage)
@@ -76,6 +82,12 @@ def main(argv=None):
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
+
+
+def _ignore_stop_signals():
+    """The run has ended, committed or not: a stop now would only cut its last line short."""
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _inspect(argv):

@@ -43,9 +43,9 @@ def byte_size(text):
     else:
         scale = 1
     try:
-        value = int(float(upper) * scale)
+        value = float(upper) * scale
     except ValueError:
-        value = 0
-    if value < 1:
+        value = 0.0
+    if not 1 <= value < 2**63:  # also refuses nan and inf: a file's size is at least a byte and fits an offset
         raise argparse.ArgumentTypeError(f"must be a size such as 5GB or 500MB, got {text!r}")
-    return value
+    return int(value)

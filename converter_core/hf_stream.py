@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def load(queue, args, families):
     hf_family.check_counts(config, str(config_path))
     check_layers(weights, config["num_hidden_layers"], config_path, family)  # before anything is sized by it
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
-                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=args.tokenizer_model or str(folder),
+                  tokenizer_type="HuggingFaceTokenizer",
+                  tokenizer_model=os.path.abspath(args.tokenizer_model or folder),  # read from anywhere
                   hf_source_dir=str(folder.resolve()))
     try:
         margs = hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)

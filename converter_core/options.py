@@ -2,6 +2,8 @@
 parse serves the command line (argv) and the Python API (keyword arguments), so both validate alike."""
 
 import argparse
+import os
+import stat
 from pathlib import Path
 
 from converter_core import flags, plugins, workers
@@ -65,6 +67,7 @@ def parse(argv, options=None):
     saver.add_arguments(parser)
     args = parser.parse_args(list(argv) + _as_flags(parser, options or {}))
     args.loader, args.saver = plugins.canonical(args.loader), plugins.canonical(args.saver)
+    args.save_dir = absolute_folder(args.save_dir)
     for role, plugin in (("loader", loader), ("saver", saver)):
         model_types = getattr(plugin, "MODEL_TYPES", None)
         if model_types is not None and args.model_type not in model_types:
@@ -89,9 +92,58 @@ def _as_flags(parser, options):
     return argv
 
 
+def absolute_folder(path):
+    """--save-dir as one absolute path, read as the kernel reads it: `.`, `..` and a trailing slash are
+    gone, the folders above its last name have their links followed; the last name itself is kept (a
+    link there is refused, not followed), so an existing empty folder however spelled is converted into."""
+    if not path:
+        raise ConversionError("--save-dir is empty; give a folder", role="arguments")
+    path = Path(path)
+    try:
+        if path.name in ("", ".."):  # ".", "/", "..", "a/..": the folder it ends in
+            return os.path.realpath(path)
+        return os.path.join(os.path.realpath(path.parent), path.name)
+    except ValueError as error:  # a NUL byte
+        raise ConversionError(f"--save-dir {_shown(path)}: {error}", role="arguments") from None
+
+
 def check_folders(load_dir, save_dir):
-    """The source is never modified: refuse an output inside it, or around it (its tracker file)."""
-    source, target = Path(load_dir).resolve(), Path(save_dir).resolve()
+    """Before anything is written: both paths can be looked up (no link loop, no name too long), the
+    output is a real folder or can be made one (nothing but folders above it), and the source is never
+    modified: refuse an output inside it, or around it (its tracker file). A missing --load-dir is left
+    to the loader, which says what it expected there."""
+    _look_up("--load-dir", load_dir, os.stat)
+    found = _look_up("--save-dir", save_dir, os.lstat)
+    if found is not None and stat.S_ISLNK(found.st_mode):
+        _refuse(save_dir, "is a symbolic link; choose a real --save-dir")
+    if found is not None and not stat.S_ISDIR(found.st_mode):
+        _refuse(save_dir, "exists and is not a folder")
+    source, target = Path(os.path.realpath(load_dir)), Path(os.path.realpath(save_dir))
     if source == target or source in target.parents or target in source.parents:
         raise ConversionError(f"--save-dir {save_dir} overlaps --load-dir {load_dir}; the source is never written to",
                               role="arguments")
+
+
+def _look_up(flag, path, look):
+    """`look(path)` (os.stat or os.lstat), None if nothing is there; any other failure is one line."""
+    try:
+        return look(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:  # a file where a folder should be
+        above = next((p for p in reversed(Path(path).parents) if os.path.lexists(p) and not os.path.isdir(p)), path)
+        _refuse(path, f"{_shown(above)} is not a folder", flag)
+    except OSError as error:  # a link loop, a name too long, no permission
+        _refuse(path, error.strerror, flag)
+    except ValueError as error:  # a NUL byte
+        _refuse(path, str(error), flag)
+
+
+def _refuse(path, problem, flag="--save-dir"):
+    raise ConversionError(f"{flag} {_shown(path)}: {problem}", role="arguments")
+
+
+def _shown(path):
+    """A path for a message: whole, or its ends and its length when it is too long to read."""
+    text = str(path)
+    return text if len(text) <= 160 else f"{text[:100]}...{text[-20:]} ({len(text)} characters)"
