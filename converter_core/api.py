@@ -60,8 +60,11 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     result = Result(folder, files, sum((folder / f).stat().st_size for f in files), time.monotonic() - started,
                     warnings)
     if progress is not None:
-        progress({"event": "finish", "save_dir": str(folder), "files": len(files), "bytes": result.bytes,
-                  "seconds": result.seconds})
+        try:  # the output is committed: a failing callback is not the run's failure (as for every event)
+            progress({"event": "finish", "save_dir": str(folder), "files": len(files), "bytes": result.bytes,
+                      "seconds": result.seconds})
+        except Exception:
+            pass
     return result
 
 

@@ -3,6 +3,7 @@ progress display in the parent (children print nothing themselves)."""
 
 import json
 import os
+import signal
 import sys
 
 from converter_core import __version__, api, plugins, protocol, report
@@ -70,8 +71,10 @@ def main(argv=None):
         known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
         display.mode = "quiet" if known.quiet else known.progress
         api.convert_argv(argv, progress=display, handle_signals=True)
+        _ignore_stop_signals()
         status = 0
     except ConversionError as error:
+        _ignore_stop_signals()
         display.close()
         if isinstance(error, UsageError):
             sys.stderr.write(error.usage)
@@ -80,6 +83,12 @@ def main(argv=None):
         print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
+
+
+def _ignore_stop_signals():
+    """The run has ended, committed or not: a stop now would only cut its last line short."""
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _inspect(argv):

@@ -97,6 +97,11 @@ def load(queue, args, families):
         weights.dtype(name)
         require(weights.shape(name) == shape,
                 f"{weights.file_of[name]}: {name} has shape {list(weights.shape(name))}, config.json implies {list(shape)}")
+    if not untied and family.output_layer in weights:  # transformers keeps a stored one apart: never drop it
+        require(weights.shape(family.output_layer) == weights.shape(family.embedding)
+                and torch.equal(weights.get(family.output_layer), weights.get(family.embedding)),
+                f"{weights.file_of[family.output_layer]}: {family.output_layer} differs from {family.embedding}, but "
+                f"{config_path} says tie_word_embeddings; set it to false there to keep both")
 
     float32 = hf_family.float32_names(margs, family)
 

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,15 +15,39 @@ from converter_core.errors import ConversionError, Interrupted, require
 
 # The pid of the process that asked for the output; a child whose parent has gone does not commit.
 _owner_pid = None
+# The run's commit gate, shared with the parent (a multiprocessing Value): RUNNING until the saver claims
+# it to commit or the parent withdraws the run (cancel, stop signal), whichever comes first, so a run
+# is either committed or cancelled, never both.
+_commit_gate = None
+RUNNING, COMMITTING, WITHDRAWN = 0, 1, 2
 
 
-def set_owner(pid):
-    global _owner_pid
-    _owner_pid = pid
+def set_owner(pid, gate=None):
+    global _owner_pid, _commit_gate
+    _owner_pid, _commit_gate = pid, gate
 
 
 def still_wanted():
     return _owner_pid is None or os.getppid() == _owner_pid
+
+
+def claim_commit(target):
+    """Called right before the output appears: from here on the run completes even if it is cancelled."""
+    require(still_wanted(), f"{target}: the run was cancelled; output not committed")
+    if _commit_gate is not None:
+        with _commit_gate.get_lock():
+            require(_commit_gate.value != WITHDRAWN, f"{target}: the run was cancelled; output not committed")
+            _commit_gate.value = COMMITTING
+
+
+def withdraw(gate):
+    """The parent's side of the gate: True if the run is withdrawn (nothing will be committed), False if
+    the saver is already committing it."""
+    with gate.get_lock():
+        if gate.value == COMMITTING:
+            return False
+        gate.value = WITHDRAWN
+        return True
 
 
 def fsync_path(path):
@@ -93,7 +118,7 @@ def write_atomically(path, text):
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        require(still_wanted(), f"{path}: the run was cancelled; not writing it")
+        claim_commit(path)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -134,7 +159,10 @@ _deferred_signals = None
 
 
 def defer_signal(signum):
-    """True if a cleanup is running and `signum` was parked until it ends."""
+    """True if a cleanup is running and `signum` was parked until it ends, or if the run is committing
+    its output, when a stop comes too late and is dropped (the run completes)."""
+    if _commit_gate is not None and _commit_gate.get_obj().value == COMMITTING:
+        return True  # read without the gate's lock: this may run inside claim_commit, which holds it
     if _deferred_signals is None:
         return False
     _deferred_signals.append(signum)
@@ -172,6 +200,7 @@ class StagedFolder:
         """Make the output appear, once all of it is on disk, unless the run is no longer wanted."""
         require(still_wanted(), f"{self.target}: the run was cancelled; output not committed")
         fsync_tree(self.path)
+        claim_commit(self.target)
         if self.target.exists():
             self.target.rmdir()  # only ever an empty folder here
         os.replace(self.path, self.target)
@@ -185,6 +214,39 @@ class StagedFolder:
             _remove_if_empty(self.created_parents)
 
 
+def _staging_names(name):
+    """Names our runs stage under for an output called `name` (StagedFolder, write_atomically): the
+    prefix and an 8-character suffix of tempfile's alphabet."""
+    return re.compile(re.escape(f".{name}.") + r"(partial-)?[a-z0-9_]{8}")
+
+
+def remove_dead_staging(save_dir):
+    """Remove what runs into `save_dir` staged and never committed: staged folders beside it (HF) and
+    inside it (Megatron's .iter_N.partial-*, the tracker's temporary file). Only the holder of the
+    --save-dir lock calls it, so no run that staged them is alive. Returns the paths removed."""
+    target = Path(os.path.abspath(save_dir))
+    places = [(target.parent, _staging_names(target.name))]
+    if target.is_dir() and not target.is_symlink():
+        places += [(target, re.compile(r"\.iter_[0-9]{7}\.partial-[a-z0-9_]{8}")),
+                   (target, _staging_names("latest_checkpointed_iteration.txt"))]
+    removed = []
+    for folder, names in places:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if not names.fullmatch(entry.name) or entry.is_symlink() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with signals_deferred():
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.path)
+    return removed
+
+
 class SaveDirLock:
     """An exclusive lock on --save-dir for the whole run, held by the parent (and inherited by its
     children): a second conversion into the same folder is refused instead of mixing files."""
@@ -192,6 +254,7 @@ class SaveDirLock:
     def __init__(self, save_dir):
         target = Path(os.path.abspath(save_dir))
         self.created_parents = _created_parents(target)
+        self.created = [target] if not os.path.lexists(target) else []  # removed at the end if still empty
         target.parent.mkdir(parents=True, exist_ok=True)
         self.path = target.parent / f".{target.name}.converter_core.lock"
         try:
@@ -209,4 +272,4 @@ class SaveDirLock:
     def release(self):
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
-        _remove_if_empty(self.created_parents)
+        _remove_if_empty(self.created + self.created_parents)
