@@ -7,11 +7,12 @@ both our internal model description and what we write to disk.
 
 import argparse
 import functools
+import math
 
 import torch
 
 from converter_core.errors import require
-from converter_core.formats.untrusted import is_count
+from converter_core.formats.untrusted import WEIGHT_DTYPES, is_count
 
 # Megatron-LM argparse defaults for the attributes its checkpoint loading and model building read.
 _MEGATRON_DEFAULTS = dict(
@@ -152,6 +153,37 @@ COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "m
           "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
           "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 
+# Switches and names the converter branches on: when given, a bool and a string (a truthy "False" or a
+# number in their place would silently choose a layout).
+SWITCHES = ("swiglu", "squared_relu", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "group_query_attention",
+            "untie_embeddings_and_output_weights", "multi_latent_attention", "use_legacy_models", "use_mcore_models",
+            "apply_layernorm_1p", "layernorm_zero_centered_gamma", "rotary_interleaved", "bf16", "fp16",
+            "moe_grouped_gemm", "moe_router_pre_softmax", "moe_router_enable_expert_bias",
+            "use_rotary_position_embeddings", "add_position_embedding", "disable_bias_linear")
+NAMES = ("normalization", "position_embedding_type", "transformer_impl", "moe_router_score_function", "rope_type")
+# Numbers the converter copies into configs or scales weights by: finite reals when given.
+REALS = ("norm_epsilon", "layernorm_epsilon", "rotary_base", "rotary_percent", "rope_scaling_factor",
+         "rotary_scaling_factor", "moe_router_topk_scaling_factor")
+
+
+def _check_types(present, where):
+    for name in REQUIRED + COUNTS:
+        value = present.get(name)
+        require(value is None or is_count(value), f"{where}: {name} is {value!r:.40}, not a positive integer")
+    for name in SWITCHES:
+        value = present.get(name)
+        require(value is None or isinstance(value, bool), f"{where}: {name} is {value!r:.40}, not True or False")
+    for name in NAMES:
+        value = present.get(name)
+        require(value is None or isinstance(value, str), f"{where}: {name} is {value!r:.40}, not a name")
+    for name in REALS:
+        value = present.get(name)
+        require(value is None or type(value) in (int, float) and math.isfinite(value),
+                f"{where}: {name} is {value!r:.40}, not a finite number")
+    dtype = present.get("params_dtype")
+    require(dtype is None or dtype in WEIGHT_DTYPES,
+            f"{where}: params_dtype is {dtype!r:.40}, not a floating-point dtype")
+
 
 def complete(args, where="checkpoint args"):
     """Make any Megatron-LM args Namespace (any version, ours or a foreign plugin's) complete for the
@@ -159,9 +191,7 @@ def complete(args, where="checkpoint args"):
     missing = [name for name in REQUIRED if getattr(args, name, None) is None]
     require(not missing, f"{where}: no {', '.join(missing)} in the Megatron args")
     present = vars(args)
-    for name in REQUIRED + COUNTS:
-        value = present.get(name)
-        require(value is None or is_count(value), f"{where}: {name} is {value!r:.40}, not a positive integer")
+    _check_types(present, where)
     for today, older, default in RENAMED:
         value = present[today] if present.get(today) is not None else present.get(older)
         setattr(args, today, default if value is None else value)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from converter_core import file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
-from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
+from converter_core.formats.untrusted import check_weight_dtype, first_line, regular_file, safe_relative_path
 from converter_core.formats.untrusted import read_json  # noqa: F401  (callers read HF JSON through this module)
 
 CONFIG = "config.json"
@@ -26,7 +26,7 @@ class HFWeights:
     def __init__(self, folder):
         self.folder = Path(folder)
         require(self.folder.is_dir(), f"{self.folder}: no such model folder")
-        self._open = {}
+        self._open, self._keys = {}, {}
         present = [name for name in WEIGHT_FILES if os.path.lexists(self.folder / name)]
         require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
         first = self.folder / present[0]
@@ -48,12 +48,22 @@ class HFWeights:
             if path.suffix == ".safetensors":
                 try:
                     self._open[path] = safe_open(str(path), framework="pt")
+                    self._keys[path] = set(self._open[path].keys())
                 except Exception as error:
-                    raise ConversionError(f"{path}: unreadable safetensors file ({error})") from None
+                    raise ConversionError(f"{path}: unreadable safetensors file ({first_line(error)})") from None
                 file_refs.register_source(path)  # get_tensor returns views of safetensors' mapping
             else:
                 self._open[path] = _BinFile(path)
+                self._keys[path] = set(self._open[path].keys())
         return self._open[path]
+
+    def _holding(self, name):
+        """The open file that holds tensor `name`: the index may name a file that does not hold it."""
+        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
+        handle = self._handle(self.file_of[name])
+        require(name in self._keys[self.file_of[name]],
+                f"{self.file_of[name]}: holds no tensor {name}, though the index maps it to this file")
+        return handle
 
     def __contains__(self, name):
         return name in self.file_of
@@ -63,8 +73,7 @@ class HFWeights:
 
     def dtype(self, name):
         """The stored dtype of `name`, without reading its data; refused unless a floating-point weight."""
-        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
-        handle = self._handle(self.file_of[name])
+        handle = self._holding(name)
         if isinstance(handle, _BinFile):
             dtype = handle.get_tensor(name).dtype
         else:
@@ -76,8 +85,7 @@ class HFWeights:
 
     def shape(self, name):
         """The stored shape of `name`, without reading its data."""
-        require(name in self.file_of, f"{self.folder}: tensor {name} is missing from the weights")
-        handle = self._handle(self.file_of[name])
+        handle = self._holding(name)
         if isinstance(handle, _BinFile):
             return tuple(handle.get_tensor(name).shape)
         return tuple(handle.get_slice(name).get_shape())
@@ -86,11 +94,11 @@ class HFWeights:
         self.dtype(name)
         path = self.file_of[name]
         try:
-            return self._handle(path).get_tensor(name)
+            return self._holding(name).get_tensor(name)
         except ConversionError:
             raise
         except Exception as error:
-            raise ConversionError(f"{path}: cannot read {name} ({error})") from None
+            raise ConversionError(f"{path}: cannot read {name} ({first_line(error)})") from None
 
 
 class _BinFile:

@@ -160,8 +160,10 @@ class _ChunkUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a tensor chunk")
 
     def persistent_load(self, saved_id):
-        _, dtype, key, _, _ = saved_id
-        return _ChunkSpec(key, dtype)
+        ok = isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"
+        if not (ok and isinstance(saved_id[1], torch.dtype) and isinstance(saved_id[2], str)):
+            raise pickle.UnpicklingError(f"a storage reference {saved_id!r:.80} is not torch.save's")
+        return _ChunkSpec(saved_id[2], saved_id[1])
 
 
 class _Slice(io.RawIOBase):
@@ -332,6 +334,13 @@ def _mapped_tensor(path, start, length, sizes, dtype):
     """Memory-map the tensor that a torch.save zip at [start, start + length) of `path` holds (a range
     DistReader checked to lie within the file)."""
     with open(path, "rb") as handle:
+        # exactly one archive, from its first record to its end record: zipfile alone would also accept a
+        # range that starts early or ends late, which torch's reader (and so DCP's) refuses
+        handle.seek(start)
+        first = handle.read(4)
+        handle.seek(start + length - 22)
+        require(first == b"PK\x03\x04" and handle.read(4) == b"PK\x05\x06",
+                f"{path}: the item at byte {start} of {length} bytes is not a torch.save archive")
         archive = zipfile.ZipFile(_Slice(handle, start, length))
         pickle_names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         require(len(pickle_names) == 1, f"{path}: the item at byte {start} is not a torch.save archive")
@@ -357,7 +366,10 @@ def _data_offset(handle, start, length, record):
     (as we write them) read as well as torch's own."""
     require(record.compress_type == zipfile.ZIP_STORED, f"{handle.name}: compressed record {record.filename}")
     handle.seek(start + record.header_offset)
-    name_length, extra_length = struct.unpack("<HH", handle.read(30)[26:30])
+    header = handle.read(30)
+    require(len(header) == 30 and header[:4] == b"PK\x03\x04",
+            f"{handle.name}: the zip header of record {record.filename} at byte {start} is damaged")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
     begin = record.header_offset + 30 + name_length + extra_length
     require(begin + record.file_size <= length,
             f"{handle.name}: record {record.filename} runs past its item's {length} bytes at byte {start}")

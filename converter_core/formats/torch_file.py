@@ -9,6 +9,7 @@ Megatron's own classes (enums in the pickled args) and a one-line refusal for an
 """
 
 import argparse
+import codecs
 import collections
 import enum
 import io
@@ -23,7 +24,7 @@ import torch
 
 from converter_core import file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require
-from converter_core.formats.untrusted import regular_file
+from converter_core.formats.untrusted import first_line, regular_file
 
 _STORAGE_TYPE_NAMES = torch.storage._dtype_to_storage_type_map()
 
@@ -147,6 +148,7 @@ class StreamingTorchFile:
 
 _ALIGNMENT = torch.serialization._get_storage_alignment()
 _MAX32 = 0xFFFFFFFF
+_LOCAL_SIGNATURE = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
 
@@ -299,31 +301,106 @@ STAND_IN_MODULES = ("megatron.", "transformer_engine.", "modelopt.")
 SAFE_CLASSES = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.BytesIO, "signal.Signals": signal.Signals}
 
 
+def _torch_globals():
+    """What torch.save writes for tensors, their dtypes and sizes, bytes, sets and ordered dicts: plain
+    rebuilds that run no code of the file's choosing. Storage classes stand for their dtypes (what
+    persistent_load needs); the sparse, quantized and subclass rebuilds are left out."""
+    allowed = {"torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+               "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+               "collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
+               "torch.device": torch.device, "_codecs.encode": codecs.encode, "builtins.set": set,
+               "builtins.frozenset": frozenset, "builtins.bytearray": bytearray, "builtins.complex": complex,
+               "torch.UntypedStorage": torch.uint8}
+    allowed.update({str(value): value for value in vars(torch).values() if isinstance(value, torch.dtype)})
+    allowed.update({f"torch.{name}": dtype for dtype, name in _STORAGE_TYPE_NAMES.items()})
+    return allowed
+
+
+class _RankFileUnpickler(pickle.Unpickler):
+    """The C unpickler with our own allow list as its only source of globals. torch.load(weights_only=True)
+    consults torch's process-wide list too, which torch.serialization.add_safe_globals widens (importing
+    megatron.core adds pathlib.PosixPath, numpy's _reconstruct, ...); what a checkpoint may construct must
+    not depend on who else is loaded. Storages are read from the archive's records (mapped when `mapped`)."""
+
+    _ALLOWED = {**_torch_globals(), **SAFE_CLASSES}
+
+    def __init__(self, data, path, reader, mapped):
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.path, self.reader, self.mapped, self.storages = path, reader, mapped, {}
+        self.fd = None
+
+    def find_class(self, module, name):
+        qualified_name = f"{module}.{name}"
+        if qualified_name in self._ALLOWED:
+            return self._ALLOWED[qualified_name]
+        if qualified_name.startswith(STAND_IN_MODULES):
+            return _stand_in(qualified_name)
+        raise ConversionError(f"{self.path}: refusing to unpickle {qualified_name}: it could run code")
+
+    def persistent_load(self, saved_id):
+        """A storage record, as torch.save names it: ("storage", storage class, key, location, numel)."""
+        ok = isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"
+        dtype, key, numel = (saved_id[1], saved_id[2], saved_id[4]) if ok else (None, None, None)
+        require(isinstance(dtype, torch.dtype) and isinstance(key, str) and type(numel) is int and numel >= 0,
+                f"{self.path}: a storage reference {saved_id!r:.80} is not torch.save's")
+        if key not in self.storages:
+            name, nbytes = f"data/{key}", numel * dtype.itemsize
+            require(self.reader.has_record(name) and self.reader.get_record_size(name) == nbytes,
+                    f"{self.path}: storage {key} of {numel} {dtype} elements has no record of {nbytes} bytes")
+            if self.mapped is not None:  # torch's reader checks a record's header only when it copies it
+                header = os.pread(self.fd, 4, self.reader.get_record_header_offset(name))
+                require(header == _LOCAL_SIGNATURE, f"{self.path}: the zip header of record {name} is damaged")
+                start = self.reader.get_record_offset(name)
+                storage = self.mapped[start:start + nbytes]
+            else:
+                storage = torch.frombuffer(bytearray(self.reader.get_record(name)), dtype=torch.uint8).untyped_storage()
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        require(self.storages[key].dtype == dtype, f"{self.path}: storage {key} is referenced as two dtypes")
+        return self.storages[key]
+
+
 def load(path, mmap=True):
-    """torch.load an untrusted checkpoint file: tensors, containers, argparse.Namespace, torch dtypes,
-    and inert stand-ins for Megatron classes; anything else that could run code is refused."""
+    """Read an untrusted torch.save file: tensors, containers, argparse.Namespace, torch dtypes, and inert
+    stand-ins for Megatron classes; anything else that could run code is refused. Our own reader of torch's
+    zip format (torch's C++ record reader, our unpickler), so only our allow list counts."""
     path = str(path)
-    regular_file(path)
+    size = regular_file(path)
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with open(path, "rb") as handle:  # torch.load tells its zip format by these bytes too
+            require(handle.read(4) == _LOCAL_SIGNATURE, f"{path}: not a torch.save zip archive")
+        reader = torch._C.PyTorchFileReader(path)
+        reader.get_all_records()  # checks every record's name, as torch.load does
+        data = reader.get_record("data.pkl")
+        order = reader.get_record("byteorder").decode(errors="replace") if reader.has_record("byteorder") else "little"
+    except ConversionError:
+        raise
     except Exception as error:
-        raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
-    refused = [g for g in unsafe if not g.startswith(STAND_IN_MODULES) and g not in SAFE_CLASSES]
-    if refused:
-        raise ConversionError(f"{path}: refusing to unpickle {', '.join(refused)}: it could run code")
-    allowed = list(SAFE_CLASSES.values()) + [(_stand_in(g), g) for g in unsafe if g.startswith(STAND_IN_MODULES)]
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({first_line(error)})") from None
+    require(order == sys.byteorder, f"{path}: stored {order[:20]}-endian, this machine is {sys.byteorder}-endian")
     if mmap:
         file_refs.register_source(path)
+    unpickler = None
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        mapped = torch.UntypedStorage.from_file(path, False, size) if mmap else None
+        unpickler = _RankFileUnpickler(data, path, reader, mapped)
+        unpickler.fd = os.open(path, os.O_RDONLY)
+        state = unpickler.load()
+    except ConversionError:
+        raise
     except Exception as error:
-        raise ConversionError(f"{path}: cannot load ({_first_line(error)})") from None
+        raise ConversionError(f"{path}: cannot load ({first_line(error)})") from None
+    finally:
+        if unpickler is not None and unpickler.fd is not None:
+            os.close(unpickler.fd)
+    _check_megatron_entries(state, path)
+    return state
 
 
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _check_megatron_entries(state, path):
+    """A Megatron checkpoint's checkpoint_version, which its readers compare with numbers to choose a layout."""
+    version = state.get("checkpoint_version", 0) if isinstance(state, dict) else 0
+    require(type(version) in (int, float) and math.isfinite(version) and version >= 0,
+            f"{path}: checkpoint_version {version!r:.40} is not a non-negative number")
 
 
 def storable(value):

@@ -68,6 +68,12 @@ def safe_relative_path(folder, name, where):
     return Path(folder) / name
 
 
+def first_line(error):
+    """An exception's message as one line, for an error line that quotes a library's complaint."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def is_count(value):
     """A positive int (JSON's true/false and 1e9 are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
