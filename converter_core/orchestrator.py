@@ -76,15 +76,24 @@ def _redeliver(signum):
 
 def _describe(error):
     """(one line, internal?) for an exception raised in a plugin."""
+    # Memory that could not be mapped or allocated (ENOMEM: torch's "unable to mmap", its allocator's
+    # "can't allocate memory", safetensors' "os error 12", a MemoryError), often a `ulimit -v`: say what.
+    out_of_memory = ("unable to mmap", "can't allocate memory", "Cannot allocate memory", "os error 12")
     if isinstance(error, ConversionError):
-        return str(error), False
+        text = str(error)
+        if any(sign in text for sign in out_of_memory) and "ulimit -v" not in text:
+            text += file_refs.memory_hint()  # e.g. a loader's "cannot read ... (Cannot allocate memory)"
+        return text, False
     if isinstance(error, SystemExit):
         return (str(error.code) if error.code not in (None, 0, 1) else "exited with an error"), False
-    if isinstance(error, MemoryError):
-        return "out of memory", False
     if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
         return f"{error.filename or 'output'}: cannot write ({error.strerror})", False
     text = str(error).strip().splitlines()
+    if isinstance(error, MemoryError) or isinstance(error, OSError) and error.errno == errno.ENOMEM or any(
+            sign in (text[0] if text else "") for sign in out_of_memory):
+        what = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename else (
+            text[0] if text else "an allocation failed")
+        return f"out of memory: {what}{file_refs.memory_hint()}", False
     return (f"{type(error).__name__}: {text[0] if text else ''} "
             "(unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)"), True
 
@@ -103,7 +112,7 @@ def _die_with_parent(parent_pid):
 PR_SET_PDEATHSIG = 1
 
 
-def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid, gate):
+def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid):
     """Body of a child process: run the plugin, report a one-line failure, exit non-zero.
 
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
@@ -117,7 +126,7 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     gc.freeze()
     gc.enable()
     stop_on_signals()
-    output.set_owner(parent_pid, gate)
+    output.set_owner(parent_pid)
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.stall_seconds = getattr(args, "stall_timeout", None) or None
@@ -125,7 +134,6 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     if role == "loader":
         file_refs.send_by_reference()
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it started us
         try:
             function(queue, args)
         except SystemExit as error:
@@ -134,8 +142,6 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
         if role == "loader":
             queue.put(EXIT)  # harmless after "done"; ends a saver still waiting if the loader never sent it
             saver_finished.wait()
-        for number in (signal.SIGTERM, signal.SIGHUP):  # done: a late stop must not print from teardown
-            signal.signal(number, signal.SIG_IGN)
     except BaseException as error:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while reporting: just end, no second error
@@ -182,48 +188,28 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
 
 
 def _run(args, loader, saver, on_event, cancel, handle_signals):
-    if handle_signals and threading.current_thread() is not threading.main_thread():
-        raise ConversionError("handle_signals=True needs the main thread (Python runs signal handlers only there)",
-                              role="arguments")
-    if cancel is not None and cancel.is_set():
-        return ConversionError("cancelled", kind="interrupted", status=EXIT_CANCELLED)
-    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
-    try:
-        return _locked_run(args, loader, saver, on_event, cancel)
-    except Interrupted as stop:  # before the run started, or while it tidied up after itself
-        return ConversionError(f"interrupted by {stop}", kind="interrupted", status=128 + stop.signum)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _locked_run(args, loader, saver, on_event, cancel):
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
     reports, events = context.SimpleQueue(), context.SimpleQueue()
     relay = threading.Thread(target=_relay, args=(events, on_event), name="converter_core events", daemon=True)
     relay.start()
-    processes, gate = {}, context.Value("b", output.RUNNING)
-    stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
-    failure = (None, "did not finish", EXIT_INTERNAL)
+    processes = {}
+    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
     try:
-        for path in output.remove_dead_staging(args.save_dir):
-            events.put({"event": "note", "message": f"removed {path}: staged by an earlier run into "
-                                                    f"{args.save_dir} that did not finish"})
-        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate)
+        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel)
     except Interrupted as stop:
         failure = (None, f"interrupted by {stop}", 128 + stop.signum)
     finally:
-        for number in stop_signals:  # a second signal must not cut the cleanup short
+        for number in previous:  # a second signal must not cut the cleanup short
             signal.signal(number, signal.SIG_IGN)
         for process in processes.values():
             _stop(process)
-        if failure is not None or any(process.exitcode for process in processes.values()):
-            output.remove_dead_staging(args.save_dir)  # a child killed outright could not remove its own
         lock.release()
         events.put(None)
         relay.join()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return None if failure is None else _true_cause(failure, reports)
 
 
@@ -237,35 +223,18 @@ def _relay(events, on_event):
                 pass
 
 
-def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate):
+def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel):
     """Start saver then loader (recorded in `processes` at once, so an interruption stops them) and
-    supervise them; returns None or the first failure observed, (role, what was observed, status).
-    A stop signal or a cancel that comes once the saver is committing is too late: the run completes."""
+    supervise them; returns None or the first failure observed, (role, what was observed, status)."""
     queue = context.Queue(maxsize=args.max_queue_size)
     saver_finished = context.Event()
     parent = os.getpid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a child takes none before its handlers are set
-    try:
-        for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
-            processes[role] = context.Process(target=_run_side, name=role, args=(
-                role, plugin, queue, args, reports, events, saver_finished, parent, gate))
-            processes[role].start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    sides = {role: processes[role] for role in ("loader", "saver")}
-    stall = getattr(args, "stall_timeout", None) or None
-    try:
-        failure = _supervise(sides, saver_finished, cancel, stall)
-        if failure and failure[1] == "cancelled" and not output.withdraw(gate):
-            failure = _supervise(sides, saver_finished, None, stall)
-    except Interrupted:
-        if output.withdraw(gate):
-            raise
-        for number in STOP_SIGNALS:
-            if signal.getsignal(number) is _raise_interrupted:
-                signal.signal(number, signal.SIG_IGN)
-        failure = _supervise(sides, saver_finished, None, stall)
-    if failure and failure[0] == "saver" and (processes["saver"].exitcode or 0) > 0 and processes["loader"].is_alive():
+    for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
+        processes[role] = context.Process(target=_run_side, name=role, args=(
+            role, plugin, queue, args, reports, events, saver_finished, parent))
+        processes[role].start()
+    failure = _supervise({role: processes[role] for role in ("loader", "saver")}, saver_finished, cancel)
+    if failure and failure[0] == "saver" and processes["saver"].exitcode > 0 and processes["loader"].is_alive():
         # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
         processes["loader"].join(LOADER_REPORT_SECONDS)
     return failure
@@ -290,24 +259,16 @@ def _true_cause(failure, reports):
     return ConversionError(observed, role=role, kind="input", status=status)
 
 
-def _supervise(processes, saver_finished, cancel=None, stall=None):
-    """Wait until both end well (None) or one fails: (role, what was observed, exit status). With `stall`
-    (seconds), a side stopped (SIGSTOP) for that long has stalled the run: the queue's own watchdog
-    cannot see a side that has taken every message and then stopped."""
+def _supervise(processes, saver_finished, cancel=None):
+    """Wait until both end well (None) or one fails: (role, what was observed, exit status)."""
     running = dict(processes)
     saver_done_at = None
-    stopped_since = {}
     while running:
-        ready = wait([p.sentinel for p in running.values()], timeout=POLL_SECONDS)
+        ready = wait([p.sentinel for p in running.values()], timeout=POLL_SECONDS if cancel else GRACE_SECONDS)
         if cancel is not None and cancel.is_set():
             return None, "cancelled", EXIT_CANCELLED
         if saver_done_at is not None and time.monotonic() - saver_done_at > GRACE_SECONDS:
             return "loader", "loader did not finish after the saver completed", EXIT_INPUT
-        for role, process in running.items() if stall else ():
-            if not _is_stopped(process.pid):
-                stopped_since.pop(role, None)
-            elif time.monotonic() - stopped_since.setdefault(role, time.monotonic()) > stall:
-                return role, f"stalled: the {role} has been stopped (SIGSTOP) for {stall:g} s (--stall-timeout)", EXIT_INPUT
         for role, process in list(running.items()):
             if process.sentinel in ready:
                 process.join()
@@ -321,22 +282,9 @@ def _supervise(processes, saver_finished, cancel=None, stall=None):
     return None
 
 
-def _is_stopped(pid):
-    """Whether process `pid` is stopped by a signal (Linux's /proc; elsewhere never known)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
-
-
 def _stop(process):
     if process.is_alive():
         process.terminate()
-        try:
-            os.kill(process.pid, signal.SIGCONT)  # a stopped side runs its cleanup (removing its staging) too
-        except OSError:
-            pass
         process.join(5)
     if process.is_alive():
         process.kill()

@@ -41,6 +41,7 @@ def contiguous(parts):
     (page faults), for every SwiGLU pair and row slice. Larger gathers get their own memory, one at a
     time over all threads, so the writers never add more than one large shard to the peak."""
     parts = tuple(layout.tensor_of(part).detach().cpu() for part in (parts if isinstance(parts, tuple) else (parts,)))
+    file_refs.check_intact(parts)  # a received tensor's source must still hold the pages gathered below
     first, shape = parts[0], layout.rows_shape(parts)
     if _consecutive(parts):  # one tensor, or row blocks that follow each other in one storage ([W; V])
         yield first if len(parts) == 1 else torch.empty(0, dtype=first.dtype).set_(
@@ -50,6 +51,7 @@ def contiguous(parts):
     if size > SCRATCH_LIMIT:
         with _large_gather:
             gathered = torch.cat(parts) if len(parts) > 1 else first.contiguous()
+            file_refs.check_sources()
             yield gathered
             del gathered
         return
@@ -57,7 +59,9 @@ def contiguous(parts):
     if buffer is None or buffer.numel() < size:
         buffer = _scratch.buffer = torch.empty(size, dtype=torch.uint8)
     out = buffer[:size].view(first.dtype).view(shape)
-    yield torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
+    out = torch.cat(parts, out=out) if len(parts) > 1 else out.copy_(first)
+    file_refs.check_sources()
+    yield out
 
 
 def _consecutive(parts):
@@ -80,9 +84,28 @@ def write_all(fd, buffers, offset):
 
     Writes into one file take turns. The kernel lets one write into a file proceed at a time anyway
     (ext4's inode lock), and a thread waiting for it there spins on its CPU; waiting here it sleeps,
-    leaving the CPU to the loader and the saver: 0.1-0.3 s less CPU time in a 2 s conversion."""
-    with _file_lock(fd):
+    leaving the CPU to the loader and the saver: 0.1-0.3 s less CPU time in a 2 s conversion.
+
+    A tensor received by reference whose source file no longer holds its bytes (cut short during the
+    conversion) is refused in one line naming the file, before or while it is read (file_refs)."""
+    with _reading(buffers), _file_lock(fd):
         return _write_all(fd, buffers, offset)
+
+
+@contextlib.contextmanager
+def _reading(parts):
+    """Around a read of the pages of `parts` (buffers, tensors, Columns): a tensor received by reference
+    whose source file was cut short is refused first, naming the file (a mapped page past a file's end
+    cannot be read); if it is cut meanwhile, the kernel's read of the vanished page fails (EFAULT), and
+    that is said the same way; and so is a page read past the file's end elsewhere in this process."""
+    file_refs.check_intact(parts)
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.EFAULT:
+            file_refs.check_intact(parts)
+        raise
+    file_refs.check_sources()
 
 
 _file_locks, _file_locks_guard = weakref.WeakValueDictionary(), threading.Lock()
@@ -123,6 +146,7 @@ def _copy_from_file(source, at, path, fd, offset, tensor):
         except OSError as error:
             if error.errno not in _NO_FILE_COPY:
                 raise
+            file_refs.check_intact(tensor)  # the mapping's pages are read now
             return done + _write_buffers(fd, [_bytes_of(tensor)[done:]], offset + done)
         if copied == 0:
             raise ConversionError(f"{path}: the file ended {size - done} bytes early; it changed during the conversion")
@@ -156,7 +180,8 @@ def write_rows(fd, offset, parts, before=b"", after=b""):
     parts = parts if isinstance(parts, tuple) else (parts,)
     pieces = [_pieces(part) for part in parts]
     if all(piece is not None for piece in pieces):
-        return write_all(fd, [before, *(view for piece in pieces for view in piece), after], offset)
+        with _reading(parts):  # the row views below are plain buffers: say which file they came from
+            return write_all(fd, [before, *(view for piece in pieces for view in piece), after], offset)
     with contiguous(parts) as whole:
         return write_all(fd, [before, whole, after], offset)
 
@@ -200,6 +225,7 @@ class Workers:
     finish(); later jobs are skipped."""
 
     def __init__(self, count):
+        file_refs.catch_cut_sources()  # pages of a source cut short are refused before they are written
         self.count = max(1, int(count or 1))
         self.error = None
         self.ready = queue.Queue()  # (key, job): the first job of a key that has nothing running
@@ -251,9 +277,11 @@ class Workers:
         self.threads = []
 
     def finish(self):
-        """Wait until every job has run; re-raise the first failure."""
+        """Wait until every job has run; re-raise the first failure; refuse the output if a source page
+        was read past its file's end in this process meanwhile (file_refs)."""
         self._stop()
         self._raise_failure()
+        file_refs.check_sources()
 
     def abandon(self):
         """Skip what is still queued and wait for the running jobs (the output is being removed)."""
