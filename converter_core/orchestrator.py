@@ -112,7 +112,7 @@ def _die_with_parent(parent_pid):
 PR_SET_PDEATHSIG = 1
 
 
-def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid):
+def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid, gate):
     """Body of a child process: run the plugin, report a one-line failure, exit non-zero.
 
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
@@ -126,7 +126,7 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     gc.freeze()
     gc.enable()
     stop_on_signals()
-    output.set_owner(parent_pid)
+    output.set_owner(parent_pid, gate)
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.stall_seconds = getattr(args, "stall_timeout", None) or None
@@ -134,6 +134,7 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     if role == "loader":
         file_refs.send_by_reference()
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it started us
         try:
             function(queue, args)
         except SystemExit as error:
@@ -142,6 +143,8 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
         if role == "loader":
             queue.put(EXIT)  # harmless after "done"; ends a saver still waiting if the loader never sent it
             saver_finished.wait()
+        for number in (signal.SIGTERM, signal.SIGHUP):  # done: a late stop must not print from teardown
+            signal.signal(number, signal.SIG_IGN)
     except BaseException as error:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stopped while reporting: just end, no second error
@@ -188,28 +191,48 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
 
 
 def _run(args, loader, saver, on_event, cancel, handle_signals):
+    if handle_signals and threading.current_thread() is not threading.main_thread():
+        raise ConversionError("handle_signals=True needs the main thread (Python runs signal handlers only there)",
+                              role="arguments")
+    if cancel is not None and cancel.is_set():
+        return ConversionError("cancelled", kind="interrupted", status=EXIT_CANCELLED)
+    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
+    try:
+        return _locked_run(args, loader, saver, on_event, cancel)
+    except Interrupted as stop:  # before the run started, or while it tidied up after itself
+        return ConversionError(f"interrupted by {stop}", kind="interrupted", status=128 + stop.signum)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _locked_run(args, loader, saver, on_event, cancel):
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
     reports, events = context.SimpleQueue(), context.SimpleQueue()
     relay = threading.Thread(target=_relay, args=(events, on_event), name="converter_core events", daemon=True)
     relay.start()
-    processes = {}
-    previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
+    processes, gate = {}, context.Value("b", output.RUNNING)
+    stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
+    failure = (None, "did not finish", EXIT_INTERNAL)
     try:
-        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel)
+        for path in output.remove_dead_staging(args.save_dir):
+            events.put({"event": "note", "message": f"removed {path}: staged by an earlier run into "
+                                                    f"{args.save_dir} that did not finish"})
+        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate)
     except Interrupted as stop:
         failure = (None, f"interrupted by {stop}", 128 + stop.signum)
     finally:
-        for number in previous:  # a second signal must not cut the cleanup short
+        for number in stop_signals:  # a second signal must not cut the cleanup short
             signal.signal(number, signal.SIG_IGN)
         for process in processes.values():
             _stop(process)
+        if failure is not None or any(process.exitcode for process in processes.values()):
+            output.remove_dead_staging(args.save_dir)  # a child killed outright could not remove its own
         lock.release()
         events.put(None)
         relay.join()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     return None if failure is None else _true_cause(failure, reports)
 
 
@@ -223,18 +246,35 @@ def _relay(events, on_event):
                 pass
 
 
-def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel):
+def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate):
     """Start saver then loader (recorded in `processes` at once, so an interruption stops them) and
-    supervise them; returns None or the first failure observed, (role, what was observed, status)."""
+    supervise them; returns None or the first failure observed, (role, what was observed, status).
+    A stop signal or a cancel that comes once the saver is committing is too late: the run completes."""
     queue = context.Queue(maxsize=args.max_queue_size)
     saver_finished = context.Event()
     parent = os.getpid()
-    for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
-        processes[role] = context.Process(target=_run_side, name=role, args=(
-            role, plugin, queue, args, reports, events, saver_finished, parent))
-        processes[role].start()
-    failure = _supervise({role: processes[role] for role in ("loader", "saver")}, saver_finished, cancel)
-    if failure and failure[0] == "saver" and processes["saver"].exitcode > 0 and processes["loader"].is_alive():
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a child takes none before its handlers are set
+    try:
+        for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
+            processes[role] = context.Process(target=_run_side, name=role, args=(
+                role, plugin, queue, args, reports, events, saver_finished, parent, gate))
+            processes[role].start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    sides = {role: processes[role] for role in ("loader", "saver")}
+    stall = getattr(args, "stall_timeout", None) or None
+    try:
+        failure = _supervise(sides, saver_finished, cancel, stall)
+        if failure and failure[1] == "cancelled" and not output.withdraw(gate):
+            failure = _supervise(sides, saver_finished, None, stall)
+    except Interrupted:
+        if output.withdraw(gate):
+            raise
+        for number in STOP_SIGNALS:
+            if signal.getsignal(number) is _raise_interrupted:
+                signal.signal(number, signal.SIG_IGN)
+        failure = _supervise(sides, saver_finished, None, stall)
+    if failure and failure[0] == "saver" and (processes["saver"].exitcode or 0) > 0 and processes["loader"].is_alive():
         # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
         processes["loader"].join(LOADER_REPORT_SECONDS)
     return failure
@@ -259,16 +299,24 @@ def _true_cause(failure, reports):
     return ConversionError(observed, role=role, kind="input", status=status)
 
 
-def _supervise(processes, saver_finished, cancel=None):
-    """Wait until both end well (None) or one fails: (role, what was observed, exit status)."""
+def _supervise(processes, saver_finished, cancel=None, stall=None):
+    """Wait until both end well (None) or one fails: (role, what was observed, exit status). With `stall`
+    (seconds), a side stopped (SIGSTOP) for that long has stalled the run: the queue's own watchdog
+    cannot see a side that has taken every message and then stopped."""
     running = dict(processes)
     saver_done_at = None
+    stopped_since = {}
     while running:
-        ready = wait([p.sentinel for p in running.values()], timeout=POLL_SECONDS if cancel else GRACE_SECONDS)
+        ready = wait([p.sentinel for p in running.values()], timeout=POLL_SECONDS)
         if cancel is not None and cancel.is_set():
             return None, "cancelled", EXIT_CANCELLED
         if saver_done_at is not None and time.monotonic() - saver_done_at > GRACE_SECONDS:
             return "loader", "loader did not finish after the saver completed", EXIT_INPUT
+        for role, process in running.items() if stall else ():
+            if not _is_stopped(process.pid):
+                stopped_since.pop(role, None)
+            elif time.monotonic() - stopped_since.setdefault(role, time.monotonic()) > stall:
+                return role, f"stalled: the {role} has been stopped (SIGSTOP) for {stall:g} s (--stall-timeout)", EXIT_INPUT
         for role, process in list(running.items()):
             if process.sentinel in ready:
                 process.join()
@@ -282,9 +330,22 @@ def _supervise(processes, saver_finished, cancel=None):
     return None
 
 
+def _is_stopped(pid):
+    """Whether process `pid` is stopped by a signal (Linux's /proc; elsewhere never known)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 def _stop(process):
     if process.is_alive():
         process.terminate()
+        try:
+            os.kill(process.pid, signal.SIGCONT)  # a stopped side runs its cleanup (removing its staging) too
+        except OSError:
+            pass
         process.join(5)
     if process.is_alive():
         process.kill()
