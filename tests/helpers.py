@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random HF models made with transformers, the converter's command line,
 and exact comparisons of HF folders. Nothing here imports converter_core: tests judge it from outside."""
 
+import configparser
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -109,3 +111,15 @@ def write_tokenizer(folder, size):
     from tokenizers import Tokenizer, models
     Path(folder).mkdir(parents=True, exist_ok=True)
     Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0")).save(str(Path(folder) / "tokenizer.json"))
+
+
+def declared_plugins(kind):
+    """The `kind` ('loader' or 'saver') plugin names the repository's packages declare as entry points (its
+    setup.cfg and plugins/converter-phi3's, both installed by the test command), sorted."""
+    names = set()
+    for setup in (REPO / "setup.cfg", REPO / "plugins" / "converter-phi3" / "setup.cfg"):
+        config = configparser.ConfigParser(interpolation=None)
+        config.read(setup)
+        declared = config["options.entry_points"].get(f"converter_core.{kind}s", "")
+        names |= {line.split("=")[0].strip() for line in declared.splitlines() if line.strip()}
+    return sorted(names)

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -15,9 +14,9 @@ import torch
 
 import converter_core
 from converter_core import api
-from helpers import assert_bit_identical, convert, make_hf_model
+from helpers import assert_bit_identical, convert, declared_plugins, make_hf_model
 from minicpm_reference import make_minicpm_folder, minicpm_config
-from test_faults import SLOW_SAVER, assert_nothing_complete
+from test_faults import SLOW_SAVER, assert_nothing_complete, layers_taken
 from test_cli_and_plugins import plugin_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +30,12 @@ def source(tmp_path_factory):
 
 
 def test_round_trip_through_the_api_prints_nothing(tmp_path, source, capfd):
-    events = []
-    result = converter_core.convert("llama_hf", "mcore", source, tmp_path / "mcore", target_tensor_parallel_size=2,
-                                    target_pipeline_parallel_size=2, progress=events.append)
+    events, tp, pp = [], 2, 2
+    result = converter_core.convert("llama_hf", "mcore", source, tmp_path / "mcore", target_tensor_parallel_size=tp,
+                                    target_pipeline_parallel_size=pp, progress=events.append)
     assert isinstance(result, converter_core.Result) and result.save_dir == tmp_path / "mcore"
-    assert sorted(map(str, result.files)) == ["iter_0000001/mp_rank_00_000/model_optim_rng.pt",
-                                              "iter_0000001/mp_rank_00_001/model_optim_rng.pt",
-                                              "iter_0000001/mp_rank_01_000/model_optim_rng.pt",
-                                              "iter_0000001/mp_rank_01_001/model_optim_rng.pt",
-                                              "latest_checkpointed_iteration.txt"]
+    assert sorted(map(str, result.files)) == [f"iter_0000001/mp_rank_{t:02d}_{p:03d}/model_optim_rng.pt"
+                                              for t in range(tp) for p in range(pp)] + ["latest_checkpointed_iteration.txt"]
     assert result.bytes == sum((tmp_path / "mcore" / f).stat().st_size for f in result.files) and result.seconds > 0
     back = converter_core.convert("mcore", "llama_hf", tmp_path / "mcore", tmp_path / "back", checking=True)
     assert_bit_identical(source, tmp_path / "back")
@@ -78,38 +74,68 @@ def test_options_are_validated_as_the_command_line_does(tmp_path, source, option
     assert capfd.readouterr() == ("", "") and not (tmp_path / "out").exists()
 
 
+FRAGILE_SAVER = """
+def add_arguments(parser):
+    pass
+
+def save_checkpoint(queue, args):
+    queue.get()
+    {}["rotary_base"]
+"""
+
+
+def test_unexpected_plugin_error_is_internal(tmp_path, source, monkeypatch, capfd):
+    """A plugin's unexpected exception: kind "internal", status 3, one line that says so, nothing printed."""
+    plugin_env(tmp_path, saver_fragile=FRAGILE_SAVER)
+    monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("llama_hf", "fragile", source, tmp_path / "out", max_queue_size=1)
+    assert (caught.value.kind, caught.value.role, caught.value.status) == ("internal", "saver", 3)
+    assert str(caught.value) == ("saver failed: KeyError: 'rotary_base' "
+                                 "(unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)")
+    assert capfd.readouterr() == ("", "") and not (tmp_path / "out").exists()
+
+
 def test_unknown_plugin_is_an_argument_error(tmp_path, source):
     with pytest.raises(converter_core.ConversionError) as caught:
         converter_core.convert("nonesuch", "mcore", source, tmp_path / "out")
     assert caught.value.role == "arguments" and "Unable to load loader plugin nonesuch" in str(caught.value)
 
 
+NAP = 5  # seconds the slow saver naps on each layer: a run still going when it wakes writes that layer
+
+
 def test_cancel_stops_the_run_and_a_rerun_succeeds(tmp_path, source, monkeypatch):
+    """Cancel is set the moment the saver says it has taken layer 0 (its note event); it then naps NAP seconds
+    before writing the layer. A run that stops at once ends inside that nap: no layer is written after the
+    cancel, the saver takes no other layer, nothing is left. (A cancel seen only when the run ends would
+    let the saver write every layer.)"""
     plugin_env(tmp_path, saver_slow=SLOW_SAVER)
     monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
     monkeypatch.setenv("SLOW_SAVER", "mcore")
-    cancel, target = threading.Event(), tmp_path / "out"
+    cancel, target, events = threading.Event(), tmp_path / "out", []
     shared_memory = set(os.listdir("/dev/shm"))
-    marker = Path(str(target) + ".progress")
 
-    def cancel_mid_run():
-        while not marker.exists():
-            time.sleep(0.05)
-        cancel.set()
+    def progress(event):  # the relay thread, in order of arrival
+        events.append(event)
+        if event["event"] == "note" and event["message"].startswith("slow saver ") and not cancel.is_set():
+            events.append("cancelled here")
+            cancel.set()
 
-    threading.Thread(target=cancel_mid_run, daemon=True).start()
     children_before = set(psutil.Process().children(recursive=True))
     with pytest.raises(converter_core.ConversionError) as caught:
-        converter_core.convert("llama_hf", "slow", source, target, cancel=cancel, slow_seconds=1.0)
-    cancelled_at = time.monotonic()
+        converter_core.convert("llama_hf", "slow", source, target, cancel=cancel, progress=progress, slow_seconds=NAP)
     assert caught.value.kind == "interrupted" and str(caught.value) == "cancelled"
+    assert "cancelled here" in events
+    after_cancel = events[events.index("cancelled here") + 1:]
+    assert not [e for e in after_cancel if e["event"] in ("written", "saved", "finish")], after_cancel
+    assert layers_taken(target) == ["transformer layer 0"]
     left = {child for child in set(psutil.Process().children(recursive=True)) - children_before
             if "resource_tracker" not in " ".join(child.cmdline())}  # spawn's tracker lives as long as we do
     assert not left, left
-    assert time.monotonic() - cancelled_at < 5
     assert_nothing_complete(target)
     assert set(os.listdir("/dev/shm")) <= shared_memory
-    marker.unlink()
+    Path(str(target) + ".progress").unlink()
     converter_core.convert("llama_hf", "slow", source, target, slow_seconds=0)
     assert (target / "latest_checkpointed_iteration.txt").read_text() == "1"
 
@@ -131,7 +157,10 @@ def test_quiet_and_default_output(tmp_path, source):
     assert (quiet.stdout, quiet.stderr) == ("", "")
     default = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "d")
     lines = default.stdout.splitlines()
-    assert lines[-1].startswith(f"wrote {tmp_path / 'd'}: 2 files, ") and lines[-1].endswith(" GB/s)")
+    files = [p for p in (tmp_path / "d").rglob("*") if p.is_file()]  # TP 1 x PP 1: one rank file and the tracker
+    gigabytes = sum(p.stat().st_size for p in files) / 1e9
+    assert len(files) == 2 and lines[-1].startswith(f"wrote {tmp_path / 'd'}: {len(files)} files, {gigabytes:.3f} GB in ")
+    assert lines[-1].endswith(" GB/s)")
     assert "sending" not in default.stdout and "received" not in default.stdout
 
 
@@ -140,8 +169,8 @@ def test_version_list_plugins_detect_supported_commands(tmp_path, source):
         return subprocess.run([sys.executable, "-m", "converter_core", *argv], capture_output=True, text=True,
                               timeout=60)
     assert run("--version").stdout == f"converter_core {converter_core.__version__}\n"
-    assert run("--list-plugins").stdout == ("loaders: hf, llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n"
-                                            "savers: hf, llama_hf, mcore, megatron, minicpm_hf, phi3_hf\n")
+    assert run("--list-plugins").stdout == (f"loaders: {', '.join(declared_plugins('loader'))}\n"
+                                            f"savers: {', '.join(declared_plugins('saver'))}\n")
     assert json.loads(run("detect", str(source)).stdout)["format"] == "hf"
     assert json.loads(run("supported").stdout) == converter_core.supported()
     missing = run("detect", str(tmp_path / "nowhere"))

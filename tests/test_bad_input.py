@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import convert, error_line, make_hf_model
+from helpers import BASE, convert, error_line, make_hf_model
 
 
 def to_mcore(source, target, *flags):
@@ -60,7 +60,7 @@ def test_tensor_with_wrong_shape(tmp_path):
     (source / "config.json").write_text(json.dumps(config))
     process = to_mcore(source, tmp_path / "out")
     line = error_line(process)
-    assert "model.layers.0.mlp" in line and "[160, 64]" in line
+    assert "model.layers.0.mlp" in line and f"[{BASE['intermediate_size']}, {BASE['hidden_size']}]" in line  # as stored
     assert_no_checkpoint(tmp_path / "out")
 
 

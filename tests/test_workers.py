@@ -49,29 +49,70 @@ def test_row_blocks_are_gathered_only_when_they_are_apart():
         assert torch.equal(whole, columns) and whole.is_contiguous()
 
 
-def test_writes_into_one_file_take_turns(tmp_path):
-    """Two writers of one file: the second waits (asleep, not spinning in the kernel) until the first is
-    done, whichever descriptor each uses; a writer of another file does not wait."""
+def test_writes_into_one_file_take_turns(tmp_path, monkeypatch):
+    """Two writers of one file: the second waits (asleep on our lock, not spinning in the kernel) until the
+    first is done, whichever descriptor each uses; a writer of another file does not wait. Event-driven:
+    each file's lock says when a writer has to wait for it, and each writer when it is done."""
     import os
     import threading
+    import types
 
     from converter_core import workers
+
+    changed = threading.Condition()
+    waits = []  # (lock, thread name) for each writer that found its lock held
+
+    class SayingLock:
+        """A lock that records who had to wait for it."""
+        def __init__(self):
+            self._lock = threading.Lock()
+
+        def __enter__(self):
+            if not self._lock.acquire(blocking=False):
+                with changed:
+                    waits.append((self, threading.current_thread().name))
+                    changed.notify_all()
+                self._lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            self._lock.release()
+
+    monkeypatch.setattr(workers, "threading", types.SimpleNamespace(**{**vars(threading), "Lock": SayingLock}))
+    done = set()
+
+    def writer(name, fd, data, offset):
+        try:
+            workers.write_all(fd, [data], offset)
+        finally:
+            with changed:
+                done.add(name)
+                changed.notify_all()
+
+    def start(name, *args):
+        thread = threading.Thread(target=writer, args=(name, *args), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def wait_for(condition):
+        with changed:
+            assert changed.wait_for(condition, timeout=60), "hang"  # only a guard: each writer waits or ends
 
     shared, other = tmp_path / "shared.bin", tmp_path / "other.bin"
     shared.write_bytes(b"\0" * 8)
     fds = [os.open(path, os.O_RDWR | os.O_CREAT) for path in (shared, shared, other)]
     try:
-        with workers._file_lock(fds[0]):  # a write into shared.bin in progress
-            waiting = threading.Thread(target=workers.write_all, args=(fds[1], [b"late"], 4))
-            waiting.start()
-            free = threading.Thread(target=workers.write_all, args=(fds[2], [b"free"], 0))
-            free.start()
-            free.join(30)
-            assert not free.is_alive() and other.read_bytes() == b"free"
-            waiting.join(0.2)
-            assert waiting.is_alive() and shared.read_bytes() == b"\0" * 8
-        waiting.join(30)
-        assert not waiting.is_alive() and shared.read_bytes() == b"\0" * 4 + b"late"
+        held = workers._file_lock(fds[0])
+        with held:  # a write into shared.bin in progress
+            start("free", fds[2], b"free", 0)
+            wait_for(lambda: "free" in done or waits)
+            assert waits == [] and other.read_bytes() == b"free"  # another file: no waiting
+            late = start("late", fds[1], b"late", 4)
+            wait_for(lambda: "late" in done or waits)
+            assert waits == [(held, "late")] and "late" not in done  # the same file by another descriptor: it waits
+            assert shared.read_bytes() == b"\0" * 8
+        late.join(60)
+        assert "late" in done and shared.read_bytes() == b"\0" * 4 + b"late"
     finally:
         for fd in fds:
             os.close(fd)
