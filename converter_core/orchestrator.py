@@ -213,14 +213,14 @@ def _locked_run(args, loader, saver, on_event, cancel):
     reports, events = context.SimpleQueue(), context.SimpleQueue()
     relay = threading.Thread(target=_relay, args=(events, on_event), name="converter_core events", daemon=True)
     relay.start()
-    processes, gate = {}, context.Value("b", output.RUNNING)
+    processes, gate, said = {}, context.Value("b", output.RUNNING), {}
     stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
     failure = (None, "did not finish", EXIT_INTERNAL)
     try:
         for path in output.remove_dead_staging(args.save_dir):
             events.put({"event": "note", "message": f"removed {path}: staged by an earlier run into "
                                                     f"{args.save_dir} that did not finish"})
-        failure = _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate)
+        failure = _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate)
     except Interrupted as stop:
         failure = (None, f"interrupted by {stop}", 128 + stop.signum)
     finally:
@@ -233,7 +233,7 @@ def _locked_run(args, loader, saver, on_event, cancel):
         lock.release()
         events.put(None)
         relay.join()
-    return None if failure is None else _true_cause(failure, reports)
+    return None if failure is None else _true_cause(failure, reports, said)
 
 
 def _relay(events, on_event):
@@ -246,7 +246,7 @@ def _relay(events, on_event):
                 pass
 
 
-def _start_and_supervise(context, args, loader, saver, reports, events, processes, cancel, gate):
+def _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate):
     """Start saver then loader (recorded in `processes` at once, so an interruption stops them) and
     supervise them; returns None or the first failure observed, (role, what was observed, status).
     A stop signal or a cancel that comes once the saver is committing is too late: the run completes."""
@@ -275,20 +275,26 @@ def _start_and_supervise(context, args, loader, saver, reports, events, processe
                 signal.signal(number, signal.SIG_IGN)
         failure = _supervise(sides, saver_finished, None, stall)
     if failure and failure[0] == "saver" and (processes["saver"].exitcode or 0) > 0 and processes["loader"].is_alive():
-        # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
-        processes["loader"].join(LOADER_REPORT_SECONDS)
+        if _read_reports(reports, said).get("saver", ("",))[0] == protocol.LOADER_EXITED:
+            # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
+            processes["loader"].join(LOADER_REPORT_SECONDS)
     return failure
 
 
-def _true_cause(failure, reports):
+def _read_reports(reports, said):
+    """Add the sides' reports that have arrived to `said` ({side: (reason, internal)}, the first of each)."""
+    while not reports.empty():
+        side, reason, internal = reports.get()
+        said.setdefault(side, (reason, internal))
+    return said
+
+
+def _true_cause(failure, reports, said):
     """The ConversionError naming the side that failed first and why: an interruption of the run, else
     the loader's own error (a saver only ever fails second, on its "exit"), else a process killed by a
     signal, else the saver's error."""
     role, observed, status = failure
-    said = {}
-    while not reports.empty():
-        side, reason, internal = reports.get()
-        said.setdefault(side, (reason, internal))
+    _read_reports(reports, said)
     if role is None:
         return ConversionError(observed, kind="interrupted", status=status)
     if "loader" in said or role in said and "killed" not in observed:

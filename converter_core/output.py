@@ -185,7 +185,7 @@ class StagedFolder:
     """A folder built under a unique hidden name next to `target` and renamed onto it by commit()."""
 
     def __init__(self, target, must_be_new=True):
-        self.target = Path(target)
+        self.target = Path(os.path.abspath(target))  # "." has no name to stage beside
         require(not self.target.is_symlink(), f"{self.target}: is a symbolic link; choose a real --save-dir")
         require(not self.target.exists() or self.target.is_dir(), f"{self.target}: exists and is not a folder")
         if must_be_new:

@@ -20,6 +20,7 @@ OUTPUT_LAYER = "output layer"
 DONE = "done"
 EXIT = "exit"
 EXIT_PUT_SECONDS = 10
+LOADER_EXITED = "loader exited, exiting saver"  # what a saver says when it stops on the loader's "exit"
 # The watchdog: how long a loader or saver waits on the other before calling the run stalled. Set by
 # our orchestrator from --stall-timeout in each child; None (as under convert.py) waits forever.
 stall_seconds = None
@@ -98,8 +99,8 @@ class exit_on_failure:
     def __exit__(self, kind, error, trace):
         if kind is None or kind is Interrupted or kind is SystemExit and error.code in (None, 0):
             return False  # an interrupted run's saver is being stopped too
-        try:
-            self.queue.put(EXIT, timeout=EXIT_PUT_SECONDS)  # a saver that died reads nothing
+        try:  # a saver that died reads nothing; under our orchestrator the parent stops it at once anyway
+            self.queue.put(EXIT, timeout=EXIT_PUT_SECONDS if _event_sink is None else 0)
         except queue_module.Full:
             pass
         return False
@@ -189,7 +190,7 @@ class Receiver:
             raise ConversionError(f"stalled: no message from the loader for {stall_seconds:g} s "
                                   "(--stall-timeout)") from None
         if isinstance(value, str) and value == EXIT:
-            raise ConversionError("loader exited, exiting saver")  # its own report says why
+            raise ConversionError(LOADER_EXITED)  # its own report says why
         return value
 
     def metadata(self):
