@@ -7,6 +7,7 @@ both our internal model description and what we write to disk.
 
 import argparse
 import functools
+import json
 import math
 
 import torch
@@ -180,6 +181,13 @@ def _check_types(present, where):
         value = present.get(name)
         require(value is None or type(value) in (int, float) and math.isfinite(value),
                 f"{where}: {name} is {value!r:.40}, not a finite number")
+    text = present.get("hf_config_json")  # the source's config.json, kept for the HF savers
+    if text is not None:
+        try:
+            config = json.loads(text) if isinstance(text, str) else None
+        except (ValueError, RecursionError):
+            config = None
+        require(isinstance(config, dict), f"{where}: hf_config_json is {text!r:.40}, not a JSON object")
     dtype = present.get("params_dtype")
     require(dtype is None or dtype in WEIGHT_DTYPES,
             f"{where}: params_dtype is {dtype!r:.40}, not a floating-point dtype")
