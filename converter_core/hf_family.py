@@ -583,8 +583,9 @@ def mup_scalars(args):
 
 
 def longrope_static_choice(args):
-    """(factors, cos/sin multiplier) MiniCPM's remote code uses: it builds its rope cache once at
-    max_position_embeddings, so long factors only when that exceeds the original length."""
+    """(factors, cos/sin multiplier) MiniCPM's remote code uses up to max_position_embeddings: it builds
+    its rope cache at that length, so long factors only when it exceeds the original length. A longer
+    input rebuilds the cache at its own length (long factors past the original), same multiplier."""
     original, maximum = args.rope_scaling_original_max_position_embeddings, args.max_position_embeddings
     factors = args.long_factor if maximum > original else args.short_factor
     return list(factors), math.sqrt(1 + math.log(maximum / original) / math.log(original))
@@ -687,10 +688,13 @@ def _rope_from_args(args, family):
     if family.mup:
         return {"rope_type": "longrope", "long_factor": list(args.long_factor),
                 "short_factor": list(args.short_factor), "original_max_position_embeddings": original}
-    # transformers' Llama picks short or long per call and scales by its own attention factor; pinning
-    # both lists and the factor to MiniCPM's static choice gives the same frequencies at every length.
+    # transformers' Llama takes long factors for inputs longer than the original length, else short, and
+    # scales by attention_factor. MiniCPM does the same except that up to max_position_embeddings it uses
+    # long ones whenever that exceeds the original length: short_factor is its choice there, long_factor
+    # stays, and attention_factor is MiniCPM's (fixed by max_position_embeddings, never clamped).
+    # (A MiniCPM model object keeps its grown cache after a long input; the Llama matches a fresh one.)
     factors, multiplier = longrope_static_choice(args)
-    return {"rope_type": "longrope", "long_factor": factors, "short_factor": factors,
+    return {"rope_type": "longrope", "long_factor": list(args.long_factor), "short_factor": factors,
             "original_max_position_embeddings": original, "attention_factor": multiplier}
 
 

@@ -76,6 +76,31 @@ def test_minicpm_to_llama_longer_than_the_original_context(tmp_path):
     torch.testing.assert_close(logits, minicpm_logits(state, config, tokens), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("max_positions", [64, 32], ids=["max-equals-original", "max-below-original"])
+def test_minicpm4_to_llama_past_max_position_embeddings(tmp_path, max_positions):
+    """The released MiniCPM4 layout, max_position_embeddings == LongRoPE's original length (64 here), or
+    below it, through Megatron to a plain Llama. MiniCPM's remote code grows its rope cache for a longer
+    input and takes the long factors past the original length; transformers' Llama must too (the short
+    factors were written into both lists, 4e-2 off at 65 tokens). Wider than the other tests so rope
+    visibly matters."""
+    config = minicpm_config(hidden=256, intermediate=320)
+    config["rope_scaling"]["original_max_position_embeddings"] = 64
+    config["max_position_embeddings"] = max_positions
+    state = make_minicpm_folder(tmp_path / "hf", config, dtype=torch.float32)
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "llama")
+    llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    for length in (64, 65, 96):  # a fresh remote model each time: its rope cache never shrinks
+        remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                                   dtype=torch.float32).eval()
+        tokens = tokens_for(96, length)
+        with torch.no_grad():
+            expected = remote(tokens).logits
+            torch.testing.assert_close(llama(tokens).logits, expected, atol=1e-4, rtol=0)
+        if length == 64:  # within max positions the remote code's rope is the reference formulas'
+            torch.testing.assert_close(expected, minicpm_logits(state, config, tokens), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("setting", ["sparse_config", "dynamic"])
 def test_settings_without_a_llama_equivalent_are_refused(tmp_path, setting):
     config = minicpm_config(longrope=False)
