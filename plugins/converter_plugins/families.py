@@ -61,5 +61,6 @@ LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
 ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM, MINICPM3)
-MINICPM_NOTES = ("muP scalars and LongRoPE carried in the Megatron args; --saver llama_hf writes a plain Llama with "
-                 "the scalars folded in",)
+MINICPM_NOTES = ("MiniCPM, MiniCPM-MoE, MiniCPM3: muP scalars and LongRoPE carried in the Megatron args; "
+                 "--saver llama_hf writes a dense MiniCPM as a plain Llama with the scalars folded in and refuses "
+                 "MiniCPM-MoE (experts) and MiniCPM3 (multi-latent attention)",)
