@@ -71,6 +71,17 @@ def save_checkpoint(queue, args):
 LAYERS = 8
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_behind(tmp_path):
+    """Every case here, however it ends: no process whose command line names the test's folder (a run's
+    parent, loader or saver) outlives it, and /dev/shm gains no entry."""
+    shared_memory = set(os.listdir("/dev/shm"))
+    yield
+    left = processes_naming(tmp_path)
+    assert not left, f"processes left behind: {[p.info['cmdline'] for p in left]}"
+    assert set(os.listdir("/dev/shm")) <= shared_memory, set(os.listdir("/dev/shm")) - shared_memory
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("faults") / "hf"
@@ -144,8 +155,9 @@ def assert_nothing_complete(target):
     assert not [p for p in target.parent.iterdir() if ".partial" in p.name], list(target.parent.iterdir())
 
 
-def assert_gone(processes, seconds=5, shared_memory_before=None):
-    """No process of the run alive within `seconds`, and no /dev/shm segment left behind."""
+def assert_gone(processes, seconds=30, shared_memory_before=None):
+    """Every process of the run ends (`seconds` only ends a wait for one that never does), and no /dev/shm
+    segment is left behind."""
     _, alive = psutil.wait_procs(processes, timeout=seconds)
     assert not alive, f"still running: {alive}"
     if shared_memory_before is not None:
