@@ -210,8 +210,10 @@ def _locked_run(args, loader, saver, on_event, cancel):
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
-    reports, events = context.SimpleQueue(), context.SimpleQueue()
-    relay = threading.Thread(target=_relay, args=(events, on_event), name="converter_core events", daemon=True)
+    reports, events = context.SimpleQueue(), Events(context)
+    relay_ends, end_relay = mp.Pipe(duplex=False)  # the parent's own: no child ever holds its write end's lock
+    relay = threading.Thread(target=_relay, args=(events.reader, relay_ends, on_event), name="converter_core events",
+                             daemon=True)
     relay.start()
     processes, gate, said = {}, context.Value("b", output.RUNNING), {}
     stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
@@ -231,14 +233,39 @@ def _locked_run(args, loader, saver, on_event, cancel):
         if failure is not None or any(process.exitcode for process in processes.values()):
             output.remove_dead_staging(args.save_dir)  # a child killed outright could not remove its own
         lock.release()
-        events.put(None)
+        end_relay.send(None)
         relay.join()
+        for end in (events.reader, events.writer, relay_ends, end_relay):
+            end.close()
     return None if failure is None else _true_cause(failure, reports, said)
 
 
-def _relay(events, on_event):
-    """Parent thread: hand each child's event to `on_event`; a failing callback is not the run's failure."""
-    while (event := events.get()) is not None:
+class Events:
+    """The children's progress events to the parent: one pipe whose writers take turns under a lock. Only
+    children take that lock, so one killed while holding it (SIGKILL in mid-report) can block only the
+    other child, which the parent stops anyway, never the parent: it only reads. An event is a few hundred
+    bytes, written at once (a pipe write under PIPE_BUF is atomic), so it arrives whole or not at all."""
+
+    def __init__(self, context):
+        self.reader, self.writer = context.Pipe(duplex=False)
+        self.lock = context.Lock()
+
+    def put(self, event):
+        with self.lock:
+            self.writer.send(event)
+
+
+def _relay(reader, ends, on_event):
+    """Parent thread: hand each child's event to `on_event` until `ends` is signalled (the children are gone
+    by then) and nothing is left to read; a failing callback is not the run's failure."""
+    while True:
+        ready = wait([reader, ends])
+        if reader not in ready:
+            return
+        try:
+            event = reader.recv()
+        except (EOFError, OSError):
+            return
         if on_event is not None:
             try:
                 on_event(event)

@@ -327,7 +327,8 @@ def test_a_killed_child_is_named(tmp_path, source, victim):
 
 
 # A saver killed outright (SIGKILL: the OOM killer) at the worst moment: while it reports progress, holding
-# the lock of the queue that carries events to the parent. Without that lock, it is simply killed.
+# the lock of the channel that carries events to the parent (found through the event sink's owner, so the
+# plugin fails loudly if that lock cannot be found, rather than die without holding it).
 KILLED_WHILE_REPORTING = """
 import os, signal
 from converter_core import protocol
@@ -337,15 +338,13 @@ def add_arguments(parser):
 
 def save_checkpoint(queue, args):
     queue.get()
-    lock = getattr(getattr(protocol._event_sink, "__self__", None), "_wlock", None)
-    if lock is not None:
-        lock.acquire()  # as in the middle of an events.put
+    channel = protocol._event_sink.__self__
+    lock = getattr(channel, "lock", None) or channel._wlock
+    lock.acquire()  # as in the middle of a report
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the parent hangs for ever in events.put(None) (orchestrator._run) on the "
-                                       "events queue's lock, which the killed saver held")
 def test_a_child_killed_while_reporting_progress_is_named(pristine, tmp_path):
     result = subprocess.run(command(pristine / "hf", tmp_path / "out", "dying"), capture_output=True, text=True,
                             timeout=20, env=plugin_env(tmp_path, saver_dying=KILLED_WHILE_REPORTING))
