@@ -111,8 +111,9 @@ _MEGATRON_DEFAULTS = dict(
 
 def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups,
               kv_channels, max_position_embeddings, norm_epsilon, rotary_base, vocab_size,
-              params_dtype, **fields):
-    """A complete Megatron-LM args Namespace for a dense rotary GPT; `fields` override defaults."""
+              params_dtype, where="checkpoint args", **fields):
+    """A complete Megatron-LM args Namespace for a dense rotary GPT; `fields` override defaults; `where`
+    (the file the values come from) names it in a refusal."""
     args = argparse.Namespace(**_MEGATRON_DEFAULTS)
     args.num_layers = num_layers
     args.hidden_size = hidden_size
@@ -131,7 +132,7 @@ def make_args(*, num_layers, hidden_size, ffn_hidden_size, num_attention_heads, 
     for name, value in fields.items():
         setattr(args, name, value)
     set_dtype(args, params_dtype)
-    return complete(args)
+    return complete(args, where)
 
 
 # Fields Megatron-LM renamed, (today's name, older name, default), from its argument history: the

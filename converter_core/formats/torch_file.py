@@ -369,7 +369,9 @@ def load(path, mmap=True):
         with open(path, "rb") as handle:  # torch.load tells its zip format by these bytes too
             require(handle.read(4) == _LOCAL_SIGNATURE, f"{path}: not a torch.save zip archive")
         reader = torch._C.PyTorchFileReader(path)
-        reader.get_all_records()  # checks every record's name, as torch.load does
+        for name in reader.get_all_records():  # checks every record's name, as torch.load does
+            if name in (".format_version", ".storage_alignment"):
+                reader.get_record(name)  # and reads these small ones, as it does
         data = reader.get_record("data.pkl")
         order = reader.get_record("byteorder").decode(errors="replace") if reader.has_record("byteorder") else "little"
     except ConversionError:
