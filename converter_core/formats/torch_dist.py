@@ -25,7 +25,7 @@ import torch
 from converter_core import file_refs, layout, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
-from converter_core.formats.untrusted import check_weight_dtype, regular_file, safe_relative_path
+from converter_core.formats.untrusted import check_weight_dtype, first_line, regular_file, safe_relative_path
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -211,7 +211,7 @@ class DistReader:
             with open(path, "rb") as handle:
                 metadata = _MetadataUnpickler(handle).load()
         except Exception as error:  # whatever a damaged pickle raises
-            raise ConversionError(f"{path}: unreadable DCP metadata ({type(error).__name__}: {error})") from None
+            raise ConversionError(f"{path}: unreadable DCP metadata ({type(error).__name__}: {first_line(error)})") from None
         require(isinstance(metadata, _RECORDS["Metadata"])
                 and isinstance(getattr(metadata, "state_dict_metadata", None), dict)
                 and isinstance(getattr(metadata, "storage_data", None), dict), f"{path}: not DCP metadata")
@@ -286,7 +286,7 @@ class DistReader:
             raise
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError, zipfile.BadZipFile,
                 pickle.UnpicklingError, struct.error, KeyError, EOFError) as error:
-            raise ConversionError(f"{path}: cannot read {key} ({error}); the file may be truncated") from None
+            raise ConversionError(f"{path}: cannot read {key} ({first_line(error)}); the file may be truncated") from None
 
 
 def _ints(values):
@@ -364,7 +364,7 @@ def _data_offset(handle, start, length, record):
     """Where a stored (uncompressed) zip record's bytes begin, checked to end inside the item
     [start, start + length). Read directly, not through zipfile, so archives written without CRC32
     (as we write them) read as well as torch's own."""
-    require(record.compress_type == zipfile.ZIP_STORED, f"{handle.name}: compressed record {record.filename}")
+    torch_file.check_stored(record, handle.name)
     handle.seek(start + record.header_offset)
     header = handle.read(30)
     require(len(header) == 30 and header[:4] == b"PK\x03\x04",

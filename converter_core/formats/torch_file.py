@@ -19,6 +19,7 @@ import pickle
 import signal
 import struct
 import sys
+import zipfile
 
 import torch
 
@@ -304,13 +305,13 @@ SAFE_CLASSES = {"argparse.Namespace": argparse.Namespace, "_io.BytesIO": io.Byte
 def _torch_globals():
     """What torch.save writes for tensors, their dtypes and sizes, bytes, sets and ordered dicts: plain
     rebuilds that run no code of the file's choosing. Storage classes stand for their dtypes (what
-    persistent_load needs); the sparse, quantized and subclass rebuilds are left out."""
+    persistent_load needs); the sparse, quantized and subclass rebuilds are left out, and so is
+    bytearray, whose call with a number would allocate that many bytes."""
     allowed = {"torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
                "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
                "collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
                "torch.device": torch.device, "_codecs.encode": codecs.encode, "builtins.set": set,
-               "builtins.frozenset": frozenset, "builtins.bytearray": bytearray, "builtins.complex": complex,
-               "torch.UntypedStorage": torch.uint8}
+               "builtins.frozenset": frozenset, "torch.UntypedStorage": torch.uint8}
     allowed.update({str(value): value for value in vars(torch).values() if isinstance(value, torch.dtype)})
     allowed.update({f"torch.{name}": dtype for dtype, name in _STORAGE_TYPE_NAMES.items()})
     return allowed
@@ -368,10 +369,14 @@ def load(path, mmap=True):
     try:
         with open(path, "rb") as handle:  # torch.load tells its zip format by these bytes too
             require(handle.read(4) == _LOCAL_SIGNATURE, f"{path}: not a torch.save zip archive")
+            with zipfile.ZipFile(handle) as archive:
+                for record in archive.infolist():
+                    check_stored(record, path)
         reader = torch._C.PyTorchFileReader(path)
         for name in reader.get_all_records():  # checks every record's name, as torch.load does
             if name in (".format_version", ".storage_alignment"):
                 reader.get_record(name)  # and reads these small ones, as it does
+        reader.serialization_id()  # torch.load reads it too, and refuses a damaged one
         data = reader.get_record("data.pkl")
         order = reader.get_record("byteorder").decode(errors="replace") if reader.has_record("byteorder") else "little"
     except ConversionError:
@@ -396,6 +401,15 @@ def load(path, mmap=True):
             os.close(unpickler.fd)
     _check_megatron_entries(state, path)
     return state
+
+
+def check_stored(record, where):
+    """A zip record as torch.save writes it: stored, not encrypted, not a folder. torch's reader gives
+    a record marked as a folder as that many bytes of uninitialized memory, without an error."""
+    require(record.compress_type == zipfile.ZIP_STORED and not record.flag_bits & 1 and not record.is_dir()
+            and not record.external_attr & 0x10, f"{where}: zip record {record.filename} is not a stored file "
+                                                 f"(method {record.compress_type}, flags {record.flag_bits:#x}, "
+                                                 f"attributes {record.external_attr:#x})")
 
 
 def _check_megatron_entries(state, path):

@@ -54,7 +54,7 @@ def read_json(path, limit=MAX_JSON_BYTES):
     except RecursionError:
         raise ConversionError(f"{path}: not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, and ints too long to convert
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+        raise ConversionError(f"{path}: not valid JSON ({first_line(error)})") from None
 
 
 def safe_relative_path(folder, name, where):
