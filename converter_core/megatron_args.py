@@ -168,10 +168,17 @@ REALS = ("norm_epsilon", "layernorm_epsilon", "rotary_base", "rotary_percent", "
          "rotary_scaling_factor", "moe_router_topk_scaling_factor")
 
 
+# Counts that size per-layer and per-expert tables before any file is compared with them: far above
+# any model's, far below what would exhaust memory (num_experts 2**31 did).
+LIMITS = {"num_layers": 2**16, "num_experts": 2**16, "moe_router_topk": 2**16}
+
+
 def _check_types(present, where):
     for name in REQUIRED + COUNTS:
         value = present.get(name)
         require(value is None or is_count(value), f"{where}: {name} is {value!r:.40}, not a positive integer")
+        require(value is None or value <= LIMITS.get(name, value), f"{where}: {name} is {value}, more than "
+                                                                   f"the {LIMITS.get(name)} this converter allows")
     for name in SWITCHES:
         value = present.get(name)
         require(value is None or isinstance(value, bool), f"{where}: {name} is {value!r:.40}, not True or False")

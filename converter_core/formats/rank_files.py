@@ -52,17 +52,28 @@ def first_rank_file(iteration_folder):
 
 def find_rank_files(iteration_folder, tp, pp, ep=1):
     """{(tp_rank, pp_rank, ep_rank): path} of a TP x PP x EP checkpoint: every rank file is there, and
-    no rank folder outside the grid (a folder name alone cannot say whether _NNN is a PP or EP rank)."""
+    no rank folder outside the grid (a folder name alone cannot say whether _NNN is a PP or EP rank).
+    The grid is walked only as far as the folders go: args may claim TP 10**30."""
     folder = Path(iteration_folder)
-    found = {(t, p, e): folder / rank_dir_name(t, p, pp, e, ep) / RANK_FILE
-             for t in range(tp) for p in range(pp) for e in range(ep)}
-    expected = {path.parent.name for path in found.values()}
     for entry in _rank_folders(folder):
-        require(entry.name in expected, f"{entry}: not a rank of this checkpoint (its args say TP {tp}, PP {pp}, EP {ep})")
+        require(_in_grid(entry.name, tp, pp, ep), f"{entry}: not a rank of this checkpoint (its args say TP {tp}, PP {pp}, EP {ep})")
         require(entry.is_dir(), f"{entry}: not a folder")
-    for path in found.values():
+    found = {}
+    grid = ((t, p, e) for t in range(tp) for p in range(pp) for e in range(ep))
+    for key in grid:  # stops at the first missing one
+        path = folder / rank_dir_name(key[0], key[1], pp, key[2], ep) / RANK_FILE
         require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp}, EP {ep})")
+        found[key] = path
     return found
+
+
+def _in_grid(name, tp, pp, ep):
+    """Whether rank folder `name` is one of a TP x PP x EP grid's, without listing the grid."""
+    numbers = [int(part) for part in name[len("mp_rank_"):].split("_")]
+    if len(numbers) != 1 + (pp > 1) + (ep > 1):
+        return False
+    t, p, e = numbers[0], numbers[1] if pp > 1 else 0, numbers[-1] if ep > 1 else 0
+    return t < tp and p < pp and e < ep and name == rank_dir_name(t, p, pp, e, ep)
 
 
 def _rank_folders(iteration_folder):
