@@ -94,3 +94,26 @@ def test_a_limit_too_small_for_the_model_is_one_line_saying_to_raise_it(tmp_path
     assert process.returncode == 1, process.stderr
     assert "model.safetensors" in line and "ulimit -v" in line and "unexpected" not in line, line
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("unable to mmap 549467376 bytes from file </x/model.safetensors>: Cannot allocate memory (12)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 268435456 bytes. Error code 12 (Cannot allocate memory)"),
+    OSError(12, "Cannot allocate memory", "/x/model.safetensors"), MemoryError()])
+def test_out_of_memory_is_one_line_saying_what_and_to_raise_the_limit(error):
+    from converter_core import orchestrator
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (64 * GiB, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    code = ("import pickle, sys; from converter_core import orchestrator\n"
+            "print(orchestrator._describe(pickle.loads(sys.stdin.buffer.read())))")
+    import pickle
+    said = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(error), capture_output=True,
+                          preexec_fn=limited, check=True).stdout.decode().strip()
+    line, internal = eval(said)  # a (str, bool) tuple's repr
+    assert not internal and line.startswith("out of memory: ") and "\n" not in line, line
+    assert "this process may use 64 GiB of address space: raise `ulimit -v`" in line, line
+    if not isinstance(error, MemoryError):
+        assert "/x/model.safetensors" in line or "268435456 bytes" in line, line
+    assert orchestrator._describe(error)[0].startswith("out of memory: ")
