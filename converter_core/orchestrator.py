@@ -358,9 +358,16 @@ def _supervise(processes, saver_finished, cancel=None, stall=None):
                     saver_finished.set()
                     saver_done_at = time.monotonic()
                 if process.exitcode != 0:
-                    return role, f"{role} " + (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
-                                               else f"exited with status {process.exitcode}"), EXIT_INPUT
+                    return role, f"{role} {_ended(process.exitcode)}", EXIT_INPUT
     return None
+
+
+def _ended(exitcode):
+    """How a side that failed ended, in words."""
+    if exitcode == -signal.SIGBUS:  # a saver not ours (ours catch it on source pages) reading a cut file
+        return ("was killed by SIGBUS (signal 7): a memory-mapped file it read was cut short or changed during "
+                "the conversion")
+    return f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
 
 
 def _is_stopped(pid):

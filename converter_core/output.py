@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from converter_core import file_refs
 from converter_core.errors import ConversionError, Interrupted, require
 
 # The pid of the process that asked for the output; a child whose parent has gone does not commit.
@@ -200,6 +201,7 @@ class StagedFolder:
         """Make the output appear, once all of it is on disk, unless the run is no longer wanted."""
         require(still_wanted(), f"{self.target}: the run was cancelled; output not committed")
         fsync_tree(self.path)
+        file_refs.check_sources()  # no page of a source cut short was read as zeros into this output
         claim_commit(self.target)
         if self.target.exists():
             self.target.rmdir()  # only ever an empty folder here

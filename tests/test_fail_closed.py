@@ -329,3 +329,15 @@ def test_a_saver_stopped_mid_run_or_after_the_last_message_ends_the_run(tmp_path
                              "--stall-timeout", "1"], env=env, capture_output=True, text=True, timeout=120)
     assert "stalled: the saver has been stopped" in error_line(result) and result.returncode == 1
     assert_nothing_complete(tmp_path / "after")
+
+
+def test_a_saver_killed_by_sigbus_is_told_why(tmp_path, hf_source):
+    """A saver that is not ours reading a memory-mapped file cut short dies of SIGBUS: the line says what
+    that means (ours catch it on source pages, tests/test_file_refs.py)."""
+    from test_cli_and_plugins import plugin_env
+    env = plugin_env(tmp_path, saver_bus="import os, signal\n\ndef add_arguments(parser):\n    pass\n\n"
+                                         "def save_checkpoint(queue, args):\n    queue.get()\n"
+                                         "    os.kill(os.getpid(), signal.SIGBUS)\n")
+    result = convert("--loader", "llama_hf", "--saver", "bus", "--load-dir", hf_source, "--save-dir", tmp_path / "out",
+                     ok=False, env=env)
+    assert "saver was killed by SIGBUS (signal 7): a memory-mapped file it read was cut short" in error_line(result)

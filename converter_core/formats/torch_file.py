@@ -226,6 +226,7 @@ def _zip64_extra(values):
 def _leading_bytes(parts, count=8):
     """The first `count` bytes of the rows of `parts`, read without copying a whole part (but a strided
     one whose rows are shorter than `count` bytes)."""
+    file_refs.check_intact(parts)
     out = bytearray()
     for part in parts:
         if len(out) >= count:
