@@ -349,6 +349,12 @@ def _mapped_tensor(path, start, length, sizes, dtype):
         storage, offset, size, stride = _ChunkUnpickler(io.BytesIO(handle.read(pickle_info.file_size))).load()
         record = archive.getinfo(pickle_names[0][:-len("data.pkl")] + f"data/{storage.key}")
         data_start = _data_offset(handle, start, length, record)
+        order = [info for info in archive.infolist() if info.filename == pickle_names[0][:-len("data.pkl")] + "byteorder"]
+        if order:  # torch.load (and so DCP) refuses a chunk whose byte order it does not know
+            handle.seek(_data_offset(handle, start, length, order[0]))
+            stored = handle.read(order[0].file_size).decode(errors="replace")
+            require(stored == sys.byteorder, f"{path}: the item at byte {start} is stored {stored[:20]}-endian, "
+                                             f"this machine is {sys.byteorder}-endian")
     require(storage.dtype == dtype and size == tuple(sizes), f"{path}: chunk is {storage.dtype} {list(size)}, "
             f"the metadata says {dtype} {list(sizes)}")
     nbytes = record.file_size
