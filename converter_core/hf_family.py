@@ -558,6 +558,7 @@ def args_from_config(config, where, dtype, untied, family, **fields):
         num_query_groups=groups,
         kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
         max_position_embeddings=config.get("max_position_embeddings") or 4096,
+        where=where,
         norm_epsilon=config.get("rms_norm_eps", 1e-6),
         vocab_size=config["vocab_size"],
         params_dtype=dtype,

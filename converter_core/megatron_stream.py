@@ -373,11 +373,13 @@ def load(queue, args):
     chunks = sorted((k for k in state if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
     require(chunks, f"{first}: no model state in the checkpoint")
     schema = megatron_schema.detect(state[chunks[0]])
-    if not schema.legacy:
-        try:
+    try:  # the layers its args describe are ones this converter knows (named after the file if not)
+        if not schema.legacy:
             schema.grouped(margs)
-        except ConversionError as error:
-            raise ConversionError(f"{first}: {error}") from None
+        for index in range(margs.num_layers):
+            schema.entries(margs, index)
+    except ConversionError as error:
+        raise ConversionError(f"{first}: {error}") from None
     if version < 2.0:
         require(schema.legacy and megatron_args.query_groups(margs) == margs.num_attention_heads,
                 f"{first}: checkpoint_version {version} with grouped-query attention is not a known layout")
@@ -502,6 +504,11 @@ def load_dist(queue, args, iteration, folder):
     where = folder / torch_dist.DCP_METADATA
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
     layers, hidden = margs.num_layers, margs.hidden_size
+    try:  # the layers its args describe are ones this converter knows (named after the file if not)
+        for index in range(layers):
+            megatron_schema.layer_entries(margs, index)
+    except ConversionError as error:
+        raise ConversionError(f"{folder / torch_dist.COMMON}: {error}") from None
 
     def expected(entry, index):
         shape = protocol.layer_message_shapes(margs, index)[entry.keys[0]]

@@ -2,6 +2,7 @@
 output of killed runs, interrupts at random moments, cancellation and callbacks of the Python API,
 tied weights that differ, stalls. Each case runs the real command line or the real API."""
 
+import json
 import os
 import shutil
 import signal
@@ -341,3 +342,26 @@ def test_a_saver_killed_by_sigbus_is_told_why(tmp_path, hf_source):
     result = convert("--loader", "llama_hf", "--saver", "bus", "--load-dir", hf_source, "--save-dir", tmp_path / "out",
                      ok=False, env=env)
     assert "saver was killed by SIGBUS (signal 7): a memory-mapped file it read was cut short" in error_line(result)
+
+
+def test_args_the_converter_cannot_lay_out_name_their_file(tmp_path, mcore_tp2pp2, hf_source):
+    """Found by fuzzing: a switch in a rank file's args or a field of config.json that cannot describe the
+    model is refused naming the file it came from."""
+    source = tmp_path / "mcore"
+    shutil.copytree(mcore_tp2pp2, source)
+    for rank in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        path = source / "iter_0000001" / rank / RANK_FILE
+        state = torch.load(path, weights_only=False)
+        state["args"].multi_latent_attention = True
+        torch.save(state, path)
+    line = error_line(convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", source,
+                              "--save-dir", tmp_path / "out", ok=False))
+    assert f"{source}/iter_0000001/mp_rank_00_000/{RANK_FILE}" in line and "multi-latent attention" in line, line
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_source, hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["rms_norm_eps"] = False
+    (hf / "config.json").write_text(json.dumps(config))
+    line = error_line(convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", hf, "--save-dir",
+                              tmp_path / "out2", ok=False))
+    assert str(hf / "config.json") in line and "(unexpected" not in line, line
