@@ -8,7 +8,6 @@ import mmap
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,14 +23,8 @@ from test_cli_and_plugins import plugin_env
 
 def mapped_file(tensor):
     """The file whose mapping holds `tensor`'s bytes in this process, or None (anonymous or shared memory)."""
-    pointer = tensor.untyped_storage().data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            low, high = (int(end, 16) for end in fields[0].split("-"))
-            if low <= pointer < high:
-                return fields[5].strip() if len(fields) == 6 else None
-    return None
+    mapping = mapping_of(tensor)
+    return mapping[3] or None if mapping else None
 
 
 def send_weights(folder, queue, received):
@@ -161,7 +154,7 @@ def mapping_of(tensor):
             fields = line.split(maxsplit=5)
             low, high = (int(end, 16) for end in fields[0].split("-"))
             if low <= pointer < high:
-                return low, high, int(fields[2], 16), fields[5].strip()
+                return low, high, int(fields[2], 16), fields[5].strip() if len(fields) == 6 else ""
     return None
 
 

@@ -17,7 +17,6 @@ A sample goes through the real command line too. CI runs a few dozen examples pe
 derandomized; FUZZ_EXAMPLES=5000 runs that many per test, randomly (docs/reliability.md, Fuzzing)."""
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import warnings
 import zipfile
-from pathlib import Path
 
 import psutil
 import pytest
