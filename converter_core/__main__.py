@@ -33,6 +33,9 @@ def program():
     except Interrupted as stop:  # before a conversion started (the conversion reports its own)
         print(f"converter_core: error: interrupted by {stop}", file=sys.stderr)
         status = 128 + stop.signum
+    except MemoryError:  # while importing torch under a low `ulimit -v`
+        print("converter_core: error: out of memory while starting (raise `ulimit -v`, or free memory)", file=sys.stderr)
+        status = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -153,6 +153,7 @@ def save(queue, args, families):
     require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
             f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
+        require(Path(args.hf_reference_dir).is_dir(), f"{args.hf_reference_dir}: no such reference folder")
         margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
     if args.hf_model_type:
         require(args.hf_model_type in families,

@@ -210,11 +210,15 @@ def _locked_run(args, loader, saver, on_event, cancel):
     lock = output.SaveDirLock(args.save_dir)
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
-    reports, events = context.SimpleQueue(), Events(context)
-    relay_ends, end_relay = mp.Pipe(duplex=False)  # the parent's own: no child ever holds its write end's lock
-    relay = threading.Thread(target=_relay, args=(events.reader, relay_ends, on_event), name="converter_core events",
-                             daemon=True)
-    relay.start()
+    try:
+        reports, events = context.SimpleQueue(), Events(context)
+        relay_ends, end_relay = mp.Pipe(duplex=False)  # the parent's own: no child ever holds its write end's lock
+        relay = threading.Thread(target=_relay, args=(events.reader, relay_ends, on_event),
+                                 name="converter_core events", daemon=True)
+        relay.start()
+    except (OSError, RuntimeError, MemoryError) as error:  # e.g. no thread or pipe under a low `ulimit -v`
+        lock.release()
+        raise _cannot_start(error) from None
     processes, gate, said = {}, context.Value("b", output.RUNNING), {}
     stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
     failure = (None, "did not finish", EXIT_INTERNAL)
@@ -255,6 +259,12 @@ class Events:
             self.writer.send(event)
 
 
+def _cannot_start(error):
+    text = str(error).strip().splitlines()
+    return ConversionError(f"cannot start the loader and saver ({text[0] if text else type(error).__name__})"
+                           f"{file_refs.memory_hint()}")
+
+
 def _relay(reader, ends, on_event):
     """Parent thread: hand each child's event to `on_event` until `ends` is signalled (the children are gone
     by then) and nothing is left to read; a failing callback is not the run's failure."""
@@ -285,7 +295,11 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
         for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
             processes[role] = context.Process(target=_run_side, name=role, args=(
                 role, plugin, queue, args, reports, events, saver_finished, parent, gate))
-            processes[role].start()
+            try:
+                processes[role].start()
+            except (OSError, RuntimeError, MemoryError) as error:
+                del processes[role]
+                raise _cannot_start(error) from None
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sides = {role: processes[role] for role in ("loader", "saver")}

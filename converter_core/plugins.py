@@ -59,7 +59,9 @@ def _from_entry_point(kind, name):
     except NoMatches:
         return None
     except Exception as error:
-        raise ConversionError(f"{kind} plugin {name} failed to import: {error}") from None
+        text = str(error).strip().splitlines()
+        raise ConversionError(f"{kind} plugin {name} failed to import: {text[0] if text else type(error).__name__}"
+                              + (" (raise `ulimit -v`, or free memory)" if isinstance(error, MemoryError) else "")) from None
 
 
 def _from_sys_path(kind, name):

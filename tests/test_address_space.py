@@ -117,3 +117,24 @@ def test_out_of_memory_is_one_line_saying_what_and_to_raise_the_limit(error):
     if not isinstance(error, MemoryError):
         assert "/x/model.safetensors" in line or "268435456 bytes" in line, line
     assert orchestrator._describe(error)[0].startswith("out of memory: ")
+
+
+@pytest.mark.parametrize("margin", [0, 8, 16, 32, 64, 128])
+def test_a_limit_near_the_imports_is_one_line_whatever_the_phase_it_hits(tmp_path, imports, margin):
+    """Between what the imports need and what a tiny model needs, the limit strikes while torch imports,
+    while plugins import, while the parent starts its thread and pipes, or in a side: each is one line and
+    leaves no lock or staging (or the run fits and completes)."""
+    from helpers import make_hf_model
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=2)
+    target = tmp_path / "out"
+    process = convert_within(imports + margin * (1 << 20), "--loader", "llama_hf", "--saver", "llama_hf",
+                             "--load-dir", source, "--save-dir", target)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    if process.returncode == 0:
+        assert (target / "config.json").exists()
+        return
+    line = error_line(process)
+    assert process.returncode == 1 and "ulimit -v" in line and "unexpected" not in line, process.stderr
+    assert not target.exists()
