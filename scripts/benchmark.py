@@ -8,7 +8,7 @@ cores used by the conversion proper can be told apart from it.
 
 Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
      [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
-(needs psutil: pip install -e '.[test]'). Prints a markdown table; docs/performance.md records runs.
+(needs psutil: pip install -e '.[test]'). Prints a markdown table; docs/performance.md holds the current numbers, docs/performance-log.md the runs.
 """
 
 import argparse
