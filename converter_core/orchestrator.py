@@ -331,15 +331,17 @@ def _read_reports(reports, said):
 
 
 def _true_cause(failure, reports, said):
-    """The ConversionError naming the side that failed first and why: an interruption of the run, else
-    the loader's own error (a saver only ever fails second, on its "exit"), else a process killed by a
-    signal, else the saver's error."""
+    """The ConversionError naming the side that failed first and why: an interruption of the run, else a
+    saver that failed first on its own error (the loader, stopped for it in the middle of a read, may then
+    report whatever its library made of the stop), else the loader's own error (a saver that stopped on
+    the loader's "exit" fails second), else a process killed by a signal, else the saver's error."""
     role, observed, status = failure
     _read_reports(reports, said)
     if role is None:
         return ConversionError(observed, kind="interrupted", status=status)
+    saver_first = role == "saver" and "killed" not in observed and said.get("saver", ("",))[0] not in ("", protocol.LOADER_EXITED)
     if "loader" in said or role in said and "killed" not in observed:
-        side = "loader" if "loader" in said else role
+        side = "loader" if "loader" in said and not saver_first else role
         reason, internal = said[side]
         return ConversionError(f"{side} failed: {reason}", role=side, kind="internal" if internal else "input",
                                status=EXIT_INTERNAL if internal else EXIT_INPUT)
