@@ -18,6 +18,12 @@ class ConversionError(Exception):
         self.role, self.kind, self.status = role, kind, status
 
 
+def first_line(error):
+    """An exception's message as one line, for an error line that quotes a library's complaint."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def require(condition, message):
     """Raise ConversionError(message) unless condition holds; keeps checks to one line each."""
     if not condition:

@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 import torch.multiprocessing as mp
 
 from converter_core import file_refs, output, protocol
-from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted
+from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted, first_line
 from converter_core.protocol import EXIT
 
 GRACE_SECONDS = 10
@@ -260,9 +260,7 @@ class Events:
 
 
 def _cannot_start(error):
-    text = str(error).strip().splitlines()
-    return ConversionError(f"cannot start the loader and saver ({text[0] if text else type(error).__name__})"
-                           f"{file_refs.memory_hint()}")
+    return ConversionError(f"cannot start the loader and saver ({first_line(error)}){file_refs.memory_hint()}")
 
 
 def _relay(reader, ends, on_event):

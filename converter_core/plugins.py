@@ -7,7 +7,7 @@ import importlib.metadata
 from stevedore import driver
 from stevedore.exception import NoMatches
 
-from converter_core.errors import ConversionError
+from converter_core.errors import ConversionError, first_line
 
 ALIASES = {"llama_mistral": "llama_hf", "core": "mcore", "legacy": "megatron", "mixtral_hf": "hf"}
 
@@ -59,8 +59,7 @@ def _from_entry_point(kind, name):
     except NoMatches:
         return None
     except Exception as error:
-        text = str(error).strip().splitlines()
-        raise ConversionError(f"{kind} plugin {name} failed to import: {text[0] if text else type(error).__name__}"
+        raise ConversionError(f"{kind} plugin {name} failed to import: {first_line(error)}"
                               + (" (raise `ulimit -v`, or free memory)" if isinstance(error, MemoryError) else "")) from None
 
 

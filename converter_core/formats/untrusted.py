@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, first_line, require
 
 MAX_JSON_BYTES = 64 * 2**20
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -66,12 +66,6 @@ def safe_relative_path(folder, name, where):
     require(not parts.is_absolute() and ".." not in parts.parts,
             f"{where}: file name {name!r} points outside {folder}")
     return Path(folder) / name
-
-
-def first_line(error):
-    """An exception's message as one line, for an error line that quotes a library's complaint."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def is_count(value):
