@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from converter_core.errors import Interrupted
+from converter_core.errors import Interrupted, address_space_limit, first_line, memory_hint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -22,23 +22,39 @@ def program():
     for number in STOP_SIGNALS:  # from the first moment: a stop while torch imports is one line too
         signal.signal(number, _stop)
     try:
-        from converter_core.cli import main
-        main()
-        status = 0
-    except SystemExit as end:  # as the interpreter would end: None is 0, a message is printed and 1
-        status = 0 if end.code is None else end.code
-        if not isinstance(status, int):
-            print(status, file=sys.stderr)
-            status = 1
+        status = _run()
     except Interrupted as stop:  # before a conversion started (the conversion reports its own)
         print(f"converter_core: error: interrupted by {stop}", file=sys.stderr)
         status = 128 + stop.signum
-    except MemoryError:  # while importing torch under a low `ulimit -v`
-        print("converter_core: error: out of memory while starting (raise `ulimit -v`, or free memory)", file=sys.stderr)
-        status = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _run():
+    """cli.main()'s exit status. A library that fails to import is one line: under a low `ulimit -v`,
+    torch, numpy and safetensors fail in many ways (MemoryError, "failed to map segment from shared
+    object", std::bad_alloc, a SystemError), none of them ours to print as a traceback."""
+    try:
+        from converter_core.cli import main
+    except Exception as error:
+        if os.environ.get("CONVERTER_CORE_DEBUG"):
+            raise
+        hint = memory_hint() if isinstance(error, MemoryError) or address_space_limit() else ""
+        print(f"converter_core: error: cannot import its libraries ({type(error).__name__}: {first_line(error)})"
+              f"{hint}", file=sys.stderr)
+        return 1
+    try:
+        main()
+    except SystemExit as end:  # as the interpreter would end: None is 0, a message is printed and 1
+        if end.code is None or isinstance(end.code, int):
+            return end.code or 0
+        print(end.code, file=sys.stderr)
+        return 1
+    except MemoryError:  # a conversion reports its own; this is argument parsing or plugin discovery
+        print(f"converter_core: error: out of memory while starting{memory_hint()}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _stop(signum, frame):

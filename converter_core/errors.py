@@ -1,5 +1,6 @@
 """Why a conversion did not happen, as one line, plus what a program needs to react to it."""
 
+import resource
 import signal
 
 # Exit statuses of the command line; the API raises ConversionError with the same `.status`.
@@ -22,6 +23,23 @@ def first_line(error):
     """An exception's message as one line, for an error line that quotes a library's complaint."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def address_space_limit():
+    """This process's `ulimit -v` in bytes, or None where it has none."""
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def memory_hint():
+    """What to do about memory that could not be mapped or allocated: raise `ulimit -v` where it is set."""
+    limit = address_space_limit()
+    if limit is None:
+        return " (free memory, or check `ulimit -v`)"
+    return f" (this process may use {limit / 2**30:.3g} GiB of address space: raise `ulimit -v`)"
 
 
 def require(condition, message):

@@ -31,7 +31,6 @@ import errno
 import mmap
 import os
 import platform
-import resource
 import signal
 import sys
 import weakref
@@ -40,7 +39,7 @@ import torch
 from torch.multiprocessing import reductions
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from converter_core.errors import ConversionError
+from converter_core.errors import ConversionError, memory_hint
 
 _sources = set()  # real paths of files this process reads weights from
 _received = {}  # address of a storage received by reference -> (weak reference to it, fd, file offset, path)
@@ -195,17 +194,6 @@ def check_sources():
 
 def _cut_message():
     return f"{_cut[0]}: the memory-mapped source file was cut short; it changed during the conversion"
-
-
-def memory_hint():
-    """What to do about memory that could not be mapped or allocated: raise `ulimit -v` where it is set."""
-    try:
-        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    except (OSError, ValueError, AttributeError):
-        limit = resource.RLIM_INFINITY
-    if limit == resource.RLIM_INFINITY:
-        return " (free memory, or check `ulimit -v`)"
-    return f" (this process may use {limit / 2**30:.3g} GiB of address space: raise `ulimit -v`)"
 
 
 # SIGBUS on a mapped source page past the file's end. Linux on x86_64 and aarch64 (struct layouts below).

@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 import torch.multiprocessing as mp
 
 from converter_core import file_refs, output, protocol
-from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted, first_line
+from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted, first_line, memory_hint
 from converter_core.protocol import EXIT
 
 GRACE_SECONDS = 10
@@ -82,7 +82,7 @@ def _describe(error):
     if isinstance(error, ConversionError):
         text = str(error)
         if any(sign in text for sign in out_of_memory) and "ulimit -v" not in text:
-            text += file_refs.memory_hint()  # e.g. a loader's "cannot read ... (Cannot allocate memory)"
+            text += memory_hint()  # e.g. a loader's "cannot read ... (Cannot allocate memory)"
         return text, False
     if isinstance(error, SystemExit):
         return (str(error.code) if error.code not in (None, 0, 1) else "exited with an error"), False
@@ -93,7 +93,7 @@ def _describe(error):
             sign in (text[0] if text else "") for sign in out_of_memory):
         what = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename else (
             text[0] if text else "an allocation failed")
-        return f"out of memory: {what}{file_refs.memory_hint()}", False
+        return f"out of memory: {what}{memory_hint()}", False
     return (f"{type(error).__name__}: {text[0] if text else ''} "
             "(unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)"), True
 
@@ -260,7 +260,7 @@ class Events:
 
 
 def _cannot_start(error):
-    return ConversionError(f"cannot start the loader and saver ({first_line(error)}){file_refs.memory_hint()}")
+    return ConversionError(f"cannot start the loader and saver ({first_line(error)}){memory_hint()}")
 
 
 def _relay(reader, ends, on_event):
