@@ -8,6 +8,11 @@ in DESIGN.md, "Testing against real implementations") to
 * write such a checkpoint from a seeded random model, with that model's own logits
   (`save_mcore_checkpoint`).
 
+The model is the one Megatron-LM's own `core_transformer_config_from_args` would build from the
+args (`model_choices`): RMSNorm or LayerNorm, SwiGLU, non-gated GELU (tanh-approximate when
+megatron-core fuses it with the fc1 bias), or squared ReLU, with or without linear biases; what
+it cannot build raises NotImplementedError (see docs/research/megatron-activations.md).
+
 Args carrying MiniCPM's muP multipliers (MindSpeed-LLM's names: scale_emb, scale_depth,
 dim_model_base, rope_scaling_type="longrope" with long_factor/short_factor/
 rope_scaling_original_max_position_embeddings) make both run MiniCPM's forward
@@ -55,6 +60,9 @@ NORM_LOW, NORM_HIGH = 0.5, 1.5
 LOCAL_TO_TE = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    # LayerNorm only: TE's LayerNormLinear keeps the norm's bias beside its weight
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
 }
 TE_TO_LOCAL = {te: local for local, te in LOCAL_TO_TE.items()}
 
@@ -313,6 +321,9 @@ def megatron_args(*, tp=1, iteration=1, te_names=False, base=None, **overrides):
         ),
         "transformer_impl": "transformer_engine" if te_names else "local",
         "world_size": tp,
+        # Megatron-LM's validate_args: no bias, no bias-gelu fusion; a bias on every linear includes QKV.
+        "bias_gelu_fusion": values.get("bias_gelu_fusion", True) and values["add_bias_linear"],
+        "add_qkv_bias": values["add_qkv_bias"] or values["add_bias_linear"],
     }
     values.update({k: v for k, v in derived.items() if k not in overrides})
     if values["num_query_groups"] is None:
@@ -330,6 +341,7 @@ def save_mcore_checkpoint(
     te_names=False,
     iteration=1,
     timeout=DEFAULT_TIMEOUT,
+    init_std=INIT_STD,
     **args_overrides,
 ):
     """Save a seeded random megatron-core GPTModel as Megatron-LM's `--ckpt-format torch` would.
@@ -338,16 +350,18 @@ def save_mcore_checkpoint(
     rank (PP == 1 only), then the tracker file. Returns (iteration_dir, logits), where logits
     are what megatron-core computes for `tokens` with that same model before saving: the
     reference a converted checkpoint must reproduce. `args_overrides` are Megatron-LM argument
-    names (see `megatron_args`).
+    names (see `megatron_args`). `init_std` is the standard deviation of the random matrices and
+    biases. A model the harness cannot build raises NotImplementedError here, before any process starts.
     """
     args = megatron_args(tp=tp, iteration=iteration, te_names=te_names, **args_overrides)
+    model_choices(args)
     save_dir = os.fspath(save_dir)
     iter_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
     if os.path.exists(iter_dir):
         raise FileExistsError(f"{iter_dir} exists; stale rank files would mix with new ones")
     os.makedirs(iter_dir)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
-    logits = _run_ranks(_save_worker, tp, (iter_dir, args, seed, te_names, tokens), timeout)
+    logits = _run_ranks(_save_worker, tp, (iter_dir, args, seed, te_names, tokens, init_std), timeout)
     with open(os.path.join(save_dir, TRACKER_FILE), "w") as tracker:
         tracker.write(str(iteration))
     return iter_dir, logits
@@ -426,11 +440,11 @@ def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
             torch.save(logits, out_path)
 
 
-def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, tokens):
+def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, tokens, init_std):
     """One TP rank: random model, its logits, then the rank file as Megatron-LM writes it."""
     with _megatron_cpu(rank, tp, port):
         model = _gpt_model(args, args.num_layers, pre_process=True, post_process=True)
-        _randomize(model, seed, rank)
+        _randomize(model, seed, rank, init_std)
         logits = _forward([model], tokens)
         state = model.state_dict_for_save_checkpoint()
         if te_names:
@@ -477,6 +491,62 @@ def _megatron_cpu(rank, world_size, port):
     torch.distributed.destroy_process_group()
 
 
+def model_choices(args):
+    """What megatron-core builds from these Megatron-LM args, as a dict of plain values:
+
+    normalization ("RMSNorm" or "LayerNorm"), activation ("silu", "gelu" or "squared_relu": the
+    TransformerConfig.activation_func), gated (gated_linear_unit) and bias_activation_fusion, chosen
+    as Megatron-LM's core_transformer_config_from_args chooses them (0.16.1 and main alike):
+    swiglu -> gated silu; squared_relu -> squared ReLU; otherwise F.gelu, the default. The fusion
+    flag is bias_swiglu_fusion for SwiGLU and bias_gelu_fusion otherwise, the latter off without
+    add_bias_linear (validate_args). It matters for GELU: megatron-core's fused bias-GELU is the tanh
+    approximation, the unfused F.gelu is exact (erf). For SwiGLU the fused and unfused forms compute
+    the same function, and the harness keeps it unfused. openai_gelu and onnx_safe are read by
+    Megatron-LM's legacy models only; megatron-core models ignore them, and so does the harness.
+
+    Raises NotImplementedError for what the harness cannot build on the CPU (naming the arg), and
+    ValueError for args Megatron-LM itself refuses.
+    """
+    def refuse(name, why):
+        raise NotImplementedError(f"harness cannot build {name}={getattr(args, name)!r}: {why}")
+
+    if args.position_embedding_type != "rope":
+        refuse("position_embedding_type", "rope only")
+    if args.normalization not in ("RMSNorm", "LayerNorm"):
+        refuse("normalization", "RMSNorm and LayerNorm only")
+    for name in ("apply_layernorm_1p", "layernorm_zero_centered_gamma"):
+        if getattr(args, name, False):
+            refuse(name, "zero-centered norm weights (w + 1) have no local-spec CPU norm in megatron-core 0.16.1")
+    if getattr(args, "apply_residual_connection_post_layernorm", False):
+        refuse("apply_residual_connection_post_layernorm", "pre-norm residuals only")
+    if getattr(args, "use_te_activation_func", False):
+        refuse("use_te_activation_func", "TransformerEngine's activation kernels are not on the CPU")
+    if getattr(args, "quick_geglu", False):
+        refuse("quick_geglu", "gated quick-GELU is not supported")
+    if getattr(args, "glu_linear_offset", 0.0):
+        refuse("glu_linear_offset", "only 0.0")
+    if getattr(args, "activation_func_clamp_value", None) is not None:
+        refuse("activation_func_clamp_value", "only None")
+    swiglu, squared_relu = args.swiglu, getattr(args, "squared_relu", False)
+    if swiglu and squared_relu:
+        raise ValueError("swiglu and squared_relu are both set; Megatron-LM asserts that at most one is")
+    if swiglu:
+        return dict(normalization=args.normalization, activation="silu", gated=True, bias_activation_fusion=False)
+    fusion = bool(getattr(args, "bias_gelu_fusion", True) and args.add_bias_linear)
+    if squared_relu and fusion:
+        raise ValueError("squared_relu with add_bias_linear needs bias_gelu_fusion=False "
+                         "(megatron-core fuses a bias with gelu or swiglu only, and its TransformerConfig refuses)")
+    return dict(normalization=args.normalization, activation="squared_relu" if squared_relu else "gelu",
+                gated=False, bias_activation_fusion=fusion)
+
+
+def _activation_function(name):
+    """The megatron-core function object for a `model_choices` activation name."""
+    from megatron.core.activations import squared_relu
+
+    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "squared_relu": squared_relu}[name]
+
+
 def _gpt_model(args, num_layers, pre_process, post_process):
     """A local-spec GPTModel (one PP stage of `num_layers` layers) from Megatron-LM args."""
     from megatron.core.models.gpt import GPTModel
@@ -484,9 +554,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    for name, supported in (("position_embedding_type", "rope"), ("normalization", "RMSNorm")):
-        if getattr(args, name) != supported:
-            raise NotImplementedError(f"harness supports {name}={supported!r} only, got {getattr(args, name)!r}")
+    choices = model_choices(args)
     experts = getattr(args, "num_experts", None)
     frequency = getattr(args, "moe_layer_freq", 1)
     if experts and num_layers != args.num_layers and frequency != 1:
@@ -519,10 +587,11 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         kv_channels=args.kv_channels,
         ffn_hidden_size=args.ffn_hidden_size,
-        normalization="RMSNorm",
+        normalization=choices["normalization"],
         layernorm_epsilon=norm_epsilon(args),
-        gated_linear_unit=args.swiglu,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        gated_linear_unit=choices["gated"],
+        activation_func=_activation_function(choices["activation"]),
+        bias_activation_fusion=choices["bias_activation_fusion"],
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=getattr(args, "add_qkv_bias", False),
         tensor_model_parallel_size=torch.distributed.get_world_size(),
@@ -536,9 +605,9 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         **minicpm_config_overrides(args),
     )
     if experts:
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm,
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm,
                                         multi_latent_attention=mla)
     if mla:  # the local core attention rejects MLA's different q/k and v head dims
         for layer in getattr(spec, "layer_specs", None) or [spec]:
@@ -776,8 +845,8 @@ def _load_strictly(model, state, te_names, path, grouped=False):
     model.load_state_dict(state, strict=True)
 
 
-def _randomize(model, seed, tp_rank):
-    """Seeded weights: N(0, INIT_STD) for matrices and biases, uniform around 1 for norms.
+def _randomize(model, seed, tp_rank, std=INIT_STD):
+    """Seeded weights: N(0, std) for matrices and biases, uniform around 1 for norm weights.
 
     Tensor-parallel shards are drawn per rank; replicated tensors (norms, row-parallel biases)
     are drawn from the name alone, so every rank holds the same copy, as in real training.
@@ -790,7 +859,7 @@ def _randomize(model, seed, tp_rank):
             if param.dim() == 1 and not name.endswith("bias"):
                 values = torch.empty(param.shape).uniform_(NORM_LOW, NORM_HIGH, generator=generator)
             else:
-                values = torch.randn(param.shape, generator=generator) * INIT_STD
+                values = torch.randn(param.shape, generator=generator) * std
             param.copy_(values)
         for name, buffer in model.named_buffers():
             if name.endswith("expert_bias"):  # a routing bias far enough from 0 to change the choice

@@ -1,5 +1,7 @@
 """Self-test of the megatron-core harness: it must reload what it saved, at TP 1, TP 2 and as a
-hand-split PP 2 checkpoint, give the saved model's own logits, and refuse any key mismatch."""
+hand-split PP 2 checkpoint, give the saved model's own logits, and refuse any key mismatch; and it must
+build the model the args describe (LayerNorm, GELU as megatron-core computes it, squared ReLU, biases),
+checked against transformers' Starcoder2, or refuse it."""
 
 import argparse
 import os
@@ -8,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 
 import mcore_harness as harness
 
@@ -183,3 +186,177 @@ def test_layout_rejects_incomplete_or_mixed_rank_folders(tmp_path):
     write(str(tmp_path / "mp_rank_00" / "model_optim_rng.pt"), {})
     with pytest.raises(ValueError, match="mixes"):
         harness.checkpoint_layout(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-Llama models: LayerNorm, non-gated GELU or squared ReLU, biases on every linear and norm.
+# The reference is transformers' Starcoder2 (LayerNorm with bias, q/k/v/o and c_fc/c_proj with
+# bias, a non-gated MLP with any hidden_act, full non-interleaved rope), built from the saved files.
+# --------------------------------------------------------------------------------------------
+
+# How a TP-sharded local-spec tensor is split across ranks (dim), for a non-gated dense model;
+# a name not listed is replicated.
+TP_SPLIT_DIM = {
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": 0,
+    "mlp.linear_fc1.bias": 0,
+    "mlp.linear_fc2.weight": 1,
+}
+
+
+def merged_state(iter_dir, tp):
+    """The full (TP 1) tensors of a saved checkpoint; replicated ones must be equal on every rank."""
+    shards = [read(harness.rank_file(iter_dir, r, 0, 1))["model"] for r in range(tp)]
+    merged = {}
+    for key, value in shards[0].items():
+        if value is None:  # _extra_state of the local linears
+            continue
+        match = harness.LAYER_KEY.fullmatch(key)
+        dim = TP_SPLIT_DIM.get(match.group(2) if match else key)
+        if dim is None:
+            assert all(torch.equal(shard[key], value) for shard in shards), key
+            merged[key] = value
+        else:
+            merged[key] = torch.cat([shard[key] for shard in shards], dim=dim)
+    return merged
+
+
+def starcoder2_logits(state, args, hidden_act, tokens):
+    """Logits of transformers' Starcoder2ForCausalLM holding the merged Megatron tensors."""
+    heads, groups, head_dim = args.num_attention_heads, args.num_query_groups, args.kv_channels
+    per_group = heads // groups
+    config = transformers.Starcoder2Config(
+        vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size, intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=heads, num_key_value_heads=groups,
+        hidden_act=hidden_act, max_position_embeddings=args.max_position_embeddings,
+        norm_epsilon=harness.norm_epsilon(args), use_bias=True, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": float(args.rotary_base)},
+        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+    )
+    config._attn_implementation = "eager"
+    hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+          "model.norm.weight": state["decoder.final_layernorm.weight"],
+          "model.norm.bias": state["decoder.final_layernorm.bias"],
+          "lm_head.weight": state.get("output_layer.weight", state["embedding.word_embeddings.weight"])}
+    for i in range(args.num_layers):
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        # Megatron's fused QKV: per query group, that group's query heads, then its key, then its value.
+        for part in ("weight", "bias"):
+            qkv = state[m + "self_attention.linear_qkv." + part].reshape(groups, per_group + 2, head_dim, -1)
+            hf[p + "self_attn.q_proj." + part] = qkv[:, :per_group].reshape(heads * head_dim, -1).squeeze(-1)
+            hf[p + "self_attn.k_proj." + part] = qkv[:, per_group].reshape(groups * head_dim, -1).squeeze(-1)
+            hf[p + "self_attn.v_proj." + part] = qkv[:, per_group + 1].reshape(groups * head_dim, -1).squeeze(-1)
+        for megatron_name, hf_name in (("self_attention.linear_proj", "self_attn.o_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
+                                       ("mlp.linear_fc2", "mlp.c_proj"), ("input_layernorm", "input_layernorm"),
+                                       ("pre_mlp_layernorm", "post_attention_layernorm")):
+            for part in ("weight", "bias"):
+                hf[f"{p}{hf_name}.{part}"] = state[f"{m}{megatron_name}.{part}"]
+    model = transformers.Starcoder2ForCausalLM(config).eval()
+    model.load_state_dict(hf, strict=True)
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+BIASED_LAYERNORM = dict(TINY, normalization="LayerNorm", norm_epsilon=1e-5, swiglu=False, add_bias_linear=True)
+# Matrices and biases of N(0, 0.2): pre-activations large enough that tanh-approximate and exact GELU give
+# logits further apart than the tolerance (checked below with the other activation).
+WIDE_STD = 0.2
+REFERENCE_ATOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "tp, untied, overrides, hidden_act, other_act",
+    [
+        (1, True, {}, "gelu_pytorch_tanh", "gelu"),
+        (2, False, {}, "gelu_pytorch_tanh", "gelu"),
+        (1, True, {"bias_gelu_fusion": False}, "gelu", "gelu_pytorch_tanh"),
+        (2, True, {"squared_relu": True, "bias_gelu_fusion": False}, "relu2", "gelu"),
+    ],
+    ids=["tanh-gelu-tp1", "tanh-gelu-tp2-tied", "exact-gelu-tp1", "squared-relu-tp2"],
+)
+def test_layernorm_biased_models_match_starcoder2(tmp_path, tp, untied, overrides, hidden_act, other_act):
+    iter_dir, logits = harness.save_mcore_checkpoint(
+        tmp_path, tokens=TOKENS, tp=tp, seed=21, init_std=WIDE_STD,
+        **{**BIASED_LAYERNORM, "untie_embeddings_and_output_weights": untied, **overrides})
+    args = read(harness.rank_file(iter_dir, 0, 0, 1))["args"]
+    state = merged_state(iter_dir, tp)
+    for name in ("decoder.final_layernorm.bias", "decoder.layers.1.input_layernorm.bias",
+                 "decoder.layers.1.self_attention.linear_qkv.bias", "decoder.layers.1.mlp.linear_fc2.bias"):
+        assert state[name].abs().max() > 0.1, name  # random, not left at zero
+    assert ("output_layer.weight" in state) == untied
+
+    torch.testing.assert_close(logits, starcoder2_logits(state, args, hidden_act, TOKENS), atol=REFERENCE_ATOL, rtol=0)
+    # The check can tell the activations apart: the other one is far outside the tolerance.
+    assert (logits - starcoder2_logits(state, args, other_act, TOKENS)).abs().max() > 5 * REFERENCE_ATOL
+    if tp == 2:  # the args saved are enough to build the same model again
+        torch.testing.assert_close(harness.mcore_logits(iter_dir, TOKENS), logits, atol=ATOL, rtol=0)
+
+
+def test_layernorm_round_trips_with_te_names(tmp_path):
+    iter_dir, logits = harness.save_mcore_checkpoint(tmp_path, tokens=TOKENS, tp=1, seed=4, te_names=True,
+                                                     **BIASED_LAYERNORM)
+    model = read(harness.rank_file(iter_dir, 0, 0, 1))["model"]
+    assert {"decoder.layers.0.self_attention.linear_qkv.layer_norm_bias", "decoder.layers.0.mlp.linear_fc1.layer_norm_bias",
+            "decoder.final_layernorm.bias"} <= model.keys()
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in model)
+    torch.testing.assert_close(harness.mcore_logits(iter_dir, TOKENS, te_names=True), logits, atol=ATOL, rtol=0)
+
+
+def test_model_choices_follow_megatron_lm():
+    def choices(**overrides):
+        return harness.model_choices(harness.megatron_args(**overrides))
+
+    assert choices() == dict(normalization="RMSNorm", activation="silu", gated=True, bias_activation_fusion=False)
+    # Without biases Megatron-LM turns the bias-GELU fusion off: exact GELU.
+    assert choices(swiglu=False) == dict(normalization="RMSNorm", activation="gelu", gated=False,
+                                         bias_activation_fusion=False)
+    # With biases the fusion is on by default: megatron-core's fused bias-GELU, the tanh approximation.
+    assert choices(swiglu=False, add_bias_linear=True, normalization="LayerNorm") == dict(
+        normalization="LayerNorm", activation="gelu", gated=False, bias_activation_fusion=True)
+    assert choices(swiglu=False, squared_relu=True)["activation"] == "squared_relu"
+    # openai_gelu and onnx_safe select activations in Megatron-LM's legacy models only.
+    assert choices(swiglu=False, openai_gelu=True, onnx_safe=True) == choices(swiglu=False)
+    # The fixture Megatron-LM wrote (SwiGLU, RMSNorm, no biases) is buildable.
+    assert harness.model_choices(harness.megatron_args(base=harness.megatron_lm_args()))["activation"] == "silu"
+    assert harness.megatron_args(add_bias_linear=True).add_qkv_bias  # validate_args keeps them in sync
+
+
+@pytest.mark.parametrize(
+    "overrides, error, named",
+    [
+        ({"normalization": "L2Norm"}, NotImplementedError, "normalization"),
+        ({"normalization": "LayerNorm", "apply_layernorm_1p": True}, NotImplementedError, "apply_layernorm_1p"),
+        ({"layernorm_zero_centered_gamma": True}, NotImplementedError, "layernorm_zero_centered_gamma"),
+        ({"swiglu": False, "quick_geglu": True}, NotImplementedError, "quick_geglu"),
+        ({"glu_linear_offset": 1.0}, NotImplementedError, "glu_linear_offset"),
+        ({"activation_func_clamp_value": 7.0}, NotImplementedError, "activation_func_clamp_value"),
+        ({"use_te_activation_func": True}, NotImplementedError, "use_te_activation_func"),
+        ({"apply_residual_connection_post_layernorm": True}, NotImplementedError,
+         "apply_residual_connection_post_layernorm"),
+        ({"position_embedding_type": "learned_absolute"}, NotImplementedError, "position_embedding_type"),
+        ({"squared_relu": True}, ValueError, "swiglu and squared_relu"),
+        ({"swiglu": False, "squared_relu": True, "add_bias_linear": True}, ValueError, "bias_gelu_fusion=False"),
+    ],
+    ids=["l2norm", "layernorm-1p", "zero-centered-gamma", "quick-geglu", "glu-offset", "clamp", "te-activation",
+         "post-layernorm-residual", "learned-positions", "swiglu-and-squared-relu", "fused-squared-relu"],
+)
+def test_what_cannot_be_built_is_refused_before_any_process(tmp_path, overrides, error, named):
+    with pytest.raises(error, match=re.escape(named)):
+        harness.save_mcore_checkpoint(tmp_path, tokens=TOKENS, **{**TINY, **overrides})
+    assert not os.path.exists(tmp_path / "iter_0000001")  # refused before anything was written
+
+
+def test_a_refused_checkpoint_is_refused_by_mcore_logits(tp1_untied, tmp_path):
+    iter_dir, _ = tp1_untied
+    edited = tmp_path / "iter_0000001"
+    shutil.copytree(iter_dir, edited)
+    path = harness.rank_file(edited, 0, 0, 1)
+    checkpoint = read(path)
+    checkpoint["args"].layernorm_zero_centered_gamma = True
+    write(path, checkpoint)
+    with pytest.raises(RuntimeError, match="NotImplementedError: harness cannot build layernorm_zero_centered_gamma"):
+        harness.mcore_logits(edited, TOKENS)
