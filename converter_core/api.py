@@ -72,7 +72,7 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
 class Detected:
     """What a checkpoint folder is, read from its config or args and file names, never its weights."""
     format: str          # "hf", "mcore" (per-rank torch files), "torch_dist" or "legacy"
-    family: str          # HF model_type: llama, mistral, qwen2, minicpm, ...
+    family: str          # HF model_type: llama, mistral, qwen2, ...
     tp: int
     pp: int
     ep: int
@@ -156,8 +156,9 @@ def supported():
                     "family": family.model_type, "architectures": list(family.architectures),
                     "package": plugins.distribution(module), "notes": [],
                     "hf_to_megatron": None, "megatron_to_hf": None})
-                notes = getattr(module, "NOTES", ())
-                row["notes"] += [n for n in ([notes] if isinstance(notes, str) else notes) if n not in row["notes"]]
+                notes = getattr(module, "NOTES", ())  # a module's notes, for plugins written before Family.notes
+                notes = list(family.notes) + list([notes] if isinstance(notes, str) else notes)
+                row["notes"] += [n for n in notes if n not in row["notes"]]
                 if row[direction] is None:
                     row[direction] = {"plugin": name, "formats": _format_cells(family, kind, name, megatron[other])}
     return [rows[name] for name in sorted(rows)]

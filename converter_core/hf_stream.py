@@ -1,7 +1,6 @@
-"""Hugging Face folder <-> message stream, for every Llama-layout family (the plugins pass their table)."""
+"""Hugging Face folder <-> message stream, for any family described as data (the plugins pass theirs)."""
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -13,18 +12,16 @@ from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
 from converter_core.output import StagedFolder
 
-# loader_llama_mistral.py's --model-size choices (Megatron-LM, last version 2026-03).
-MODEL_SIZES = ("llama2-7B", "llama2-13B", "llama2-70B", "llama2-7Bf", "llama2-13Bf", "llama2-70Bf", "llama3", "mistral",
-               "yi-34B", "qwen2.5")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
-def add_loader_arguments(parser, title):
+def add_loader_arguments(parser, title, model_sizes=None):
+    """`model_sizes`: the --model-size choices of the convert.py plugin this one replaces (any value if None)."""
     group = parser.add_argument_group(title=title)
     group.add_argument("--checkpoint-type", choices=["hf", "meta"], default="hf",
                        help="only 'hf' is supported; kept for convert.py command lines")
-    group.add_argument("--model-size", type=str, default=None, choices=MODEL_SIZES,
-                       help="accepted for convert.py command lines (its choices); the shape comes from config.json")
+    group.add_argument("--model-size", type=str, default=None, choices=model_sizes,
+                       help="accepted for convert.py command lines; the shape comes from config.json")
     group.add_argument("--bf16", action="store_true", help="convert the weights to bfloat16")
     group.add_argument("--fp16", action="store_true", help="convert the weights to float16")
     group.add_argument("--true-vocab-size", type=flags.positive_int, default=None,
@@ -113,7 +110,7 @@ def load(queue, args, families):
         for index in range(margs.num_layers):
             tensors = {name: read(name) for name in shapes if family.layer_index(name) == index}
             yield protocol.layer_name(index), hf_family.layer_to_message(tensors, index, margs, family)
-        yield protocol.FINAL_NORM, {"weight": read(family.final_norm)}
+        yield protocol.FINAL_NORM, {key: read(name) for key, name in family.final_norm_names().items()}
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
 
@@ -142,16 +139,15 @@ def loader_vocab_size(args, config, folder):
     return config["vocab_size"]
 
 
-def save(queue, args, families):
+def save(queue, args, families, folds=()):
     """Write the stream as an HF folder of one of `families` (hf_family.family_for_stream chooses). A
-    stream with MiniCPM's muP scalars written as a family without them gets the scalars folded in."""
+    stream carrying a feature the written family lacks (muP scalars, say) is folded by that feature:
+    one of `folds`, or of the features of `families`."""
     receiver = protocol.Receiver(queue, args.checking, rows=True)
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where, to_hf=True)
     margs = megatron_args.plain_copy(md.checkpoint_args)
-    require(margs.swiglu and margs.normalization == "RMSNorm" and not margs.add_bias_linear,
-            f"{where}: only RMSNorm + SwiGLU models without linear biases map to {', '.join(families)}")
     if args.hf_reference_dir:
         require(Path(args.hf_reference_dir).is_dir(), f"{args.hf_reference_dir}: no such reference folder")
         margs.hf_config_json = json.dumps(hf.read_json(Path(args.hf_reference_dir) / hf.CONFIG))
@@ -161,18 +157,17 @@ def save(queue, args, families):
         family = families[args.hf_model_type]
     else:
         family = hf_family.family_for_stream(margs, families, where)
-    fold = hf_family.has_mup(margs) and not family.mup
+    fold = folding(margs, family, families, folds, where)
     if fold:
-        margs = hf_family.folded_args(margs, family, where)
+        margs, family = fold.args, fold.family
     hf_family.check_table(family, margs, where)
     rows = vocab.true_vocab_size(args, md, margs)
     dtype = md.params_dtype
     config = hf_family.config_from_args(margs, rows, family)
     shapes = hf_family.expected_shapes(margs, rows, family)
     float32 = hf_family.float32_names(margs, family)
-    scale_emb, scale_depth, dim_model_base = hf_family.mup_scalars(margs)
-    residual, width = scale_depth / math.sqrt(margs.num_layers), margs.hidden_size / dim_model_base
     hidden = margs.hidden_size
+    final_norm = family.final_norm_names()
     code_folder, code_files = remote_code_source(args, margs, config, where)
     staged = StagedFolder(args.save_dir)
     pool = workers.Workers(getattr(args, "workers", 1))
@@ -193,24 +188,25 @@ def save(queue, args, families):
 
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
-        write(family.embedding, embeddings, scale_emb)
+        write(family.embedding, embeddings, fold.embeddings if fold else 1)
         if fold and not md.output_layer:
-            write(family.output_layer, embeddings, 1 / width)
+            write(family.output_layer, embeddings, fold.output)
         receiver.check_consumed(message)
         for index in range(md.num_layers):
             message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
-            if fold:  # the residual branch scaling moves into the output projections
-                for key in ("dense weight", "mlp l1 weight"):
-                    message[key] = layout.tensor_of(message[key]).float() * residual
+            for key, factor in (fold.layer.items() if fold else ()):
+                message[key] = layout.tensor_of(message[key]).float() * factor
             for name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
                 write(name, tensor)
             receiver.check_consumed(message)
-        message = receiver.get(protocol.FINAL_NORM, {"weight": (hidden,)})
-        write(family.final_norm, message.pop("weight"))
+        message = receiver.get(protocol.FINAL_NORM, {key: (hidden,) for key in final_norm})
+        for key, name in final_norm.items():
+            write(name, message.pop(key))
         receiver.check_consumed(message)
         if md.output_layer:
             message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, hidden)})
-            write(family.output_layer, vocab.trim(message.pop("weight"), rows, "output layer"), 1 / width)
+            write(family.output_layer, vocab.trim(message.pop("weight"), rows, "output layer"),
+                  fold.output if fold else 1)
             receiver.check_consumed(message)
         receiver.done()
         pool.finish()
@@ -231,10 +227,20 @@ def save(queue, args, families):
             staged.abandon()
         raise
     if fold:
-        protocol.report("note", message=f"folded MiniCPM's muP scalars into the weights for "
-                                        f"{config['architectures'][0]}: embeddings x{scale_emb:g}, attention and MLP "
-                                        f"outputs x{residual:.6g}, output layer /{width:g} (untied)")
+        protocol.report("note", message=fold.note)
     protocol.report("saved", message=f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}")
+
+
+def folding(args, family, families, folds, where):
+    """The Fold for writing the stream as `family`, if it carries a feature `family` lacks; else None."""
+    candidates = list(folds) + [part for member in families.values() for part in member.features]
+    for feature in dict.fromkeys(candidates):
+        if feature.carried_by(args) and feature not in family.features:
+            fold = feature.fold(args, family, where)
+            require(fold is not None, f"{where}: {family.model_type} cannot hold the stream's "
+                                      f"{type(feature).__name__} settings, and they cannot be folded into its weights")
+            return fold
+    return None
 
 
 def remote_code_files(config):

@@ -12,9 +12,11 @@ from converter_core import hf_stream, megatron_schema, megatron_stream
 from converter_core.errors import ConversionError, require
 from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
 from converter_core.formats.torch_file import load as load_torch_file
-from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION, LLAMA_LAYER,
-                                      LLAMA_MLP, MLA_ATTENTION, MLA_KV_DOWN, MLA_Q, MOE_LAYER, QK_NORM, QKV, QKV_BIAS,
-                                      Experts, Family, Tensor, by_model_type, experts, on_dense_layers, shared_experts)
+from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION,
+                                      LLAMA_BIAS_SWITCHES, LLAMA_LAYER, LLAMA_MLP, MLA_ATTENTION, MLA_KV_DOWN, MLA_Q,
+                                      MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Activation, Experts, Family, Feature, Fold, Kind,
+                                      Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
+                                      rope_settings, shared_experts, stored_config)
 from converter_core.megatron_args import complete as complete_args, make_args
 from converter_core.megatron_schema import FORMATS
 from converter_core.output import StagedFolder, write_atomically
@@ -26,8 +28,11 @@ __all__ = [
     # families as data
     "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "EXPERTS", "MOE_LAYER", "DENSE_LAYER",
     "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
-    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts",
+    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts", "Kind",
     "by_model_type",
+    # family features
+    "Feature", "Norm", "Activation", "Refused", "LLAMA_BIAS_SWITCHES", "Fold", "stored_config", "retargeted",
+    "rope_settings",
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
@@ -49,9 +54,10 @@ def _one_op_thread():
     torch.set_num_threads(1)
 
 
-def add_hf_loader_arguments(parser, title):
-    """convert.py's HF loader flags (--true-vocab-size, --tokenizer-model, --bf16, ...)."""
-    hf_stream.add_loader_arguments(parser, title)
+def add_hf_loader_arguments(parser, title, model_sizes=None):
+    """convert.py's HF loader flags (--true-vocab-size, --tokenizer-model, --bf16, ...); `model_sizes`: the
+    --model-size choices of the convert.py plugin this loader replaces."""
+    hf_stream.add_loader_arguments(parser, title, model_sizes)
 
 
 def load_hf(queue, args, families):
@@ -66,11 +72,13 @@ def add_hf_saver_arguments(parser, title):
     hf_stream.add_saver_arguments(parser, title)
 
 
-def save_hf(queue, args, families):
+def save_hf(queue, args, families, folds=()):
     """The HF saver: writes the stream's family if it is one of `families`, else the first that holds
-    the stream's tensors, as a staged folder that appears complete or not at all."""
+    the stream's tensors, as a staged folder that appears complete or not at all. `folds`: features
+    (beyond those of `families`) whose settings a stream may carry and that can fold them into the
+    weights of a family without them."""
     _one_op_thread()
-    hf_stream.save(queue, args, families)
+    hf_stream.save(queue, args, families, folds)
 
 
 def add_megatron_loader_arguments(parser, title, default_impl="transformer_engine"):

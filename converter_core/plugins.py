@@ -9,11 +9,14 @@ from stevedore.exception import NoMatches
 
 from converter_core.errors import ConversionError, first_line
 
-ALIASES = {"llama_mistral": "llama_hf", "core": "mcore", "legacy": "megatron", "mixtral_hf": "hf"}
+def aliases():
+    """{other name: plugin name}: convert.py's plugin names that ours replace, declared by the packages that
+    install them (entry point group converter_core.aliases)."""
+    return {entry.name: entry.value for entry in importlib.metadata.entry_points(group="converter_core.aliases")}
 
 
 def canonical(name):
-    return ALIASES.get(name, name)
+    return aliases().get(name, name)
 
 
 def load_plugin(kind, name):
@@ -46,9 +49,9 @@ def distribution(module):
 
 
 def installed_summary():
-    aliases = ", ".join(f"{alias}={name}" for alias, name in sorted(ALIASES.items()))
+    known = ", ".join(f"{alias}={name}" for alias, name in sorted(aliases().items()))
     return (f"Installed loaders: {', '.join(installed('loader'))}. Installed savers: {', '.join(installed('saver'))}. "
-            f"Aliases: {aliases}. A module loader_<name> / saver_<name> or <name> on sys.path is a plugin too.")
+            f"Aliases: {known}. A module loader_<name> / saver_<name> or <name> on sys.path is a plugin too.")
 
 
 def _from_entry_point(kind, name):

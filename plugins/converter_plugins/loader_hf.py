@@ -2,15 +2,14 @@
 (model_type, else architectures)."""
 
 from converter_core import plugin
-from converter_plugins.families import ALL_FAMILIES, MINICPM_NOTES
+from converter_plugins.families import MODEL_SIZES, ALL_FAMILIES
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
 FAMILIES = ALL_FAMILIES
-NOTES = MINICPM_NOTES
 
 
 def add_arguments(parser):
-    plugin.add_hf_loader_arguments(parser, "Hugging Face loader (every built-in family)")
+    plugin.add_hf_loader_arguments(parser, "Hugging Face loader (every built-in family)", MODEL_SIZES)
 
 
 def load_checkpoint(queue, args):

@@ -2,11 +2,10 @@
 it was made from), else the one its Megatron args describe, or --hf-model-type."""
 
 from converter_core import plugin
-from converter_plugins.families import ALL_FAMILIES, MINICPM_NOTES
+from converter_plugins.families import ALL_FAMILIES
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
 FAMILIES = ALL_FAMILIES
-NOTES = MINICPM_NOTES
 
 
 def add_arguments(parser):

@@ -2,6 +2,7 @@
 another family becomes the first of these that holds its tensors)."""
 
 from converter_core import plugin
+from converter_plugins import minicpm
 from converter_plugins.families import LLAMA_FAMILIES
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
@@ -13,4 +14,4 @@ def add_arguments(parser):
 
 
 def save_checkpoint(queue, args):
-    plugin.save_hf(queue, args, FAMILIES)
+    plugin.save_hf(queue, args, FAMILIES, folds=minicpm.FOLDS)

@@ -1,11 +1,10 @@
 """Saver for Hugging Face MiniCPM folders that MiniCPM's remote code loads (scalars always explicit)."""
 
 from converter_core import plugin
-from converter_plugins.families import MINICPM_FAMILIES, MINICPM_NOTES
+from converter_plugins.families import MINICPM_FAMILIES
 
 MODEL_TYPES = ("GPT",)  # convert.py's --model-type values this plugin converts
 FAMILIES = MINICPM_FAMILIES
-NOTES = MINICPM_NOTES
 
 
 def add_arguments(parser):

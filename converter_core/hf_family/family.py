@@ -1,0 +1,203 @@
+"""A Hugging Face family: its architectures, layer table and features; which family a config.json or a
+stream is; and the layer tensors mapped both ways by the table's kinds."""
+
+import dataclasses
+import json
+import re
+
+from converter_core import megatron_args, protocol
+from converter_core.errors import ConversionError, require
+from converter_core.hf_family.features import LLAMA_BIAS_SWITCHES, Activation, Norm
+from converter_core.hf_family.table import LLAMA_LAYER
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An HF model family. `layer`: its table of Tensor rows; `norm` / `activation`: its Norm and
+    Activation; `features`: further parts (Refused switches, a plugin's own Feature objects); `experts`:
+    an Experts for MoE families; `mla`: multi-latent attention (q_lora_rank, kv_lora_rank,
+    qk_nope/rope_head_dim, v_head_dim in config.json), with `rope_interleaved` saying whether its rope
+    pairs are interleaved as Megatron-Core's MLA expects (else the rows are reordered), or naming the
+    config key that says so; `args`: Megatron args every model of the family has (add_qkv_bias,
+    qk_layernorm); `config`: config.json fields written when absent; `fields`: {config key: Megatron arg}
+    carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means.
+    The top-level tensor names and the layer prefix default to Llama's."""
+    model_type: str
+    architectures: tuple
+    layer: tuple = LLAMA_LAYER
+    args: dict = dataclasses.field(default_factory=dict)
+    config: dict = dataclasses.field(default_factory=dict)
+    fields: dict = dataclasses.field(default_factory=dict)
+    tied_by_default: bool = False
+    experts: object = None
+    mla: bool = False
+    rope_interleaved: object = True
+    norm: Norm = Norm()
+    activation: Activation = Activation()
+    features: tuple = LLAMA_BIAS_SWITCHES
+    notes: tuple = ()
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    output_layer: str = "lm_head.weight"
+    layers: str = "model.layers.{}."
+
+    @property
+    def parts(self):
+        """Every feature: norm, activation, the others, then the experts."""
+        return (self.norm, self.activation, *self.features) + ((self.experts,) if self.experts else ())
+
+    @property
+    def settings(self):
+        """The Megatron args every model of the family has set (what a format must be able to hold)."""
+        settings = dict(self.args, num_experts=False, multi_latent_attention=self.mla)
+        for part in self.parts:
+            settings.update(part.settings())
+        return settings
+
+    @property
+    def architecture(self):
+        return self.architectures[0]
+
+    @property
+    def final_norm_bias(self):
+        """The final norm's bias name (LayerNorm families): the weight's name ending in bias."""
+        return self.final_norm.removesuffix("weight") + "bias"
+
+    def final_norm_names(self):
+        """{message key: HF name} of the final norm."""
+        return {"weight": self.final_norm, **({"bias": self.final_norm_bias} if self.norm.bias else {})}
+
+    def layer_prefix(self, index):
+        return self.layers.format(index)
+
+    def layer_index(self, name):
+        """The layer number of an HF tensor name, or None for a tensor outside the layers."""
+        before, _, after = self.layers.partition("{}")
+        match = re.match(re.escape(before) + "([0-9]+)" + re.escape(after), name)
+        return int(match.group(1)) if match else None
+
+    def active(self, args, index=0):
+        """The layer table rows present in layer `index` of a model with Megatron args `args`."""
+        moe = megatron_args.moe_layers(args)[index]
+        return [row for row in self.layer if row.present(args, moe)]
+
+    def mla_rope_interleaved(self, args):
+        interleaved = self.rope_interleaved
+        if isinstance(interleaved, str):
+            interleaved = (stored_config(args) or {}).get(interleaved, True)
+        return interleaved
+
+
+def by_model_type(*members):
+    """{model_type: Family}: the form a plugin declares its FAMILIES in."""
+    return {family.model_type: family for family in members}
+
+
+def stored_config(args):
+    """The config.json the stream was made from, if it came from Hugging Face."""
+    text = getattr(args, "hf_config_json", None)
+    return json.loads(text) if text else None
+
+
+def family_of(config, where, families):
+    """The family of a config.json: by model_type, else (some hub configs have none) by architecture."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        by_architecture = {a: f for f in families.values() for a in f.architectures}
+        model_type = next((by_architecture[a].model_type for a in config.get("architectures") or []
+                           if a in by_architecture), None)
+    require(model_type in families,
+            f"{where}: model_type {model_type!r} is not one of {', '.join(sorted(families))}")
+    return families[model_type]
+
+
+def family_for_stream(args, families, where):
+    """The family a saver writes: the one the stream came from (its stored config.json) when it is
+    among `families`, else the first whose table holds exactly the stream's layer tensors and whose
+    implied args the stream has, preferring one whose features the stream carries (scaling rules a
+    Megatron-made stream has in its args) and that has no such feature the stream lacks."""
+    stored = stored_config(args) or {}
+    try:
+        return family_of(stored, where, families)
+    except ConversionError:
+        pass
+    fitting = [family for family in families.values()
+               if all(getattr(args, name, None) == value for name, value in family.args.items())
+               and not mismatch(family, args)]
+
+    def agreement(family):
+        marks = [part.carried_by(args) for part in family.parts]
+        return sum(mark is True for mark in marks) - sum(mark is False for mark in marks)
+    if fitting:
+        return max(fitting, key=agreement)  # max keeps the first of equals
+    first = next(iter(families.values()))
+    reason = mismatch(first, args) or ", ".join(f"{k}={v!r}" for k, v in first.args.items()) + " is not set"
+    raise ConversionError(f"{where}: none of {', '.join(families)} can hold the stream ({first.model_type}: {reason})")
+
+
+def mismatch(family, args):
+    """Why `family` cannot hold a model with Megatron args `args` (message keys no row of its layer
+    table fills, rows filling keys the model lacks, settings its features do not have), or None."""
+    parts = []
+    if getattr(args, "rotary_percent", 1.0) != 1.0 and "rotary_percent" not in family.fields.values():
+        parts.append(f"rotary_percent {args.rotary_percent} has no Hugging Face "
+                     f"{family.architecture.removesuffix('ForCausalLM')} equivalent")
+    for part in (family.norm, family.activation, *family.features):
+        parts += part.problems(args, family)
+    kinds = megatron_args.moe_layers(args)
+    for index in sorted({kinds.index(kind) for kind in kinds}):  # the first layer of each kind (dense, MoE)
+        wanted = set(protocol.layer_message_shapes(args, index))
+        filled = {key for row in family.active(args, index) for key in row.keys}
+        layer = f"{'MoE' if kinds[index] else 'dense'} layers: " if any(kinds) else ""
+        if wanted - filled:
+            parts.append(f"{layer}the model's {', '.join(sorted(wanted - filled))} has no tensor in {family.model_type}")
+        if filled - wanted:
+            parts.append(f"{layer}{family.model_type}'s {', '.join(sorted(filled - wanted))} has no place in the model")
+    if any(kinds) and family.experts is None:
+        parts.append(f"{family.model_type} has no mixture-of-experts settings")
+    elif any(kinds):
+        parts += family.experts.problems(args, family)
+    return "; ".join(parts) or None
+
+
+def check_table(family, args, where):
+    problem = mismatch(family, args)
+    require(problem is None, f"{where}: {problem}")
+
+
+def expected_shapes(args, vocab_rows, family):
+    """{hf name: shape} of every tensor of the model, in file order."""
+    shapes = {family.embedding: (vocab_rows, args.hidden_size)}
+    for i in range(args.num_layers):
+        message = protocol.layer_message_shapes(args, i)
+        prefix = family.layer_prefix(i)
+        shapes.update((prefix + name, shape) for row in family.active(args, i)
+                      for name, shape in row.kind.hf_shapes(row, message, args))
+    shapes.update((name, (args.hidden_size,)) for name in family.final_norm_names().values())
+    if megatron_args.untied(args):
+        shapes[family.output_layer] = (vocab_rows, args.hidden_size)
+    return shapes
+
+
+def float32_names(args, family):
+    """HF names of the tensors kept in float32 whatever the model's dtype (protocol.FLOAT32_KEYS)."""
+    return {family.layer_prefix(i) + name for i in range(args.num_layers) for row in family.active(args, i)
+            if set(row.keys) <= set(protocol.FLOAT32_KEYS) for name in row.hf_names}
+
+
+def layer_to_message(tensors, index, args, family):
+    """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
+    prefix, message = family.layer_prefix(index), {}
+    inside = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
+    for row in family.active(args, index):
+        message.update(row.kind.to_megatron(row, inside, args, family))
+    return message
+
+
+def message_to_layer(message, index, args, family):
+    """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers. A
+    tensor split out of QKV comes as a tuple of row blocks (layout.megatron_qkv_to_hf), not yet copied."""
+    prefix, tensors = family.layer_prefix(index), {}
+    for row in family.active(args, index):
+        tensors.update((prefix + name, tensor) for name, tensor in row.kind.to_hf(row, message, args, family).items())
+    return tensors
