@@ -72,7 +72,7 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
 class Detected:
     """What a checkpoint folder is, read from its config or args and file names, never its weights."""
     format: str          # "hf", "mcore" (per-rank torch files), "torch_dist" or "legacy"
-    family: str          # HF model_type: llama, mistral, qwen2, ...
+    family: str          # HF model_type: llama, mistral, ...
     tp: int
     pp: int
     ep: int
