@@ -248,7 +248,7 @@ def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
 
 def save(queue, args, schema, ckpt_format="torch"):
     """Receive the stream and write it in `schema`'s names through the sink of `ckpt_format`."""
-    receiver = protocol.Receiver(queue, args.checking, rows=True)
+    receiver = protocol.Receiver(queue, args.checking, rows=True, stall_timeout=protocol.stall_timeout(args))
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where)
@@ -459,7 +459,7 @@ def load(queue, args):
                     f"{paths[0, p, 0]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
 
-    protocol.send_model(queue, md, messages())
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
 
 
 def _tensor_paths(tree, prefix=()):
@@ -557,4 +557,4 @@ def load_dist(queue, args, iteration, folder):
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": reader.read("output_layer.weight")}
 
-    protocol.send_model(queue, md, messages())
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))

@@ -129,7 +129,6 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     output.set_owner(parent_pid, gate)
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
-    protocol.stall_seconds = getattr(args, "stall_timeout", None) or None
     protocol.set_event_sink(events.put)
     if role == "loader":
         file_refs.send_by_reference()

@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from converter_core import layout, megatron_args
+from converter_core import layout, megatron_args, message_keys
 from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
 
@@ -21,9 +21,13 @@ DONE = "done"
 EXIT = "exit"
 EXIT_PUT_SECONDS = 10
 LOADER_EXITED = "loader exited, exiting saver"  # what a saver says when it stops on the loader's "exit"
-# The watchdog: how long a loader or saver waits on the other before calling the run stalled. Set by
-# our orchestrator from --stall-timeout in each child; None (as under convert.py) waits forever.
-stall_seconds = None
+
+
+def stall_timeout(args):
+    """The watchdog a loader or saver passes to send_model / Receiver: how long it waits on the other
+    side before calling the run stalled (--stall-timeout, on the args our orchestrator gives each side).
+    Absent (as under Megatron's convert.py), or 0, waits forever."""
+    return getattr(args, "stall_timeout", None) or None
 
 
 def layer_name(index):
@@ -139,11 +143,11 @@ def message_bytes(message):
     return sum(value.numel() * value.element_size() for value in message.values() if hasattr(value, "element_size"))
 
 
-def _put(queue, value, what):
+def _put(queue, value, what, stall_timeout):
     try:
-        queue.put(value, timeout=stall_seconds)
+        queue.put(value, timeout=stall_timeout or None)
     except queue_module.Full:
-        raise ConversionError(f"stalled: the saver took no message for {stall_seconds:g} s "
+        raise ConversionError(f"stalled: the saver took no message for {stall_timeout:g} s "
                               f"while {what} waited (--stall-timeout)") from None
 
 
@@ -152,42 +156,46 @@ def message_count(md):
     return md.num_layers + 2 + bool(md.output_layer)
 
 
-def send(queue, name, message, count=None, total=None):
-    """Megatron's queue_put: name the message, enqueue, report progress (count of total)."""
+def send(queue, name, message, count=None, total=None, stall_timeout=None):
+    """Megatron's queue_put: name the message, enqueue, report progress (count of total). `stall_timeout`:
+    seconds to wait for room on the queue before calling the run stalled (None waits forever)."""
     size = message_bytes(message)
     message["name"] = name
-    _put(queue, message, f'"{name}"')
+    _put(queue, message, f'"{name}"', stall_timeout)
     report("sent", name=name, bytes=size, count=count, total=total)
 
 
-def send_model(queue, md, messages):
-    """Send metadata, every (name, tensors) pair from `messages` in order, then "done"."""
+def send_model(queue, md, messages, stall_timeout=None):
+    """Send metadata, every (name, tensors) pair from `messages` in order, then "done"; `stall_timeout` as
+    for send (a loader passes stall_timeout(args))."""
     total = message_count(md)
     report("start", layers=md.num_layers, messages=total)
-    _put(queue, md, "the metadata")
+    _put(queue, md, "the metadata", stall_timeout)
     for count, (name, tensors) in enumerate(messages, 1):
-        send(queue, name, tensors, count, total)
-    _put(queue, DONE, '"done"')
+        send(queue, name, tensors, count, total, stall_timeout)
+    _put(queue, DONE, '"done"', stall_timeout)
 
 
 class Receiver:
     """The saver's end of the queue: Megatron's queue_get and check_message, raising instead of exit()."""
 
-    def __init__(self, queue, checking=True, rows=False):
+    def __init__(self, queue, checking=True, rows=False, stall_timeout=None):
         """`rows`: the saver takes layout.Rows (row blocks) where a message holds a tensor; otherwise a
-        tensor sent as Rows arrives concatenated."""
+        tensor sent as Rows arrives concatenated. `stall_timeout`: seconds to wait for each message before
+        calling the run stalled (a saver passes stall_timeout(args); None waits forever)."""
         if rows:
             layout.accept_rows()
         self.queue = queue
+        self.stall_timeout = stall_timeout or None
         self.checking = checking
         self.received_bytes = self.written = 0
         self.total = None
 
     def _get(self):
         try:
-            value = self.queue.get(timeout=stall_seconds)
+            value = self.queue.get(timeout=self.stall_timeout)
         except queue_module.Empty:
-            raise ConversionError(f"stalled: no message from the loader for {stall_seconds:g} s "
+            raise ConversionError(f"stalled: no message from the loader for {self.stall_timeout:g} s "
                                   "(--stall-timeout)") from None
         if isinstance(value, str) and value == EXIT:
             raise ConversionError(LOADER_EXITED)  # its own report says why
@@ -238,80 +246,16 @@ class Receiver:
         report("written", name=message.get("name"), bytes=self.received_bytes, count=self.written, total=self.total)
 
 
-# The keys of a "transformer layer N" message: full tensors in Megatron's layout (Megatron's own names;
-# which ones a layer has follows from the model args, megatron_schema.layer_entries).
-LAYER_KEYS = {
-    "input norm weight": "norm before attention [hidden]", "input norm bias": "its bias (LayerNorm)",
-    "qkv weight": "query, key, value rows grouped per KV head: per group, heads/groups query heads, then one key "
-                  "head, then one value head [(heads + 2 groups) x head_dim, hidden]",
-    "qkv bias": "the same rows' biases (add_qkv_bias)",
-    "q norm weight": "per-head query norm (qk_layernorm) [head_dim]", "k norm weight": "per-head key norm [head_dim]",
-    "q norm bias": "its bias (LayerNorm)", "k norm bias": "its bias (LayerNorm)",
-    "dense weight": "attention output projection [hidden, heads x head_dim]", "dense bias": "its bias",
-    "post norm weight": "norm before the MLP [hidden]", "post norm bias": "its bias (LayerNorm)",
-    "mlp l0 weight W": "SwiGLU gate projection [ffn, hidden]", "mlp l0 weight V": "SwiGLU up projection [ffn, hidden]",
-    "mlp l0 weight": "first MLP projection without SwiGLU [ffn, hidden]",
-    "mlp l0 bias W": "gate bias", "mlp l0 bias V": "up bias", "mlp l0 bias": "first projection bias",
-    "mlp l1 weight": "MLP output projection [hidden, ffn]", "mlp l1 bias": "its bias",
-    "router weight": "MoE layers: the router [experts, hidden]; on these layers the mlp l0 weight W / V and "
-                     "mlp l1 weight keys hold every expert stacked [experts, ...]",
-    "shared mlp l0 weight W": "MoE layers: shared experts' gate [shared ffn, hidden]",
-    "shared mlp l0 weight V": "shared experts' up [shared ffn, hidden]",
-    "shared mlp l1 weight": "shared experts' output projection [hidden, shared ffn]",
-    "router expert bias": "MoE layers with moe_router_enable_expert_bias: the routing score bias, float32 [experts]",
-    "q down weight": "multi-latent attention (MLA): query down projection [q_lora_rank, hidden]",
-    "q latent norm weight": "MLA: norm of the query latent [q_lora_rank]",
-    "q up weight": "MLA: query up projection, per head qk_head_dim rows then qk_pos_emb_head_dim rope rows in "
-                   "Megatron's interleaved rope order [heads x (qk_head_dim + qk_pos_emb_head_dim), q_lora_rank]",
-    "q weight": "MLA without q_lora_rank: the query projection, rows as q up weight's [..., hidden]",
-    "kv down weight": "MLA: key/value latent projection, kv_lora_rank rows then the shared rope key's "
-                      "qk_pos_emb_head_dim rows (interleaved rope order) [kv_lora_rank + qk_pos_emb_head_dim, hidden]",
-    "kv latent norm weight": "MLA: norm of the key/value latent [kv_lora_rank]",
-    "kv up weight": "MLA: key/value up projection, per head qk_head_dim key rows then v_head_dim value rows "
-                    "[heads x (qk_head_dim + v_head_dim), kv_lora_rank]; MLA's dense weight is [hidden, heads x v_head_dim]",
-}
+# The keys of a "transformer layer N" message and what each holds (message_keys' table, registered keys
+# included); layer_message_shapes says which ones a model's layer has.
+LAYER_KEYS = message_keys.DESCRIPTIONS
 
-
-# Message tensors that stay float32 whatever the model's dtype (Megatron-Core and DeepSeek-V3 keep the
-# routing bias in float32: a bf16 bias would change which experts are chosen).
-FLOAT32_KEYS = ("router expert bias",)
-
-
-def stored_dtype(key, dtype):
-    """The dtype message tensor `key` is written in, for a model of `dtype`."""
-    return torch.float32 if key in FLOAT32_KEYS else dtype
+# Built-in message tensors that stay float32 whatever the model's dtype; stored_dtype knows registered ones too.
+FLOAT32_KEYS = tuple(key.name for key in message_keys.BUILT_IN if key.dtype == torch.float32)
+stored_dtype = message_keys.stored_dtype
 
 
 def layer_message_shapes(args, index=0):
-    """{message key: shape} of the "transformer layer `index`" message (reference §2.4); which keys a
-    layer has is megatron_schema.layer_entries' decision, made in that one place."""
-    from converter_core import megatron_schema
-    hidden, heads = args.hidden_size, args.num_attention_heads
-    groups, head_dim, ffn = megatron_args.query_groups(args), megatron_args.head_dim(args), megatron_args.ffn_size(args)
-    qkv_rows = (heads + 2 * groups) * head_dim
-    every_shape = {
-        "input norm weight": (hidden,), "input norm bias": (hidden,), "post norm weight": (hidden,),
-        "post norm bias": (hidden,), "qkv weight": (qkv_rows, hidden), "qkv bias": (qkv_rows,),
-        "q norm weight": (head_dim,), "k norm weight": (head_dim,), "q norm bias": (head_dim,), "k norm bias": (head_dim,),
-        "dense weight": (hidden, heads * head_dim), "dense bias": (hidden,),
-        "mlp l0 weight W": (ffn, hidden), "mlp l0 weight V": (ffn, hidden), "mlp l0 weight": (ffn, hidden),
-        "mlp l0 bias W": (ffn,), "mlp l0 bias V": (ffn,), "mlp l0 bias": (ffn,),
-        "mlp l1 weight": (hidden, ffn), "mlp l1 bias": (hidden,)}
-    if getattr(args, "multi_latent_attention", False):
-        q_rows = heads * (args.qk_head_dim + args.qk_pos_emb_head_dim)
-        every_shape.update({
-            "q down weight": (args.q_lora_rank, hidden), "q latent norm weight": (args.q_lora_rank,),
-            "q up weight": (q_rows, args.q_lora_rank), "q weight": (q_rows, hidden),
-            "kv down weight": (args.kv_lora_rank + args.qk_pos_emb_head_dim, hidden),
-            "kv latent norm weight": (args.kv_lora_rank,),
-            "kv up weight": (heads * (args.qk_head_dim + args.v_head_dim), args.kv_lora_rank),
-            "dense weight": (hidden, heads * args.v_head_dim)})
-    if megatron_args.moe_layers(args)[index]:
-        experts, expert_ffn = args.num_experts, megatron_args.expert_ffn_size(args)
-        shared = getattr(args, "moe_shared_expert_intermediate_size", None)
-        every_shape.update({
-            "router weight": (experts, hidden), "router expert bias": (experts,), "mlp l0 weight W": (experts, expert_ffn, hidden),
-            "mlp l0 weight V": (experts, expert_ffn, hidden), "mlp l1 weight": (experts, hidden, expert_ffn),
-            "shared mlp l0 weight W": (shared, hidden), "shared mlp l0 weight V": (shared, hidden),
-            "shared mlp l1 weight": (hidden, shared)})
-    return {key: every_shape[key] for entry in megatron_schema.layer_entries(args, index) for key in entry.keys}
+    """{message key: full shape} of the "transformer layer `index`" message of a model of `args`: exactly
+    the keys that layer has, in the order they are written."""
+    return {key.name: key.size(args) for key in message_keys.layer_keys(args, index)}
