@@ -38,6 +38,8 @@ def _run():
     try:
         from converter_core.cli import main
     except Exception as error:
+        if _stopped_by is not None:  # a stop inside a library's import can surface as another error
+            raise Interrupted(_stopped_by) from None
         if os.environ.get("CONVERTER_CORE_DEBUG"):
             raise
         hint = memory_hint() if isinstance(error, MemoryError) or address_space_limit() else ""
@@ -57,7 +59,12 @@ def _run():
     return 0
 
 
+_stopped_by = None
+
+
 def _stop(signum, frame):
+    global _stopped_by
+    _stopped_by = signum
     raise Interrupted(signum)
 
 

@@ -115,7 +115,7 @@ def load(queue, args, families):
             yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
-    protocol.send_model(queue, md, messages())
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
 
 
 def check_layers(weights, count, config_path, family):
@@ -143,7 +143,7 @@ def save(queue, args, families, folds=()):
     """Write the stream as an HF folder of one of `families` (hf_family.family_for_stream chooses). A
     stream carrying a feature the written family lacks (muP scalars, say) is folded by that feature:
     one of `folds`, or of the features of `families`."""
-    receiver = protocol.Receiver(queue, args.checking, rows=True)
+    receiver = protocol.Receiver(queue, args.checking, rows=True, stall_timeout=protocol.stall_timeout(args))
     md = receiver.metadata()
     where = f"saver ({args.save_dir})"
     protocol.check_supported(md, where, to_hf=True)

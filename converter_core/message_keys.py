@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from converter_core import layout, megatron_args
-from converter_core.errors import ConversionError, require
+from converter_core.errors import require
 
 # Parameter names to give: Megatron-Core's local spec, its TransformerEngine spec, legacy Megatron-LM.
 LOCAL = "local"
@@ -214,7 +214,7 @@ BUILT_IN = (
     LayerKey("router weight", ("experts", "hidden"), REPLICATED, "mlp.router.weight", MOE, "the router"),
     LayerKey("router expert bias", ("experts",), REPLICATED, "mlp.router.expert_bias",
              MOE & flag("moe_router_enable_expert_bias"),
-             "the routing score bias; float32 whatever the model's dtype (Megatron-Core and DeepSeek-V3 keep it so: "
+             "the routing score bias; float32 whatever the model's dtype (Megatron-Core and the Hugging Face routers keep it so: "
              "a bf16 bias would change which experts are chosen)", dtype=torch.float32),
     LayerKey("mlp l0 weight W", ("experts", "expert ffn", "hidden"), SWIGLU, _EXPERTS_FC1, MOE,
              "every expert's SwiGLU gate projection, stacked", grouped="mlp.experts.linear_fc1.weight{}"),

@@ -18,11 +18,13 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
                                       rope_settings, shared_experts, stored_config)
 from converter_core.megatron_args import complete as complete_args, make_args
+from converter_core.message_keys import (COLUMN, REPLICATED, ROW, SWIGLU, Condition, LayerKey, register_dimension,
+                                         register_layer_key)
 from converter_core.megatron_schema import FORMATS
 from converter_core.output import StagedFolder, write_atomically
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
-                                     send_model)
+                                     send_model, stall_timeout)
 
 __all__ = [
     # families as data
@@ -36,9 +38,12 @@ __all__ = [
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
+    # message keys a plugin adds
+    "LayerKey", "Condition", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key", "register_dimension",
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
     "make_metadata", "make_args", "complete_args", "send", "send_model", "Receiver", "exit_on_failure", "report",
+    "stall_timeout",
     # safe readers and staged writers
     "HFWeights", "read_json", "load_torch_file", "PlannedSafetensors", "StagedFolder", "write_atomically",
     # errors

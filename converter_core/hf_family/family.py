@@ -5,6 +5,8 @@ import dataclasses
 import json
 import re
 
+import torch
+
 from converter_core import megatron_args, protocol
 from converter_core.errors import ConversionError, require
 from converter_core.hf_family.features import LLAMA_BIAS_SWITCHES, Activation, Norm
@@ -180,9 +182,9 @@ def expected_shapes(args, vocab_rows, family):
 
 
 def float32_names(args, family):
-    """HF names of the tensors kept in float32 whatever the model's dtype (protocol.FLOAT32_KEYS)."""
+    """HF names of the tensors kept in float32 whatever the model's dtype (protocol.stored_dtype)."""
     return {family.layer_prefix(i) + name for i in range(args.num_layers) for row in family.active(args, i)
-            if set(row.keys) <= set(protocol.FLOAT32_KEYS) for name in row.hf_names}
+            if all(protocol.stored_dtype(key, None) is torch.float32 for key in row.keys) for name in row.hf_names}
 
 
 def layer_to_message(tensors, index, args, family):
