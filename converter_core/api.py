@@ -7,9 +7,10 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import hf_family, megatron_args, megatron_schema, options as option_parsing, orchestrator, plugins
+from converter_core import hf_family, options as option_parsing, orchestrator, plugins
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
+from converter_core.megatron import args as megatron_args, schema as megatron_schema
 
 
 @dataclasses.dataclass

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, hf_family, layout, megatron_args, protocol, vocab, workers
+from converter_core import flags, hf_family, layout, protocol, vocab, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf
+from converter_core.megatron import args as megatron_args
 from converter_core.output import StagedFolder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")

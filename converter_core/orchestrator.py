@@ -6,6 +6,7 @@ SIGHUP) or its death stops both children, which remove their staged output. Noth
 import ctypes
 import errno
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -112,8 +113,12 @@ def _die_with_parent(parent_pid):
 PR_SET_PDEATHSIG = 1
 
 
-def _run_side(role, function, queue, args, reports, events, saver_finished, parent_pid, gate):
+def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_finished, parent_pid, gate):
     """Body of a child process: run the plugin, report a one-line failure, exit non-zero.
+
+    Both plugin modules (`plugin_modules`: the loader's and the saver's names) are imported, in the
+    parent's order, before this side's `entry` runs: a message key either registers at import time is then
+    known to both sides under spawn too, as under fork, where the children inherit the parent's imports.
 
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
     shared-memory handles that the sending process must still own when the saver opens them."""
@@ -135,7 +140,8 @@ def _run_side(role, function, queue, args, reports, events, saver_finished, pare
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it started us
         try:
-            function(queue, args)
+            modules = [importlib.import_module(name) for name in plugin_modules]
+            getattr(modules[0 if role == "loader" else 1], entry)(queue, args)
         except SystemExit as error:
             if error.code not in (None, 0):
                 raise
@@ -289,9 +295,10 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
     parent = os.getpid()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a child takes none before its handlers are set
     try:
-        for role, plugin in (("saver", saver.save_checkpoint), ("loader", loader.load_checkpoint)):
+        for role, entry in (("saver", "save_checkpoint"), ("loader", "load_checkpoint")):
             processes[role] = context.Process(target=_run_side, name=role, args=(
-                role, plugin, queue, args, reports, events, saver_finished, parent, gate))
+                role, (loader.__name__, saver.__name__), entry, queue, args, reports, events, saver_finished, parent,
+                gate))
             try:
                 processes[role].start()
             except (OSError, RuntimeError, MemoryError) as error:

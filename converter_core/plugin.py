@@ -8,7 +8,7 @@ and NOTES. An HF family is data (Family + a table of Tensor rows); load_hf / sav
 
 import torch
 
-from converter_core import hf_stream, megatron_schema, megatron_stream
+from converter_core import hf_stream
 from converter_core.errors import ConversionError, require
 from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
 from converter_core.formats.torch_file import load as load_torch_file
@@ -17,10 +17,11 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Activation, Experts, Family, Feature, Fold, Kind,
                                       Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
                                       rope_settings, shared_experts, stored_config)
-from converter_core.megatron_args import complete as complete_args, make_args
-from converter_core.message_keys import (COLUMN, REPLICATED, ROW, SWIGLU, Condition, LayerKey, register_dimension,
-                                         register_layer_key)
-from converter_core.megatron_schema import FORMATS
+from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
+from converter_core.megatron.args import complete as complete_args, make_args
+from converter_core.megatron.keys import (COLUMN, REPLICATED, ROW, SWIGLU, Condition, LayerKey, register_dimension,
+                                          register_layer_key)
+from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
 from converter_core.output import StagedFolder, write_atomically
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
@@ -87,18 +88,18 @@ def save_hf(queue, args, families, folds=()):
 
 
 def add_megatron_loader_arguments(parser, title, default_impl="transformer_engine"):
-    megatron_stream.add_loader_arguments(parser, title, default_impl)
+    load_flags.add_loader_arguments(parser, title, default_impl)
 
 
 def load_megatron(queue, args):
     """Reads any Megatron-Core (per-rank torch or torch_dist) or legacy GPT checkpoint."""
     _one_op_thread()
     with exit_on_failure(queue):
-        megatron_stream.load(queue, args)
+        megatron_load.load(queue, args)
 
 
 def add_megatron_saver_arguments(parser, title, default_impl="transformer_engine"):
-    megatron_stream.add_saver_arguments(parser, title, default_impl)
+    megatron_save.add_saver_arguments(parser, title, default_impl)
 
 
 def save_megatron(queue, args, fmt):
@@ -109,6 +110,6 @@ def save_megatron(queue, args, fmt):
     if fmt == "legacy":
         require(args.saver_transformer_impl == "local",
                 "the legacy saver writes local (non-TransformerEngine) names only; drop --saver-transformer-impl")
-        megatron_stream.save(queue, args, megatron_schema.LegacySchema())
+        megatron_save.save(queue, args, LegacySchema())
     else:
-        megatron_stream.save(queue, args, megatron_schema.CoreSchema(args.saver_transformer_impl), fmt)
+        megatron_save.save(queue, args, CoreSchema(args.saver_transformer_impl), fmt)

@@ -10,9 +10,10 @@ import types
 
 import torch
 
-from converter_core import layout, megatron_args, message_keys
+from converter_core import layout
 from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
+from converter_core.megatron import args as megatron_args, keys as message_keys
 
 EMBEDDINGS = "embeddings"
 FINAL_NORM = "final norm"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from converter_core import layout, plugin, protocol
-from converter_core.megatron_args import make_args
+from converter_core.megatron.args import make_args
 
 
 def model_args(**fields):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter_core import api, megatron_args, megatron_schema, message_keys, orchestrator, protocol
+from converter_core import api, orchestrator, protocol
 from converter_core.errors import ConversionError
+from converter_core.megatron import args as megatron_args, keys as message_keys, schema as megatron_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,13 +65,13 @@ def test_key_reference_is_generated_from_the_table():
 
 # A plugin package's module registering the key; its loader and saver plugins import it.
 ATTENTION_SINKS = '''
-from converter_core import message_keys
+from converter_core import plugin
 
-SINK = message_keys.LayerKey(
-    "attention sink", ("heads",), message_keys.COLUMN, "self_attention.core_attention.softmax_offset",
-    message_keys.Condition("learnable softmax", lambda args, index: getattr(args, "softmax_type", None) == "learnable"),
+SINK = plugin.LayerKey(
+    "attention sink", ("heads",), plugin.COLUMN, "self_attention.core_attention.softmax_offset",
+    plugin.Condition("learnable softmax", lambda args, index: getattr(args, "softmax_type", None) == "learnable"),
     "per-head learnable softmax offset")
-message_keys.register_layer_key(SINK)
+plugin.register_layer_key(SINK)
 '''
 
 # Sends a model with attention sinks, random tensors of exactly the shapes its args imply.
@@ -151,7 +152,7 @@ def sink_plugins(tmp_path, monkeypatch):
         (folder / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setattr(message_keys, "_registered", {})
-    monkeypatch.setattr(orchestrator, "START_METHOD", "fork")  # the rule under which a key reaches both sides
+    monkeypatch.setattr(orchestrator, "START_METHOD", "fork")  # whatever the session's; a test may say spawn
     descriptions = dict(message_keys.DESCRIPTIONS)
     yield folder
     message_keys.DESCRIPTIONS.clear()
@@ -160,8 +161,13 @@ def sink_plugins(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-@pytest.mark.parametrize("fmt,impl", [("torch", "local"), ("torch", "transformer_engine"), ("torch_dist", "local")])
-def test_a_registered_key_is_written_split_over_tp_and_read_back_bit_exact(tmp_path, sink_plugins, fmt, impl):
+@pytest.mark.parametrize("fmt,impl,start_method", [("torch", "local", "fork"), ("torch", "transformer_engine", "fork"),
+                                                   ("torch_dist", "local", "fork"), ("torch", "local", "spawn")])
+def test_a_registered_key_is_written_split_over_tp_and_read_back_bit_exact(tmp_path, sink_plugins, monkeypatch, fmt,
+                                                                            impl, start_method):
+    """Only the sinks loader and the capture saver register the key, yet the built-in mcore saver (first
+    conversion) and loader (second) know it, under spawn too: each side imports both plugin modules."""
+    monkeypatch.setattr(orchestrator, "START_METHOD", start_method)
     megatron, back = tmp_path / "mcore", tmp_path / "back"
     api.convert("sinks", "mcore", sink_plugins, megatron, target_tensor_parallel_size=2, ckpt_format=fmt,
                 saver_transformer_impl=impl)

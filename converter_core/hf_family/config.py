@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from converter_core import megatron_args
 from converter_core.errors import require
 from converter_core.formats.untrusted import is_count
 from converter_core.hf_family.family import stored_config
 from converter_core.hf_family.mla import mla_args
 from converter_core.hf_family.rope import config_value, rope_args, set_config_value, set_rope
+from converter_core.megatron import args as megatron_args
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}

@@ -7,10 +7,11 @@ import re
 
 import torch
 
-from converter_core import megatron_args, protocol
+from converter_core import protocol
 from converter_core.errors import ConversionError, require
 from converter_core.hf_family.features import LLAMA_BIAS_SWITCHES, Activation, Norm
 from converter_core.hf_family.table import LLAMA_LAYER
+from converter_core.megatron import args as megatron_args
 
 
 @dataclasses.dataclass(frozen=True)

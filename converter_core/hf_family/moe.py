@@ -3,10 +3,10 @@ Megatron-Core's MoE args and router settings."""
 
 import dataclasses
 
-from converter_core import megatron_args
 from converter_core.errors import require
 from converter_core.formats.untrusted import is_count
 from converter_core.hf_family.features import Feature
+from converter_core.megatron import args as megatron_args
 
 
 @dataclasses.dataclass(frozen=True)

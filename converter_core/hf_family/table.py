@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from converter_core import layout, megatron_args
+from converter_core import layout
+from converter_core.megatron import args as megatron_args
 
 # `when` values that depend on the layer, not the model: rows of MoE layers and of dense (MLP) layers.
 MOE_LAYER, DENSE_LAYER = "moe layer", "dense layer"

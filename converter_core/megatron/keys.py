@@ -4,18 +4,19 @@ dtype, the parameter that holds it in Megatron-Core (local and TransformerEngine
 Megatron-LM, and which layers have it. The protocol's shapes and checks, the Megatron schema and
 docs/message-keys.md all derive from it.
 
-A plugin adds keys with register_layer_key, at import time of a module that every process using the
-key imports: its loader and saver plugin modules (or a module both import). Our orchestrator imports
-both plugin modules in its own process before it forks the loader and saver, so under fork (the default
-on Linux) a key either plugin registers is known to both sides, built-in ones included.
+A plugin adds keys with register_layer_key, at import time of its loader or saver plugin module (or of
+a module they import). The orchestrator imports both plugin modules in each side's process before that
+side runs, so a key either registers is known to both sides, built-in plugins included, under fork or
+spawn.
 """
 
 import dataclasses
 
 import torch
 
-from converter_core import layout, megatron_args
+from converter_core import layout
 from converter_core.errors import require
+from converter_core.megatron import args as megatron_args
 
 # Parameter names to give: Megatron-Core's local spec, its TransformerEngine spec, legacy Megatron-LM.
 LOCAL = "local"

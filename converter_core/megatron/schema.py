@@ -8,8 +8,9 @@ import re
 
 import torch
 
-from converter_core import layout, megatron_args, message_keys
+from converter_core import layout
 from converter_core.errors import require
+from converter_core.megatron import args as megatron_args, keys as message_keys
 
 FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Megatron-Core distributed, legacy GPT
 # Model settings (Megatron args) a format cannot hold, and why; savers refuse them, supported() reports them.
@@ -209,3 +210,8 @@ def place(model, path, value):
     for key in path[:-1]:
         model = model.setdefault(key, {})
     model[path[-1]] = value
+
+
+def final_norm_keys(args):
+    """The final norm's parameters: a LayerNorm's weight and bias, an RMSNorm's weight."""
+    return ["weight", "bias"] if args.normalization == "LayerNorm" else ["weight"]

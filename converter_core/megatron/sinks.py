@@ -1,0 +1,237 @@
+"""Where the Megatron saver's tensors go: one sink per output format, each behind the Sink interface,
+so the saver splits and names tensors once for every format."""
+
+import abc
+import re
+from pathlib import Path
+
+import torch
+
+from converter_core import layout, output, workers
+from converter_core.errors import require
+from converter_core.formats import rank_files, torch_dist, torch_file
+from converter_core.megatron import args as megatron_args, schema as megatron_schema
+from converter_core.output import StagedFolder
+
+CHECKPOINT_VERSION = 3.0
+
+
+def _staged_iteration(save_dir, iteration):
+    final = Path(save_dir) / rank_files.iteration_dir_name(iteration)
+    require(not final.exists(), f"{final}: already exists; choose another --save-dir")
+    return StagedFolder(final)
+
+
+class Sink(abc.ABC):
+    """What the saver calls on a sink, in this order: built as
+    `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count)` (`args`: the output's Megatron
+    args), then the put_* methods as the stream's tensors arrive, then finish(args) once, or abandon() on
+    any failure. `stage` is a pipeline rank, `path` a tuple of dict keys in `schema`'s names, `kind` a
+    layout TP rule; tensors are full (unsplit): splitting them for TP / EP is the sink's job."""
+
+    # One file per rank: a tied output layer then needs its own copy on the last stage, and expert
+    # numbers are local to an EP rank.
+    per_rank = True
+
+    @abc.abstractmethod
+    def put(self, stage, path, tensor, kind):
+        """One tensor outside the layers (the final norm), split by `kind`."""
+
+    @abc.abstractmethod
+    def put_vocab(self, stage, path, table, rows):
+        """A vocabulary table, padded or trimmed to `rows` (its last row repeated) as it is written."""
+
+    @abc.abstractmethod
+    def put_value(self, stage, path, value):
+        """A non-parameter entry outside the layers (output_layer._extra_state), the same on each rank of
+        `stage`."""
+
+    @abc.abstractmethod
+    def put_layer(self, index, stage, local, name, value, kind, experts=False):
+        """Parameter `name` of layer `index` (`local` within its stage); `value` is a (W, V) tuple for
+        SwiGLU, and with `experts` holds every expert stacked on a leading axis."""
+
+    @abc.abstractmethod
+    def put_layer_value(self, index, stage, local, name, value):
+        """A layer's non-parameter entry (`..._extra_state`)."""
+
+    @abc.abstractmethod
+    def finish(self, args):
+        """Write what is left, commit the staged output and write the tracker last."""
+
+    @abc.abstractmethod
+    def abandon(self):
+        """Stop the writers and remove the staged output."""
+
+
+class RankFilesSink(Sink):
+    """Per-rank torch files (mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt), each streamed as tensors arrive.
+    Everything but the experts is the same in every EP rank's file; EP rank e holds experts
+    e * local .. (e + 1) * local - 1, numbered from 0 in it."""
+
+    per_rank = True
+
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
+        self.save_dir, self.schema = Path(save_dir), schema
+        self.workers = workers.Workers(workers_count)
+        self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
+        self.staged = _staged_iteration(save_dir, iteration)
+        self.files, self.models = {}, {}
+        for t in range(tp):
+            for p in range(pp):
+                for e in range(ep):
+                    folder = self.staged.path / rank_files.rank_dir_name(t, p, pp, e, ep)
+                    folder.mkdir()
+                    self.files[t, p, e] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
+                    self.models[t, p, e] = {}
+
+    def put(self, stage, path, tensor, kind, ep_ranks=None):
+        for t, shard in enumerate(layout.shard_parts(tensor, kind, self.tp)):  # assembled by the writer
+            for e in range(self.ep) if ep_ranks is None else ep_ranks:
+                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
+
+    def put_vocab(self, stage, path, table, rows):
+        """A vocabulary table resized to `rows` and split over TP, one slice per rank as it is written:
+        the resized table itself is never built (layout.vocab_shard_parts)."""
+        for t, shard in enumerate(layout.vocab_shard_parts(table, rows, self.tp)):
+            for e in range(self.ep):
+                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
+
+    def put_value(self, stage, path, value):
+        for t in range(self.tp):
+            for e in range(self.ep):
+                stored = self._write((t, stage, e), value) if torch.is_tensor(value) else value
+                megatron_schema.place(self.models[t, stage, e], path, stored)
+
+    def _write(self, rank, tensor):
+        """Write a tensor into rank file `rank` (a job for any worker: its place in the file is fixed); return
+        its stand-in."""
+        file = self.files[rank]
+        return file.tensor(tensor, lambda key, job: self.workers.submit((rank, key), lambda: _writing(file.path, job)))
+
+    def put_layer(self, index, stage, local, name, value, kind, experts=False):
+        if not experts:
+            return self.put(stage, self.schema.layer(local, name), value, kind)
+        stacked = value if isinstance(value, tuple) else (value,)
+        per_rank = stacked[0].shape[0] // self.ep
+        for expert in range(stacked[0].shape[0]):
+            e, j = divmod(expert, per_rank)
+            one = tuple(part[expert] for part in stacked)
+            self.put(stage, self.schema.layer(local, name.format(j)), one if isinstance(value, tuple) else one[0],
+                     kind, ep_ranks=[e])
+
+    def put_layer_value(self, index, stage, local, name, value):
+        self.put_value(stage, self.schema.layer(local, name), value)
+
+    def finish(self, args):
+        self.workers.finish()
+        for rank, file in self.files.items():
+            with output.writing(file.path):
+                file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                            "model": self.models[rank], "num_floating_point_operations_so_far": 0})
+        self.staged.commit()
+        rank_files.write_tracker(self.save_dir, self.iteration)
+
+    def abandon(self):
+        try:
+            self.workers.abandon()
+        finally:
+            for file in self.files.values():
+                file.abandon()
+            self.staged.abandon()
+
+
+def _writing(path, job):
+    """Run a write job, failures named after `path` (output.writing)."""
+    with output.writing(path):
+        job()
+
+
+class TorchDistSink(Sink):
+    """A torch_dist iteration folder: full (unsplit) tensors, written as they arrive; Megatron reshards it
+    to any TP/PP/EP when loading. As megatron-core's sharded_state_dict lays it out: layers stacked on a
+    leading axis, one chunk per layer (per-layer keys `decoder.layers.N.*` instead when MoE and dense
+    layers mix), experts stacked on the next axis under `mlp.experts.experts.*`."""
+
+    per_rank = False
+
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
+        self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
+        self.workers = workers.Workers(workers_count)
+        kinds = megatron_args.moe_layers(args)
+        self.per_layer_keys = any(kinds) and not all(kinds)
+        self.experts = args.num_experts or 0
+        # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
+        self.local_renames = schema.impl == megatron_schema.LOCAL and not args.multi_latent_attention
+        self.staged = _staged_iteration(save_dir, iteration)
+        self.writer = torch_dist.DistWriter(self.staged.path)
+
+    def _submit(self, job):
+        """A job writing a chunk laid out in the data file: its place is fixed, so any worker may run it."""
+        self.workers.submit(object(), lambda: _writing(self.writer.path, job))
+
+    def put(self, stage, path, tensor, kind, shape=None):
+        """One whole tensor as one chunk; `tensor` may be a tuple of parts (rows concatenated, of `shape`)."""
+        key, shape = ".".join(path), shape or tuple(tensor.shape)
+        self.writer.declare(key, (tensor[0] if isinstance(tensor, tuple) else tensor).dtype, shape)
+        self._submit(self.writer.write_chunk(key, tensor, (0,) * len(shape)))
+
+    def put_vocab(self, stage, path, table, rows):
+        """One padded chunk, written from the table and its repeated last row (never a padded copy)."""
+        self.put(stage, path, layout.vocab_shard_parts(table, rows, 1)[0], layout.COLUMN, (rows, *table.shape[1:]))
+
+    def put_value(self, stage, path, value):
+        pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
+
+    def _key(self, index, name):
+        """(key, leading shape, leading offset) of layer `index`'s parameter `name`."""
+        key = megatron_schema.dist_layer_key(name, self.local_renames)
+        if self.per_layer_keys:
+            return key.replace("decoder.layers.", f"decoder.layers.{index}.", 1), (), ()
+        return key, (self.num_layers,), (index,)
+
+    def put_layer(self, index, stage, local, name, value, kind, experts=False):
+        # SwiGLU's [W; V] and Rows are written from their blocks, not built
+        halves = tuple(block for half in (value if kind == layout.SWIGLU else (value,)) for block in layout.blocks(half))
+        axis, first = int(experts), halves[0]
+        shape = (*first.shape[:axis], sum(half.shape[axis] for half in halves), *first.shape[axis + 1:])
+        key, lead, offset = self._key(index, name)
+        if self.per_layer_keys or index == 0:
+            self.writer.declare(key, first.dtype, (*lead, *shape))
+        chunks = [((e,), tuple(half[e] for half in halves)) for e in range(shape[0])] if experts else [((), halves)]
+        for expert, parts in chunks:
+            self._submit(self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim()))
+
+    def put_layer_value(self, index, stage, local, name, value):
+        module = name.removesuffix("._extra_state")
+        expert = re.search(r"local_experts\.([0-9]+)\.", module)
+        if expert:
+            module = module.replace(expert.group(0), "experts.")
+        elif module not in megatron_schema.DIST_EXTRA_STATE_MODULES:
+            return
+        key, lead, offset = self._key(index, module + "._extra_state")
+        if expert:
+            lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
+        shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
+        name = f"{key}/{shard}"  # one string object for both entries: the pickled metadata shares it
+        self._submit(self.writer.write_object(name, [value]))
+
+    def finish(self, args):
+        self.workers.finish()
+        with output.writing(self.staged.path):
+            self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                                "num_floating_point_operations_so_far": 0,
+                                "content_metadata": {"singleton_local_shards": False,
+                                                     "chained_optim_avoid_prefix": True}})
+        self.staged.commit()
+        rank_files.write_tracker(self.save_dir, self.iteration)
+
+    def abandon(self):
+        try:
+            self.workers.abandon()
+        finally:
+            self.writer.abandon()
+            self.staged.abandon()
+
+
+SINKS = {"torch": RankFilesSink, "torch_dist": TorchDistSink}  # by --ckpt-format
