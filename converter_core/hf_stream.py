@@ -86,8 +86,7 @@ def load(queue, args, families):
         raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
     hf_family.check_table(family, margs, str(config_path))
     shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
-    ignored = {family.output_layer}
-    unknown = [n for n in weights.names() if n not in shapes and n not in ignored and not n.endswith("rotary_emb.inv_freq")]
+    unknown = [n for n in weights.names() if n not in shapes and n != family.output_layer and not family.ignores(n)]
     if unknown:
         raise ConversionError(f"{folder}: the weights hold tensors that config.json and the {family.model_type} "
                               f"family's table do not describe, e.g. {unknown[0]}")

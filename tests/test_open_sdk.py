@@ -8,7 +8,10 @@ import ast
 import torch
 import transformers
 
-from helpers import BASE, assert_bit_identical, convert, error_line, hf_logits, randomize, read_config, tokens_for
+from safetensors.torch import load_file, save_file
+
+from helpers import (BASE, assert_bit_identical, convert, error_line, hf_logits, make_hf_model, randomize, read_config,
+                     tokens_for)
 from mcore_harness import mcore_logits
 from test_cli_and_plugins import plugin_env
 
@@ -168,3 +171,35 @@ def test_a_plugin_speaking_the_protocol_itself_with_the_first_sdk_names_still_wo
     assert sorted(sent) == sorted(back) and len(sent) == 2 + 2 * 7
     for name, tensor in sent.items():  # the vocabulary comes back padded for TP 2, as Megatron keeps it
         assert torch.equal(back[name][:len(tensor)], tensor), name
+
+
+IGNORING_FAMILY = '''
+from converter_core import plugin
+FAMILIES = plugin.by_model_type(plugin.Family("llama", ("LlamaForCausalLM",), ignored=("*.attn.cache",)))
+'''
+IGNORING_LOADER = '''
+from family_ignoring import FAMILIES
+from converter_core import plugin
+
+def add_arguments(parser):
+    plugin.add_hf_loader_arguments(parser, "Llama loader that skips a cache")
+
+def load_checkpoint(queue, args):
+    plugin.load_hf(queue, args, FAMILIES)
+'''
+
+
+def test_a_stored_tensor_is_skipped_only_when_the_family_ignores_it(tmp_path):
+    source = tmp_path / "hf"
+    make_hf_model(source, num_hidden_layers=2)
+    weights = load_file(source / "model.safetensors")
+    save_file(dict(weights, **{"model.layers.1.attn.cache": torch.zeros(4)}), source / "model.safetensors",
+              metadata={"format": "pt"})
+    env = plugin_env(tmp_path, family_ignoring=IGNORING_FAMILY, loader_ignoring=IGNORING_LOADER)
+    refused = convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "a",
+                      ok=False, env=env)
+    assert "do not describe, e.g. model.layers.1.attn.cache" in error_line(refused) and not (tmp_path / "a").exists()
+    convert("--loader", "ignoring", "--saver", "mcore", "--load-dir", source, "--save-dir", tmp_path / "b", env=env)
+    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "b", "--save-dir", tmp_path / "back")
+    assert read_config(tmp_path / "back")["num_hidden_layers"] == 2
+    assert sorted(load_file(tmp_path / "back" / "model.safetensors")) == sorted(weights)

@@ -2,6 +2,7 @@
 stream is; and the layer tensors mapped both ways by the table's kinds."""
 
 import dataclasses
+import fnmatch
 import json
 import re
 
@@ -23,7 +24,9 @@ class Family:
     pairs are interleaved as Megatron-Core's MLA expects (else the rows are reordered), or naming the
     config key that says so; `args`: Megatron args every model of the family has (add_qkv_bias,
     qk_layernorm); `config`: config.json fields written when absent; `fields`: {config key: Megatron arg}
-    carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means.
+    carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means;
+    `ignored`: patterns (fnmatch) of HF tensors the loader skips, such as a stored rope cache; `notes`:
+    lines for the supported-models report.
     The top-level tensor names and the layer prefix default to Llama's."""
     model_type: str
     architectures: tuple
@@ -39,6 +42,7 @@ class Family:
     activation: Activation = Activation()
     features: tuple = LLAMA_BIAS_SWITCHES
     notes: tuple = ()
+    ignored: tuple = ("*rotary_emb.inv_freq",)
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     output_layer: str = "lm_head.weight"
@@ -69,6 +73,10 @@ class Family:
     def final_norm_names(self):
         """{message key: HF name} of the final norm."""
         return {"weight": self.final_norm, **({"bias": self.final_norm_bias} if self.norm.bias else {})}
+
+    def ignores(self, name):
+        """Whether the loader skips HF tensor `name` (it carries nothing Megatron has)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignored)
 
     def layer_prefix(self, index):
         return self.layers.format(index)
