@@ -88,6 +88,7 @@ def save_hf(queue, args, families, folds=()):
 
 
 def add_megatron_loader_arguments(parser, title, default_impl="transformer_engine"):
+    """convert.py's Megatron loader flags (--true-vocab-size, --position-embedding-type, --loader-transformer-impl, ...)."""
     load_flags.add_loader_arguments(parser, title, default_impl)
 
 
@@ -99,6 +100,7 @@ def load_megatron(queue, args):
 
 
 def add_megatron_saver_arguments(parser, title, default_impl="transformer_engine"):
+    """convert.py's Megatron saver flags (--target-tensor-parallel-size, --target-pipeline-parallel-size, --saver-transformer-impl, ...)."""
     megatron_save.add_saver_arguments(parser, title, default_impl)
 
 

@@ -15,11 +15,11 @@ from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
 from converter_core.megatron import args as megatron_args, keys as message_keys
 
-EMBEDDINGS = "embeddings"
-FINAL_NORM = "final norm"
-OUTPUT_LAYER = "output layer"
-DONE = "done"
-EXIT = "exit"
+EMBEDDINGS = "embeddings"  # the first message: {"word embeddings": [vocab, hidden]}
+FINAL_NORM = "final norm"  # after the layers: {"weight"} (and "bias" for LayerNorm)
+OUTPUT_LAYER = "output layer"  # last, untied models only: {"weight": [vocab, hidden]}
+DONE = "done"  # the string ending a complete stream
+EXIT = "exit"  # the string a failing loader puts instead, so the saver stops
 EXIT_PUT_SECONDS = 10
 LOADER_EXITED = "loader exited, exiting saver"  # what a saver says when it stops on the loader's "exit"
 
@@ -32,6 +32,7 @@ def stall_timeout(args):
 
 
 def layer_name(index):
+    """The name of layer `index`'s message, as Megatron's loaders send it."""
     return f"transformer layer {index}"
 
 

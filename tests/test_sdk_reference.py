@@ -12,11 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "sdk-reference.md"
 
 # Exported names without a docstring (functions, classes) or a comment at their definition (constants).
-KNOWN_MISSING = {
-    "COPY", "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "add_megatron_loader_arguments",
-    "add_megatron_saver_arguments", "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "layer_name",
-    "read_json",
-}
+KNOWN_MISSING = set()
 
 
 def load_script():

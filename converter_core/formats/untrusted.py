@@ -49,6 +49,7 @@ def read_bytes(path, limit):
 
 
 def read_json(path, limit=MAX_JSON_BYTES):
+    """A JSON file read with a size limit; anything unreadable or malformed is one ConversionError naming it."""
     try:
         return json.loads(read_bytes(path, limit))
     except RecursionError:

@@ -110,7 +110,7 @@ class MlaRope(Kind):
         return {row.hf: self._reordered(layout.tensor_of(message.pop(row.key)), args, family, to_megatron=False)}
 
 
-COPY = Copy()
+COPY = Copy()                    # each HF tensor is one message tensor
 QKV = Qkv()                      # HF q, k, v -> Megatron's grouped qkv (weights or biases)
 FUSED_QKV = Qkv(fused=True)      # one HF [q; k; v] tensor -> Megatron's grouped qkv
 FUSED_GATE_UP = FusedGateUp()    # one HF [gate; up] tensor -> "mlp l0 weight W" / "V"
@@ -157,17 +157,19 @@ class Tensor:
         return bool(getattr(args, when, False))
 
 
+# Llama's attention rows: norm, q/k/v into the grouped qkv, output projection, the MLP's norm.
 LLAMA_ATTENTION = (
     Tensor("input_layernorm.weight", "input norm weight"),
     Tensor(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv weight", QKV),
     Tensor("self_attn.o_proj.weight", "dense weight"),
     Tensor("post_attention_layernorm.weight", "post norm weight"),
 )
+# Llama's SwiGLU MLP rows: gate and up into the two halves, down.
 LLAMA_MLP = (
     Tensor(("mlp.gate_proj.weight", "mlp.up_proj.weight"), ("mlp l0 weight W", "mlp l0 weight V")),
     Tensor("mlp.down_proj.weight", "mlp l1 weight"),
 )
-LLAMA_LAYER = LLAMA_ATTENTION + LLAMA_MLP
+LLAMA_LAYER = LLAMA_ATTENTION + LLAMA_MLP  # a whole Llama layer
 # Biases on q, k and v only; Megatron's add_qkv_bias.
 QKV_BIAS = (Tensor(("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv bias", QKV,
                    when="add_qkv_bias"),)
