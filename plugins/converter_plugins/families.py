@@ -54,6 +54,14 @@ DEEPSEEK_V3 = plugin.Family(
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
            "grouped routing only where num_experts_per_tok = 2 x topk_group; the FP8 release (weight_scale_inv "
            "tensors) and its MTP layer (num_nextn_predict_layers) are refused"))
+# Kimi-K2: DeepSeek-V3's architecture and tensor names under its own model_type, with its own remote code.
+KIMI_K2 = dataclasses.replace(
+    DEEPSEEK_V3, model_type="kimi_k2", config={**DEEPSEEK_V3.config, "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}},
+    notes=("DeepSeek-V3's mapping (multi-latent attention, sigmoid routing with score bias, groups and shared "
+           "experts); model_type, auto_map and rope_scaling kept as released",))
 # MiniCPM 1/2/4: Llama weights plus muP scalars; tied unless the config says otherwise (the remote default).
 # MiniCPM-MoE (same model_type and code, with num_experts): every layer's MLP a softmax top-k renormalised
 # mixture of experts named w1 (gate), w3 (up), w2 (down), as vLLM's loader reads them.
@@ -83,11 +91,12 @@ MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_in
 # What no family converts yet; said in each family's section of the supported-models report.
 NOT_YET = ("refuses FP8 (float8) weights and multi-token-prediction layers (Megatron's mtp_num_layers) until they "
            "are supported")
-LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM, MINICPM3 = (
+LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3 = (
     dataclasses.replace(family, notes=family.notes + (NOT_YET,))
-    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM, MINICPM3))
+    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3))
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
-ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, MINICPM, MINICPM3)
+ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM,
+                                    MINICPM3)
