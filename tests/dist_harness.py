@@ -7,7 +7,7 @@ Like `mcore_harness` (whose functions this module reuses) but for the distribute
 * `dist_logits` loads a torch_dist checkpoint into a fresh GPTModel at any TP (Megatron reshards
   on load), strictly, and returns its logits.
 
-It must never import converter_core. Megatron only runs in spawned children, one per TP rank.
+It must never import converter_core. Megatron only runs in rank processes (mcore_harness._run_ranks), one per TP rank.
 """
 
 import argparse
@@ -50,7 +50,7 @@ def save_dist_checkpoint(
     overrides = {"ckpt_format": "torch_dist", "use_dist_ckpt": True}
     overrides.update(args_overrides)
     args = megatron_args(tp=tp, iteration=iteration, **overrides)
-    save_dir = os.fspath(save_dir)
+    save_dir = os.path.abspath(save_dir)  # the rank processes do not share our working directory
     iter_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
     if os.path.exists(iter_dir):
         raise FileExistsError(f"{iter_dir} exists; old shards would mix with new ones")
@@ -69,7 +69,7 @@ def dist_logits(iter_dir, tokens, tp=1, timeout=DEFAULT_TIMEOUT):
     (strict: a tensor missing from, or unexpected in, the checkpoint raises), then with
     `load_state_dict(strict=True)`, as Megatron-LM's `load_checkpoint` does.
     """
-    iter_dir = os.fspath(iter_dir)
+    iter_dir = os.path.abspath(iter_dir)  # the rank processes do not share our working directory
     if not os.path.isdir(iter_dir):
         raise FileNotFoundError(iter_dir)
     return _run_ranks(_load_worker, tp, (iter_dir, _tokens(tokens)), timeout)
@@ -104,7 +104,7 @@ def _tokens(tokens):
 
 
 # --------------------------------------------------------------------------------------------
-# Child side: runs in spawned processes, where megatron may be imported
+# Child side: runs in rank processes, where megatron may be imported
 # --------------------------------------------------------------------------------------------
 
 

@@ -232,7 +232,7 @@ def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
     `te_names=True` reads files written with TransformerEngine names. MiniCPM multipliers found in
     the args are applied (`apply_minicpm_multipliers`).
     """
-    iter_dir = os.fspath(iter_dir)
+    iter_dir = os.path.abspath(iter_dir)  # the rank processes do not share our working directory
     tp, pp = checkpoint_layout(iter_dir)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
@@ -355,7 +355,7 @@ def save_mcore_checkpoint(
     """
     args = megatron_args(tp=tp, iteration=iteration, te_names=te_names, **args_overrides)
     model_choices(args)
-    save_dir = os.fspath(save_dir)
+    save_dir = os.path.abspath(save_dir)  # the rank processes do not share our working directory
     iter_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
     if os.path.exists(iter_dir):
         raise FileExistsError(f"{iter_dir} exists; stale rank files would mix with new ones")
@@ -380,11 +380,12 @@ def _run_ranks(worker, nprocs, worker_args, timeout):
     """
     with tempfile.TemporaryDirectory(prefix="mcore_harness_") as tmp:
         out_path = os.path.join(tmp, "rank0_logits.pt")
-        context = mp.spawn(
+        context = mp.start_processes(
             worker,
             args=(nprocs, _free_port(), out_path) + tuple(worker_args),
             nprocs=nprocs,
             join=False,
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout
         try:
@@ -402,6 +403,17 @@ def _run_ranks(worker, nprocs, worker_args, timeout):
         return torch.load(out_path, weights_only=True)
 
 
+# Importing megatron-core takes seconds, and each check starts fresh rank processes. They are forked
+# from one server process that imported it once (the first check starts it), so a check starts at once
+# yet shares no state with the checks before it. Modules that fail to import are skipped by the server.
+mp.set_forkserver_preload([
+    "megatron.core.parallel_state", "megatron.core.tensor_parallel", "megatron.core.models.gpt",
+    "megatron.core.models.gpt.gpt_layer_specs", "megatron.core.transformer.multi_latent_attention",
+    "megatron.core.transformer.moe.moe_utils", "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch",
+])
+
+
 def _free_port():
     """A TCP port that was free a moment ago, for the gloo rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -410,7 +422,7 @@ def _free_port():
 
 
 # --------------------------------------------------------------------------------------------
-# Child side: everything below runs in a spawned process, where megatron may be imported
+# Child side: everything below runs in a rank process (forked from the server), where megatron may be imported
 # --------------------------------------------------------------------------------------------
 
 
