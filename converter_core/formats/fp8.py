@@ -1,12 +1,12 @@
 """FP8 block-scaled Hugging Face weights, read as the floating-point weights they encode.
 
-The layout of DeepSeek-V3's release (and of those that copy it): config.json has a
-`quantization_config` {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [bo, bi]}; each
-quantized 2-D weight is stored as float8_e4m3fn next to a float32 `<name>_scale_inv` with one
-multiplier per block of bo rows and bi columns (the last blocks may be partial), shape
-[ceil(rows / bo), ceil(cols / bi)]. Other tensors (embeddings, norms, routers, biases) are stored
-as they are. Dequantizing is what DeepSeek's inference/kernel.py weight_dequant does: each value
-times its block's scale, in float32; the loader rounds that product once, to its output dtype.
+The layout block-scaled FP8 releases share: config.json has a `quantization_config`
+{"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [bo, bi]}; each quantized 2-D weight is
+stored as float8_e4m3fn next to a float32 `<name>_scale_inv` with one multiplier per block of bo rows
+and bi columns (the last blocks may be partial), shape [ceil(rows / bo), ceil(cols / bi)]. Other
+tensors (embeddings, norms, routers, biases) are stored as they are. Dequantizing is what the
+releases' own reference kernel (weight_dequant in their inference code) does: each value times its
+block's scale, in float32; the loader rounds that product once, to its output dtype.
 """
 
 import math
