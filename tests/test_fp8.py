@@ -23,8 +23,8 @@ from test_mla import VOCAB, make_model, to_hf, to_mcore
 # 16 experts in 4 groups, top 2 groups, 4 experts a token; no MTP layer.
 MOE = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, num_nextn_predict_layers=0)
 EXPERTS, TP = 16, 2
-# Blocks that leave partial blocks at the edges (rows 24, 32, 64, 128, 160; columns 16, 32, 64, 160), and
-# differ in rows and columns, so a scale read transposed is caught.
+# Blocks with partial edge blocks (DeepSeek's [24, 16]: rows of 32, 64, 128, 160; Kimi's [16, 24]: rows of
+# 24, columns of 16, 32, 64, 160), not square, so a scale read transposed is caught.
 BLOCKS = {"deepseek_v3": [24, 16], "kimi_k2": [16, 24]}
 # What a release quantizes: the projections; not embeddings, lm_head, norms, the router or its bias.
 QUANTIZED = re.compile(r"_proj(_with_mqa)?\.weight$")
