@@ -9,7 +9,7 @@ import torch
 
 from converter_core import flags, hf_family, layout, protocol, vocab, workers
 from converter_core.errors import ConversionError, require
-from converter_core.formats import hf
+from converter_core.formats import fp8, hf
 from converter_core.megatron import args as megatron_args
 from converter_core.output import StagedFolder
 
@@ -64,7 +64,7 @@ def load(queue, args, families):
     config_path = folder / hf.CONFIG
     config = hf.read_json(config_path)
     require(isinstance(config, dict), f"{config_path}: expected a JSON object")
-    weights = hf.HFWeights(folder)
+    weights = fp8.dequantizing(hf.HFWeights(folder), config, str(config_path))  # FP8 sources read as floats
     family = hf_family.family_of(config, str(config_path), families)
     require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(family.embedding)
@@ -164,6 +164,7 @@ def save(queue, args, families, folds=()):
     rows = vocab.true_vocab_size(args, md, margs)
     dtype = md.params_dtype
     config = hf_family.config_from_args(margs, rows, family)
+    config.pop(fp8.CONFIG_KEY, None)  # an FP8 source's (or reference's): the weights written are not quantized
     shapes = hf_family.expected_shapes(margs, rows, family)
     float32 = hf_family.float32_names(margs, family)
     hidden = margs.hidden_size

@@ -71,15 +71,18 @@ class HFWeights:
     def names(self):
         return list(self.file_of)
 
-    def dtype(self, name):
-        """The stored dtype of `name`, without reading its data; refused unless a floating-point weight."""
+    def stored_dtype(self, name):
+        """The dtype `name` is stored in, whatever it is (float8 included), without reading its data."""
         handle = self._holding(name)
         if isinstance(handle, _BinFile):
-            dtype = handle.get_tensor(name).dtype
-        else:
-            stored = handle.get_slice(name).get_dtype()
-            require(stored in _DTYPES_BY_NAME, f"{self.file_of[name]}: {name} has dtype {stored}, which is not supported")
-            dtype = _DTYPES_BY_NAME[stored]
+            return handle.get_tensor(name).dtype
+        stored = handle.get_slice(name).get_dtype()
+        require(stored in _DTYPES_BY_NAME, f"{self.file_of[name]}: {name} has dtype {stored}, which is not supported")
+        return _DTYPES_BY_NAME[stored]
+
+    def dtype(self, name):
+        """The stored dtype of `name`, without reading its data; refused unless a floating-point weight."""
+        dtype = self.stored_dtype(name)
         check_weight_dtype(dtype, name, self.file_of[name])
         return dtype
 
@@ -91,14 +94,19 @@ class HFWeights:
         return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name):
+        """Tensor `name`, a floating-point weight (a view of the mapped file for safetensors)."""
         self.dtype(name)
-        path = self.file_of[name]
+        return self.stored(name)
+
+    def stored(self, name):
+        """Tensor `name` as stored, whatever its dtype: for a format that decodes it (formats/fp8.py)."""
+        handle = self._holding(name)
         try:
-            return self._holding(name).get_tensor(name)
+            return handle.get_tensor(name)
         except ConversionError:
             raise
         except Exception as error:
-            raise ConversionError(f"{path}: cannot read {name} ({first_line(error)})") from None
+            raise ConversionError(f"{self.file_of[name]}: cannot read {name} ({first_line(error)})") from None
 
 
 class _BinFile:
@@ -119,7 +127,7 @@ class _BinFile:
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                torch.uint8: "U8", torch.bool: "BOOL"}
+                torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
