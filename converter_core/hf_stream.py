@@ -122,6 +122,8 @@ def check_layers(weights, count, config_path, family):
     """num_hidden_layers names exactly the layers the weights hold (before anything is sized from it)."""
     present = {index for index in map(family.layer_index, weights.names()) if index is not None}
     held = f"layers {min(present)}..{max(present)} ({len(present)} of them)" if present else "no layers"
+    if len(present) > count and present >= set(range(count)):  # the decoder and more layers
+        held += "; releases keep multi-token-prediction layers past num_hidden_layers, which are not converted yet"
     require(len(present) == count and present == set(range(count)),
             f"{config_path}: num_hidden_layers is {count}, but the weights hold {held}")
 

@@ -38,22 +38,38 @@ QWEN3_MOE = plugin.Family(
                            normalize="norm_topk_prob", dense_layers="mlp_only_layers", sparse_step="decoder_sparse_step"),
     notes=("mlp_only_layers and decoder_sparse_step become Megatron's moe_layer_freq pattern",))
 # DeepSeek-V3: multi-latent attention; the first layers dense, then MoE with sigmoid scores, a score
-# correction bias (float32), group-limited routing, routed scaling and shared experts.
+# correction bias (float32), group-limited routing, routed scaling and shared experts. That MLP side
+# (DEEPSEEK_MLP, DEEPSEEK_EXPERTS) is GLM-4.5's too.
+DEEPSEEK_MLP = plugin.on_dense_layers(plugin.LLAMA_MLP) + plugin.experts(
+    "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
+    "mlp.experts.{}.down_proj.weight") + (plugin.Tensor("mlp.gate.e_score_correction_bias", "router expert bias",
+                                                        when=plugin.MOE_LAYER),) + plugin.shared_experts(
+    "mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight")
+DEEPSEEK_EXPERTS = plugin.Experts(
+    count=("n_routed_experts",), ffn="moe_intermediate_size", normalize="norm_topk_prob",
+    first_dense="first_k_dense_replace", score="sigmoid", expert_bias=True, groups=("n_group", "topk_group"),
+    scaling="routed_scaling_factor", shared="n_shared_experts")
 DEEPSEEK_V3 = plugin.Family(
     "deepseek_v3", ("DeepseekV3ForCausalLM",), mla=True, rope_interleaved="rope_interleave",
-    layer=plugin.MLA_ATTENTION + plugin.on_dense_layers(plugin.LLAMA_MLP) + plugin.experts(
-        "mlp.gate.weight", "mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight",
-        "mlp.experts.{}.down_proj.weight") + (plugin.Tensor("mlp.gate.e_score_correction_bias", "router expert bias",
-                                                            when=plugin.MOE_LAYER),)
-    + plugin.shared_experts("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
-                            "mlp.shared_experts.down_proj.weight"),
-    experts=plugin.Experts(count=("n_routed_experts",), ffn="moe_intermediate_size", normalize="norm_topk_prob",
-                           first_dense="first_k_dense_replace", score="sigmoid", expert_bias=True,
-                           groups=("n_group", "topk_group"), scaling="routed_scaling_factor", shared="n_shared_experts"),
+    layer=plugin.MLA_ATTENTION + DEEPSEEK_MLP, experts=DEEPSEEK_EXPERTS,
     config={"attention_bias": False},
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
            "grouped routing only where num_experts_per_tok = 2 x topk_group; the FP8 release (weight_scale_inv "
            "tensors) and its MTP layer (num_nextn_predict_layers) are refused"))
+# GLM-4.5 / 4.6 / 4.7 and GLM-4.5-Air: Llama's attention with q/k/v biases (attention_bias), optional per-head
+# q/k norms (use_qk_norm), rotate-half rope on part of each head (partial_rotary_factor) and head_dim set apart;
+# DeepSeek-V3's MLP side: the first layers dense, then sigmoid routing with a score-correction bias, groups,
+# routed scaling and shared experts. Releases add one MTP layer, stored as layer num_hidden_layers.
+GLM4_MOE = plugin.Family(
+    "glm4_moe", ("Glm4MoeForCausalLM",), features=(), experts=DEEPSEEK_EXPERTS,
+    layer=plugin.LLAMA_ATTENTION + plugin.QKV_BIAS + plugin.QK_NORM + DEEPSEEK_MLP,
+    fields={"partial_rotary_factor": "rotary_percent", "attention_bias": "add_qkv_bias", "use_qk_norm": "qk_layernorm"},
+    config={"num_nextn_predict_layers": 0},
+    notes=("q/k/v biases (attention_bias -> add_qkv_bias), per-head q/k norms when use_qk_norm (qk_layernorm), "
+           "partial rotary (partial_rotary_factor -> rotary_percent); first_k_dense_replace dense layers, then sigmoid "
+           "routing with score bias, groups, routed scaling and shared experts",
+           "grouped routing only where num_experts_per_tok = 2 x topk_group (GLM releases use one group); the "
+           "releases' MTP layer (num_nextn_predict_layers, stored as layer num_hidden_layers) is refused"))
 # Kimi-K2: DeepSeek-V3's architecture and tensor names under its own model_type, with its own remote code.
 KIMI_K2 = dataclasses.replace(
     DEEPSEEK_V3, model_type="kimi_k2", config={**DEEPSEEK_V3.config, "auto_map": {
@@ -91,12 +107,12 @@ MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_in
 # What no family converts yet; said in each family's section of the supported-models report.
 NOT_YET = ("refuses FP8 (float8) weights and multi-token-prediction layers (Megatron's mtp_num_layers) until they "
            "are supported")
-LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3 = (
+LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3 = (
     dataclasses.replace(family, notes=family.notes + (NOT_YET,))
-    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3))
+    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3))
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
-ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM,
-                                    MINICPM3)
+ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE,
+                                    MINICPM, MINICPM3)
