@@ -41,8 +41,8 @@ import torch.multiprocessing as mp
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 # The args Namespace Megatron-LM's own parse_args returns today (see its README).
-MEGATRON_LM_ARGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared",
-                                     "fixtures", "megatron-lm-args", "pretrain_gpt_args.pt")
+MEGATRON_LM_ARGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "megatron-lm-args",
+                                     "pretrain_gpt_args.pt")
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 DEFAULT_TIMEOUT = 300.0

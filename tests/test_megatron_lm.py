@@ -15,10 +15,10 @@ import transformers
 from megatron.core.transformer.enums import AttnBackend
 
 from dist_harness import read_common, save_dist_checkpoint
-from helpers import SHARED, convert, hf_logits, read_config, tokens_for
+from helpers import FIXTURES, convert, hf_logits, read_config, tokens_for
 from mcore_harness import _read_rank_file, mcore_logits, megatron_lm_args, save_mcore_checkpoint
 
-FIXTURE = SHARED / "fixtures" / "megatron-lm-args"
+FIXTURE = FIXTURES / "megatron-lm-args"
 
 VOCAB = 96
 MODEL = dict(num_layers=4, num_query_groups=2)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from helpers import SHARED, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder, tokens_for
+from helpers import FIXTURES, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder, tokens_for
 from mcore_harness import mcore_logits
 from minicpm_reference import REMOTE_CODE_FILES, make_minicpm_folder, minicpm_config, minicpm_logits
 
-FIXTURE = SHARED / "fixtures" / "minicpm4-0.5b"
+FIXTURE = FIXTURES / "minicpm4-0.5b"
 TOKENIZER_FILES = ["added_tokens.json", "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
 
 

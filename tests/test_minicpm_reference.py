@@ -4,16 +4,16 @@ checkpoint, and every muP scalar and the LongRoPE choice must visibly matter."""
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 import mcore_harness as harness
+from helpers import FIXTURES
 import minicpm_reference as ref
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minicpm4-0.5b" / "config.json"
+FIXTURE = FIXTURES / "minicpm4-0.5b" / "config.json"
 TOKENS = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(3))
 ROPES = {
     "plain": None,
