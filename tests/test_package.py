@@ -9,8 +9,10 @@ import configparser
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -49,6 +51,10 @@ def installed(dist, tmp_path_factory):
     venv.create(root / "venv", system_site_packages=True)  # with_pip=False: the system's pip installs into it
     python = root / "venv" / "bin" / "python"
     env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "PYTHONHOME")}
+    if sys.prefix != sys.base_prefix:  # the tests run in a venv: the "system" torch and transformers are in it
+        own = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env).stdout.strip()
+        lines = [f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages()]
+        Path(own, "tests_runner_site.pth").write_text("".join(lines))  # after the venv's own site-packages
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", dist[0]], env=env, cwd=root)
     (root / "work").mkdir()
     return python, root / "work", env
@@ -84,7 +90,6 @@ def test_the_wheel_holds_every_module_and_entry_point(dist):
 
 def test_the_sdist_carries_the_tests_and_their_fixtures(dist):
     """The sdist the wheel was built from also holds what a user needs to run the tests from it."""
-    import tarfile
     with tarfile.open(dist[1]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     fixtures = {str(path.relative_to(REPO)) for path in (REPO / "tests" / "fixtures").rglob("*") if path.is_file()}
