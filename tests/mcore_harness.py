@@ -224,20 +224,22 @@ def padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp):
 # --------------------------------------------------------------------------------------------
 
 
-def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
+def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT, mtp=False):
     """Float32 logits [batch, seq, padded_vocab] of the checkpoint in `iter_dir`, by megatron-core.
 
     Every rank file is loaded strictly: a missing or unexpected key (including `_extra_state`
     entries, which megatron-core's own load hook would otherwise fill in) raises.
     `te_names=True` reads files written with TransformerEngine names. MiniCPM multipliers found in
-    the args are applied (`apply_minicpm_multipliers`).
+    the args are applied (`apply_minicpm_multipliers`). With `mtp=True` (a model with mtp_num_layers)
+    it returns (logits, mtp_logits), the latter [depths, batch, seq, padded_vocab]: what megatron-core's
+    multi-token-prediction layers predict (the token after next, for depth 1).
     """
     iter_dir = os.fspath(iter_dir)
     tp, pp = checkpoint_layout(iter_dir)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-    return _run_ranks(_logits_worker, tp, (iter_dir, pp, tokens, te_names), timeout)
+    return _run_ranks(_logits_worker, tp, (iter_dir, pp, tokens, te_names, mtp), timeout)
 
 
 def megatron_args(*, tp=1, iteration=1, te_names=False, base=None, **overrides):
@@ -414,7 +416,7 @@ def _free_port():
 # --------------------------------------------------------------------------------------------
 
 
-def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
+def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names, mtp=False):
     """One TP rank: build every PP stage locally, load its file strictly, chain the stages."""
     with _megatron_cpu(rank, tp, port):
         stages, total_layers = [], 0
@@ -435,9 +437,12 @@ def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
                 f"{iter_dir}: stages hold {total_layers} layers, args.num_layers is "
                 f"{first_args.num_layers}"
             )
-        logits = _forward(stages, tokens)
+        mtp_logits = []
+        logits = _forward(stages, tokens, mtp_logits)
+        if mtp and not mtp_logits:
+            raise ValueError(f"{iter_dir}: the model has no multi-token-prediction layers (mtp_num_layers)")
         if rank == 0:
-            torch.save(logits, out_path)
+            torch.save((logits, torch.stack(mtp_logits)) if mtp else logits, out_path)
 
 
 def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, tokens, init_std):
@@ -569,6 +574,8 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router without TransformerEngine
     mla = getattr(args, "multi_latent_attention", False)
     config_class, mla_fields = TransformerConfig, {}
+    mtp_layers = getattr(args, "mtp_num_layers", None)
+    mtp_fields = {"mtp_num_layers": mtp_layers} if mtp_layers else {}
     if mla:
         from megatron.core.transformer import multi_latent_attention
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -603,6 +610,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         **moe,
         **mla_fields,
         **minicpm_config_overrides(args),
+        **mtp_fields,
     )
     if experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
@@ -612,6 +620,11 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     if mla:  # the local core attention rejects MLA's different q/k and v head dims
         for layer in getattr(spec, "layer_specs", None) or [spec]:
             layer.submodules.self_attention.submodules.core_attention = _CausalSdpa
+    mtp_spec = None
+    if mtp_layers and post_process:  # megatron-core puts every MTP layer on the last pipeline stage
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -626,6 +639,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         rotary_base=args.rotary_base,
         rope_scaling=getattr(args, "use_rope_scaling", False),
         rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+        mtp_block_spec=mtp_spec,
     )
     apply_minicpm_multipliers(model, args)
     return model.eval()
@@ -867,17 +881,33 @@ def _randomize(model, seed, tp_rank, std=INIT_STD):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
-def _forward(stages, tokens):
-    """Run the PP stages in order (no pipeline communication) and return float32 logits."""
+def _forward(stages, tokens, mtp_logits=None):
+    """Run the PP stages in order (no pipeline communication) and return float32 logits.
+
+    A stage with multi-token-prediction layers computes their logits only inside its loss (megatron-core
+    0.16.1 needs labels then), so it is given the tokens as labels, and both calls of its output layer
+    are caught: each MTP depth's logits, then the main ones. With `mtp_logits` (a list) the MTP logits
+    [batch, seq, vocab] are appended to it, depth by depth."""
     batch, seq = tokens.shape
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.triu(torch.ones(seq, seq), 1).bool()[None, None]
     output = None
     with torch.no_grad():
         for model in stages:
+            mtp = getattr(model, "mtp_process", False)
+            calls = []
+            if mtp:
+                # a copy: the loss computed from the logits then changes them in place
+                hook = model.output_layer.register_forward_hook(lambda module, inputs, out: calls.append(out[0].clone()))
+            labels = {"labels": tokens} if mtp else {}
             if model.pre_process:
-                output = model(tokens, position_ids, mask)
+                output = model(tokens, position_ids, mask, **labels)
             else:
                 model.set_input_tensor(output)  # hidden states [seq, batch, hidden]
-                output = model(None, position_ids, mask)
+                output = model(tokens if mtp else None, position_ids, mask, **labels)
+            if mtp:
+                hook.remove()
+                *depths, output = [logits.transpose(0, 1) for logits in calls]  # [batch, seq, vocab]
+                if mtp_logits is not None:
+                    mtp_logits.extend(depth.float().contiguous() for depth in depths)
     return output.float().contiguous()

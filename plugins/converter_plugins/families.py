@@ -50,7 +50,7 @@ DEEPSEEK_V3 = plugin.Family(
     experts=plugin.Experts(count=("n_routed_experts",), ffn="moe_intermediate_size", normalize="norm_topk_prob",
                            first_dense="first_k_dense_replace", score="sigmoid", expert_bias=True,
                            groups=("n_group", "topk_group"), scaling="routed_scaling_factor", shared="n_shared_experts"),
-    config={"attention_bias": False},
+    config={"attention_bias": False}, mtp=plugin.Mtp(),
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
            "grouped routing only where num_experts_per_tok = 2 x topk_group; the FP8 release (weight_scale_inv "
            "tensors) and its MTP layer (num_nextn_predict_layers) are refused"))
