@@ -53,7 +53,7 @@ DEEPSEEK_V3 = plugin.Family(
     config={"attention_bias": False}, mtp=plugin.Mtp(),
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
            "grouped routing only where num_experts_per_tok = 2 x topk_group; the FP8 release (weight_scale_inv "
-           "tensors) and its MTP layer (num_nextn_predict_layers) are refused"))
+           "tensors) is refused"))
 # Kimi-K2: DeepSeek-V3's architecture and tensor names under its own model_type, with its own remote code.
 KIMI_K2 = dataclasses.replace(
     DEEPSEEK_V3, model_type="kimi_k2", config={**DEEPSEEK_V3.config, "auto_map": {
@@ -91,8 +91,10 @@ MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_in
 # What no family converts yet; said in each family's section of the supported-models report.
 NOT_YET = ("refuses FP8 (float8) weights and multi-token-prediction layers (Megatron's mtp_num_layers) until they "
            "are supported")
+WITH_MTP = ("multi-token-prediction layers (num_nextn_predict_layers, Megatron's mtp_num_layers) convert both ways; "
+            "refuses FP8 (float8) weights until they are supported")
 LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3 = (
-    dataclasses.replace(family, notes=family.notes + (NOT_YET,))
+    dataclasses.replace(family, notes=family.notes + (WITH_MTP if family.mtp else NOT_YET,))
     for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, MINICPM, MINICPM3))
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
