@@ -90,6 +90,17 @@ def test_tp2_logits_mtp_logits_and_bit_exact_back(source, tmp_path):
     assert read_config(tmp_path / "back") == read_config(folder)
 
 
+def test_ep2_logits_in_megatron_core(source, tmp_path):
+    """EP 2: each EP rank's file holds half the experts of every MoE layer, the MTP layer's included;
+    megatron-core run at EP 2 loads them strictly and gives both logits."""
+    folder, model, layer = source
+    to_mcore(folder, tmp_path / "ep", "--target-expert-parallel-size", 2, "--saver-transformer-impl", "local")
+    tokens = tokens_for(VOCAB)
+    logits, mtp_logits = mcore_logits(tmp_path / "ep" / "iter_0000001", tokens, mtp=True, ep=2)
+    torch.testing.assert_close(logits[..., :VOCAB], hf_logits(model, tokens), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mtp_logits[0][..., :VOCAB], mtp_reference_logits(model, layer, tokens), atol=1e-4, rtol=0)
+
+
 def test_pipeline_and_expert_parallel_round_trip(source, tmp_path):
     """PP 2 x EP 2: the MTP layer (its experts split over EP) and a copy of the embeddings on the last
     stage only, as megatron-core keeps them; back to HF bit-exact."""
