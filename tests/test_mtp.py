@@ -15,7 +15,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNo
 
 from dist_harness import dist_logits
 from helpers import BASE, assert_bit_identical, convert, error_line, hf_logits, randomize, read_config, tokens_for
-from mcore_harness import mcore_logits
+from mcore_harness import mcore_logits, save_mcore_checkpoint
 from test_mla import make_model, to_hf, to_mcore
 
 VOCAB = BASE["vocab_size"]
@@ -102,11 +102,10 @@ def test_ep2_logits_in_megatron_core(source, tmp_path):
 
 
 def test_pipeline_and_expert_parallel_round_trip(source, tmp_path):
-    """PP 2 x EP 2: the MTP layer (its experts split over EP) and a copy of the embeddings on the last
-    stage only, as megatron-core keeps them; back to HF bit-exact."""
+    """PP 2 x EP 2 with TransformerEngine names: the MTP layer (its experts split over EP) and a copy of the
+    embeddings on the last stage only, as megatron-core keeps them; back to HF bit-exact."""
     folder = source[0]
-    to_mcore(folder, tmp_path / "ranks", "--target-pipeline-parallel-size", 2, "--target-expert-parallel-size", 2,
-             "--saver-transformer-impl", "local")
+    to_mcore(folder, tmp_path / "ranks", "--target-pipeline-parallel-size", 2, "--target-expert-parallel-size", 2)
     iteration = tmp_path / "ranks" / "iter_0000001"
     first = torch.load(iteration / "mp_rank_00_000_001" / "model_optim_rng.pt", weights_only=False)["model"]
     last = torch.load(iteration / "mp_rank_00_001_001" / "model_optim_rng.pt", weights_only=False)["model"]
@@ -115,6 +114,7 @@ def test_pipeline_and_expert_parallel_round_trip(source, tmp_path):
     experts = {key for key in last if key.startswith("mtp.layers.0.transformer_layer.mlp.experts.")}
     assert "mtp.layers.0.transformer_layer.mlp.experts.local_experts.3.linear_fc1.weight" in experts
     assert not any(".local_experts.4." in key for key in experts)  # 8 experts, 4 per EP rank
+    assert last["mtp.layers.0.eh_proj._extra_state"].dtype == torch.uint8  # a TransformerEngine linear's
     to_hf(tmp_path / "ranks", tmp_path / "back")
     assert_bit_identical(folder, tmp_path / "back")
 
@@ -177,3 +177,15 @@ def test_weights_without_the_counted_layer_convert_without_it(source, tmp_path):
     assert_bit_identical(stripped, tmp_path / "back")
     assert read_config(tmp_path / "back") == read_config(folder)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "back").num_nextn_predict_layers == 1
+
+
+def test_a_checkpoint_megatron_core_made_to_torch_dist(tmp_path):
+    """megatron-core's own model with an MTP layer (dense, Llama-shaped, no HF origin) read from its rank
+    files and written as torch_dist: megatron-core loads that strictly (the MTP transformer layer's norms
+    under the local spec's torch_dist names) and gives the model's own logits."""
+    tokens = tokens_for(VOCAB)
+    iter_dir, expected = save_mcore_checkpoint(tmp_path / "mcore", tokens=tokens, mtp_num_layers=1)
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tmp_path / "mcore", "--save-dir", tmp_path / "dist",
+            "--ckpt-format", "torch_dist", "--saver-transformer-impl", "local")
+    logits = dist_logits(tmp_path / "dist" / "iter_0000001", tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
