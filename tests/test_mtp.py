@@ -143,6 +143,19 @@ def test_refusals_are_one_line_and_write_nothing(source, tmp_path):
     process = convert("--loader", "hf", "--saver", "plain", "--load-dir", folder, "--save-dir", tmp_path / "plain-out",
                       ok=False, env=env)
     assert "does not declare that it reads them" in error_line(process)
+    # a loader that does not send the MTP layers its args count (as Megatron's own) is refused by our savers
+    (tmp_path / "plain" / "loader_plain.py").write_text(
+        "import torch\nfrom converter_core import plugin\n\n\ndef add_arguments(parser):\n    pass\n\n\n"
+        "def load_checkpoint(queue, args):\n"
+        "    margs = plugin.make_args(num_layers=1, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,\n"
+        "                             num_query_groups=2, kv_channels=4, max_position_embeddings=16, norm_epsilon=1e-6,\n"
+        "                             rotary_base=10000, vocab_size=8, params_dtype=torch.float32, mtp_num_layers=1)\n"
+        "    md = plugin.make_metadata(margs, true_vocab_size=8)\n"
+        "    del md.mtp_num_layers\n"
+        "    queue.put(md)\n")
+    process = convert("--loader", "plain", "--saver", "mcore", "--load-dir", folder, "--save-dir", tmp_path / "from-plain",
+                      ok=False, env=env)
+    assert "the model args say mtp_num_layers=1, the loader's metadata announces 0" in error_line(process)
     changed = tmp_path / "changed"
     changed.mkdir()
     for path in folder.iterdir():
@@ -156,7 +169,7 @@ def test_refusals_are_one_line_and_write_nothing(source, tmp_path):
     (changed / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=2)))
     assert "num_hidden_layers is 2 plus 2 multi-token-prediction layer(s), but the weights hold layers 0..2" in \
         error_line(to_mcore(changed, tmp_path / "o2", ok=False))
-    for out in ("legacy", "plain-out", "o1", "o2"):
+    for out in ("legacy", "plain-out", "from-plain", "o1", "o2"):
         assert not (tmp_path / out).exists()
 
 
@@ -189,3 +202,28 @@ def test_a_checkpoint_megatron_core_made_to_torch_dist(tmp_path):
             "--ckpt-format", "torch_dist", "--saver-transformer-impl", "local")
     logits = dist_logits(tmp_path / "dist" / "iter_0000001", tokens)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_megatron_core_made_converts_to_hf_with_its_mtp_layer(tmp_path):
+    """megatron-core's own MLA MoE model with an MTP layer (no HF origin): written as DeepSeek-V3 with
+    num_nextn_predict_layers 1, its MTP layer as layer num_hidden_layers (the copies of the embeddings and
+    output layer beside it), transformers giving megatron-core's logits."""
+    tokens = tokens_for(VOCAB)
+    iter_dir, expected = save_mcore_checkpoint(
+        tmp_path / "mcore", tokens=tokens, num_layers=2, num_attention_heads=4, norm_epsilon=1e-6,
+        multi_latent_attention=True, qk_layernorm=True, q_lora_rank=32, kv_lora_rank=16, qk_head_dim=16,
+        qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="rope", num_experts=8, moe_router_topk=4,
+        moe_ffn_hidden_size=32, moe_layer_freq=[0, 1], moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_router_num_groups=4, moe_router_group_topk=2,
+        moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, moe_router_dtype="fp32",
+        mtp_num_layers=1)
+    to_hf(tmp_path / "mcore", tmp_path / "hf")
+    config = read_config(tmp_path / "hf")
+    assert (config["model_type"], config["num_nextn_predict_layers"]) == ("deepseek_v3", 1)
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    source = torch.load(f"{iter_dir}/mp_rank_00/model_optim_rng.pt", weights_only=False)["model"]
+    assert torch.equal(written["model.layers.2.eh_proj.weight"], source["mtp.layers.0.eh_proj.weight"])
+    assert torch.equal(written["model.layers.2.shared_head.head.weight"], written["lm_head.weight"])
+    assert torch.equal(written["model.layers.2.embed_tokens.weight"], written["model.embed_tokens.weight"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(model, tokens), expected[..., :VOCAB], atol=1e-4, rtol=0)
