@@ -44,7 +44,7 @@ class Mtp(Feature):
 
     def to_config(self, config, args, family):
         layers = megatron_args.mtp_layers(args)
-        if layers or self.count not in config:  # a stored count whose layers the source lacked stays as it was
+        if layers:  # else absent (none), or a stored count whose layers the source lacked, kept as it was
             config[self.count] = layers
 
     def copies(self, args, family):
