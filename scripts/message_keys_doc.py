@@ -57,7 +57,9 @@ plugin.register_layer_key(plugin.LayerKey(
     "per-head learnable softmax offset"))
 ```
 
-From then on every layer of a model whose args select it must carry the key: our savers require it
+From then on every layer of a model whose args select it must carry the key (`when` is asked for
+multi-token-prediction layers too, with index `num_layers + i`: such a layer is built like the last
+decoder layer): our savers require it
 (the message's shape check) and write it after the built-in tensors, our loaders read it. `te`,
 `legacy` and `grouped` give other specs' names where they differ; `register_dimension(name, size)`
 adds a dimension sized from the args.
