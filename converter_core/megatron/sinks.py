@@ -49,7 +49,8 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
-        """Parameter `name` of layer `index` (`local` within its stage); `value` is a (W, V) tuple for
+        """Parameter `name` of layer `index` (`local` within its stage; index num_layers + i is
+        multi-token-prediction layer i, on the last stage, `local` None); `value` is a (W, V) tuple for
         SwiGLU, and with `experts` holds every expert stacked on a leading axis."""
 
     @abc.abstractmethod
