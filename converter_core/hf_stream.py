@@ -53,6 +53,7 @@ def add_saver_arguments(parser, title):
     group.add_argument("--max-shard-size", type=flags.byte_size, default="50GB",
                        help="largest safetensors shard before splitting with an index (default 50GB, as transformers 5)")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+    protocol.reads_mtp_layers(parser)  # written by a family with Mtp, refused by the others
 
 
 def load(queue, args, families):
@@ -73,7 +74,8 @@ def load(queue, args, families):
         require(family.output_layer in weights,
                 f"{folder}: config.json says untied embeddings but there is no {family.output_layer}")
     hf_family.check_counts(config, str(config_path))
-    check_layers(weights, config["num_hidden_layers"], config_path, family)  # before anything is sized by it
+    mtp = check_layers(weights, config["num_hidden_layers"], config_path, family,  # before anything is sized by it
+                       hf_family.stored_mtp_layers(config, family, str(config_path)))
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
                   tokenizer_type="HuggingFaceTokenizer",
                   tokenizer_model=os.path.abspath(args.tokenizer_model or folder),  # read from anywhere
@@ -84,6 +86,8 @@ def load(queue, args, families):
         raise ConversionError(f"{config_path}: missing field {missing}") from None
     except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
         raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
+    if not mtp:
+        margs.mtp_num_layers = None  # the weights lack the layers config.json counts (check_layers said so)
     hf_family.check_table(family, margs, str(config_path))
     shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
     unknown = [n for n in weights.names() if n not in shapes and n != family.output_layer and not family.ignores(n)]
@@ -99,33 +103,49 @@ def load(queue, args, families):
                 and torch.equal(weights.get(family.output_layer), weights.get(family.embedding)),
                 f"{weights.file_of[family.output_layer]}: {family.output_layer} differs from {family.embedding}, but "
                 f"{config_path} says tie_word_embeddings; set it to false there to keep both")
+    hf_family.check_mtp_copies(weights, margs, family, str(folder))
+    copies = family.mtp.copies(margs, family) if family.mtp else {}  # equal to the shared tables: not sent
 
     float32 = hf_family.float32_names(margs, family)
 
     def read(name):
         return weights.get(name).to(torch.float32 if name in float32 else dtype)
 
+    def layer(index):
+        tensors = {name: read(name) for name in shapes if family.layer_index(name) == index and name not in copies}
+        return hf_family.layer_to_message(tensors, index, margs, family)
+
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": read(family.embedding)}
         for index in range(margs.num_layers):
-            tensors = {name: read(name) for name in shapes if family.layer_index(name) == index}
-            yield protocol.layer_name(index), hf_family.layer_to_message(tensors, index, margs, family)
+            yield protocol.layer_name(index), layer(index)
         yield protocol.FINAL_NORM, {key: read(name) for key, name in family.final_norm_names().items()}
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
+        for depth in range(mtp):
+            yield protocol.mtp_layer_name(depth), layer(margs.num_layers + depth)
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
+    protocol.check_mtp_reader(args, md, str(config_path))
     protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
 
 
-def check_layers(weights, count, config_path, family):
-    """num_hidden_layers names exactly the layers the weights hold (before anything is sized from it)."""
+def check_layers(weights, count, config_path, family, mtp=0):
+    """num_hidden_layers, and the `mtp` multi-token-prediction layers config.json adds, name exactly the
+    layers the weights hold (before anything is sized from them). Returns the MTP layers held: `mtp`, or 0
+    when the weights hold the decoder layers alone (releases that drop the MTP layer keep its count)."""
     present = {index for index in map(family.layer_index, weights.names()) if index is not None}
+    if mtp and present == set(range(count)):
+        protocol.report("note", message=f"note: {config_path} counts {mtp} multi-token-prediction layer(s), the "
+                                        "weights hold none; converted without them")
+        return 0
     held = f"layers {min(present)}..{max(present)} ({len(present)} of them)" if present else "no layers"
-    if len(present) > count and present >= set(range(count)):  # the decoder and more layers
-        held += "; releases keep multi-token-prediction layers past num_hidden_layers, which are not converted yet"
-    require(len(present) == count and present == set(range(count)),
-            f"{config_path}: num_hidden_layers is {count}, but the weights hold {held}")
+    if not mtp and len(present) > count and present >= set(range(count)):  # the decoder and more layers
+        held += "; multi-token-prediction layers past num_hidden_layers convert only where the family declares them"
+    extra = f" plus {mtp} multi-token-prediction layer(s)" if mtp else ""
+    require(len(present) == count + mtp and present == set(range(count + mtp)),
+            f"{config_path}: num_hidden_layers is {count}{extra}, but the weights hold {held}")
+    return mtp
 
 
 def loader_vocab_size(args, config, folder):
@@ -189,28 +209,44 @@ def save(queue, args, families, folds=()):
                 tensor = (whole.float() * factor if scaled else whole).to(stored(name))
             writer.write(name, tensor, pool.submit)
 
+        copies = family.mtp.copies(margs, family) if family.mtp else {}
+
+        def write_shared(table, tensor, factor):
+            """The model's embeddings or output layer (`table`), then the MTP layers' copies of it."""
+            write(family.embedding if table == "embedding" else family.output_layer, tensor, factor)
+            for name in (name for name, shared in copies.items() if shared == table):
+                write(name, tensor, factor)
+
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, hidden)})
         embeddings = vocab.trim(message.pop("word embeddings"), rows, "word embeddings")
-        write(family.embedding, embeddings, fold.embeddings if fold else 1)
+        write_shared("embedding", embeddings, fold.embeddings if fold else 1)
         if fold and not md.output_layer:
             write(family.output_layer, embeddings, fold.output)
+        if not md.output_layer:  # tied: the MTP layers' heads are the embeddings
+            for name in (name for name, shared in copies.items() if shared == "output"):
+                write(name, embeddings, fold.output if fold else 1)
         receiver.check_consumed(message)
-        for index in range(md.num_layers):
-            message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
+
+        def put_layer(name, index):
+            message = receiver.get(name, protocol.layer_message_shapes(margs, index))
             for key, factor in (fold.layer.items() if fold else ()):
                 message[key] = layout.tensor_of(message[key]).float() * factor
-            for name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
-                write(name, tensor)
+            for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
+                write(hf_name, tensor)
             receiver.check_consumed(message)
+
+        for index in range(md.num_layers):
+            put_layer(protocol.layer_name(index), index)
         message = receiver.get(protocol.FINAL_NORM, {key: (hidden,) for key in final_norm})
         for key, name in final_norm.items():
             write(name, message.pop(key))
         receiver.check_consumed(message)
         if md.output_layer:
             message = receiver.get(protocol.OUTPUT_LAYER, {"weight": (None, hidden)})
-            write(family.output_layer, vocab.trim(message.pop("weight"), rows, "output layer"),
-                  fold.output if fold else 1)
+            write_shared("output", vocab.trim(message.pop("weight"), rows, "output layer"), fold.output if fold else 1)
             receiver.check_consumed(message)
+        for depth in range(megatron_args.mtp_layers(margs)):
+            put_layer(protocol.mtp_layer_name(depth), md.num_layers + depth)
         receiver.done()
         pool.finish()
         writer.finish()

@@ -17,6 +17,7 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Activation, Experts, Family, Feature, Fold, Kind,
                                       Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
                                       rope_settings, shared_experts, stored_config)
+from converter_core.hf_family.mtp import MTP_PARTS, Mtp
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
 from converter_core.megatron.args import complete as complete_args, make_args
 from converter_core.megatron.keys import (COLUMN, REPLICATED, ROW, SWIGLU, Condition, LayerKey, register_dimension,
@@ -26,6 +27,7 @@ from converter_core.output import StagedFolder, write_atomically
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
                                      send_model, stall_timeout)
+from converter_core.protocol import mtp_layer_name, reads_mtp_layers
 
 __all__ = [
     # families as data
@@ -33,6 +35,8 @@ __all__ = [
     "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
     "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts", "Kind",
     "by_model_type",
+    # multi-token prediction
+    "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers",
     # family features
     "Feature", "Norm", "Activation", "Refused", "LLAMA_BIAS_SWITCHES", "Fold", "stored_config", "retargeted",
     "rope_settings",

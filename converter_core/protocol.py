@@ -17,7 +17,12 @@ from converter_core.megatron import args as megatron_args, keys as message_keys
 
 EMBEDDINGS = "embeddings"  # the first message: {"word embeddings": [vocab, hidden]}
 FINAL_NORM = "final norm"  # after the layers: {"weight"} (and "bias" for LayerNorm)
-OUTPUT_LAYER = "output layer"  # last, untied models only: {"weight": [vocab, hidden]}
+OUTPUT_LAYER = "output layer"  # untied models only: {"weight": [vocab, hidden]}
+# Multi-token prediction: md.mtp_num_layers > 0 announces that many "mtp layer i" messages after the output
+# layer (or the final norm when tied), before "done"; loaders send them only to a saver that declared it
+# reads them (reads_mtp_layers), since Megatron's own savers take any message there for a stray one and
+# go on without its weights.
+SAVER_READS_MTP = "saver_reads_mtp"  # the args attribute a saver's declaration sets
 DONE = "done"  # the string ending a complete stream
 EXIT = "exit"  # the string a failing loader puts instead, so the saver stops
 EXIT_PUT_SECONDS = 10
@@ -34,6 +39,30 @@ def stall_timeout(args):
 def layer_name(index):
     """The name of layer `index`'s message, as Megatron's loaders send it."""
     return f"transformer layer {index}"
+
+
+def mtp_layer_name(index):
+    """The name of multi-token-prediction layer `index`'s message (0 for the first depth). It holds the
+    keys of a transformer layer built like the model's last one plus the MTP parts (enorm, hnorm, eh proj,
+    final norm weight): layer_message_shapes(args, args.num_layers + index)."""
+    return f"mtp layer {index}"
+
+
+def reads_mtp_layers(parser):
+    """A saver's declaration, in its add_arguments: it reads the "mtp layer i" messages that follow the
+    output layer when md.mtp_num_layers > 0. Without it our loaders refuse a model with multi-token-
+    prediction layers instead of sending them to a saver that would drop them."""
+    parser.set_defaults(**{SAVER_READS_MTP: True})
+
+
+def check_mtp_reader(args, md, where):
+    """A loader's check before it sends a model with multi-token-prediction layers: the saver declared
+    it reads them (reads_mtp_layers), else one line, nothing sent."""
+    count = getattr(md, "mtp_num_layers", 0) or 0
+    require(not count or getattr(args, SAVER_READS_MTP, False),
+            f"{where}: the model has {count} multi-token-prediction layer(s) (mtp_num_layers), and the saver "
+            f"{getattr(args, 'saver', '')!s} does not declare that it reads them (plugin.reads_mtp_layers); refused "
+            "rather than converted without them")
 
 
 def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iteration=1,
@@ -65,11 +94,14 @@ def make_metadata(args, *, true_vocab_size, previous_tp=1, previous_pp=1, iterat
         consumed_valid_samples=consumed_valid_samples,
         use_legacy_models=bool(getattr(args, "use_legacy_models", False)),
         use_mcore_models=not getattr(args, "use_legacy_models", False),
+        mtp_num_layers=megatron_args.mtp_layers(args),
     )
 
 
 # Megatron features whose tensors or maths this converter does not carry: refused, never dropped.
-_UNSUPPORTED = {"mtp_num_layers": "multi-token prediction layers",
+_UNSUPPORTED = {"mtp_use_repeated_layer": "one multi-token-prediction layer repeated over the depths",
+                "mtp_standalone": "multi-token-prediction layers in a pipeline stage of their own",
+                "mtp_hybrid_override_pattern": "hybrid multi-token-prediction layers",
                 "heterogeneous_layers_config_path": "heterogeneous layers",
                 "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
 # Settings a Llama-layout HF config cannot say.
@@ -87,6 +119,10 @@ def check_supported(md, where, to_hf=False):
     args = md.checkpoint_args
     for name, what in _UNSUPPORTED.items():
         require(not getattr(args, name, None), f"{where}: {what} ({name}={getattr(args, name, None)!r}) is not supported")
+    announced, layers = getattr(md, "mtp_num_layers", 0) or 0, megatron_args.mtp_layers(args)
+    require(announced == layers, f"{where}: the model args say mtp_num_layers={layers}, the loader's metadata "
+                                 f"announces {announced} multi-token-prediction layer message(s) (mtp_num_layers): "
+                                 "a loader that does not send them would drop their weights")
     if to_hf:
         for name, what in _NOT_IN_HF.items():
             require(not getattr(args, name, None), f"{where}: {what} has no Hugging Face equivalent")
@@ -154,8 +190,9 @@ def _put(queue, value, what, stall_timeout):
 
 
 def message_count(md):
-    """Messages between the metadata and "done": embeddings, one per layer, final norm, output layer."""
-    return md.num_layers + 2 + bool(md.output_layer)
+    """Messages between the metadata and "done": embeddings, one per layer, final norm, output layer, one
+    per multi-token-prediction layer."""
+    return md.num_layers + 2 + bool(md.output_layer) + (getattr(md, "mtp_num_layers", 0) or 0)
 
 
 def send(queue, name, message, count=None, total=None, stall_timeout=None):
@@ -259,5 +296,6 @@ stored_dtype = message_keys.stored_dtype
 
 def layer_message_shapes(args, index=0):
     """{message key: full shape} of the "transformer layer `index`" message of a model of `args`: exactly
-    the keys that layer has, in the order they are written."""
+    the keys that layer has, in the order they are written. Index num_layers + i gives the "mtp layer i"
+    message's (mtp_layer_name)."""
     return {key.name: key.size(args) for key in message_keys.layer_keys(args, index)}

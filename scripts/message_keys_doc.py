@@ -28,6 +28,15 @@ gives exactly those keys with their shapes, and `plugin.LAYER_KEYS` what each ho
 has a variant per kind of layer (dense or MoE, with or without multi-latent attention). Our Megatron
 savers write each key to the parameter named here, split over tensor-parallel ranks by its rule; our
 Megatron loaders read it back and merge the ranks.
+
+Multi-token-prediction (MTP) layers, when the model has `mtp_num_layers` of them, come as messages
+`"mtp layer i"` (`plugin.mtp_layer_name(i)`) after the output layer (after the final norm when the
+embeddings are tied), before `"done"`, only when the metadata's `mtp_num_layers` announces them. MTP layer
+i is layer `num_layers + i` of the table (as Hugging Face and megatron-core number it):
+`plugin.layer_message_shapes(args, args.num_layers + i)` gives its keys, the rows below marked for
+multi-token-prediction layers (`enorm`, `hnorm`, `eh proj`, `final norm`) plus the keys of a transformer
+layer built like the model's last one. The embeddings and output layer are shared with the model and are
+not sent again. See docs/plugins.md ("The protocol") for who is sent them.
 """
 
 REGISTERING = """\
@@ -48,7 +57,9 @@ plugin.register_layer_key(plugin.LayerKey(
     "per-head learnable softmax offset"))
 ```
 
-From then on every layer of a model whose args select it must carry the key: our savers require it
+From then on every layer of a model whose args select it must carry the key (`when` is asked for
+multi-token-prediction layers too, with index `num_layers + i`: such a layer is built like the last
+decoder layer): our savers require it
 (the message's shape check) and write it after the built-in tensors, our loaders read it. `te`,
 `legacy` and `grouped` give other specs' names where they differ; `register_dimension(name, size)`
 adds a dimension sized from the args.
@@ -88,7 +99,9 @@ def markdown():
     """The whole page, from the built-in keys (registered ones belong to their plugins' docs)."""
     lines = [INTRO, "## Keys", "",
              "Parameter names are inside one layer (`decoder.layers.N.` in Megatron-Core, "
-             "`language_model.encoder.layers.N.` in legacy Megatron-LM); `{}` is an expert's number local "
+             "`language_model.encoder.layers.N.` in legacy Megatron-LM; in an MTP layer, `mtp.layers.i.` for "
+             "its parts and `mtp.layers.i.transformer_layer.` for the rest, on the last pipeline stage; "
+             "torch_dist keeps one key per MTP layer, not stacked); `{}` is an expert's number local "
              "to its expert-parallel rank, and such a key holds every expert stacked on a leading axis "
              "(split over TP after it). An empty legacy cell: the Megatron-Core name, where a legacy checkpoint "
              f"can hold the tensor at all ({'; '.join(FORMAT_LIMITS['legacy'].values())}).", "",

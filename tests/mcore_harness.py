@@ -176,14 +176,20 @@ def _te_extra_state():
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_layout(iter_dir):
+def checkpoint_layout(iter_dir, ep=1):
     """Return (tp, pp) read from the mp_rank_* folders, which must form a complete grid.
 
-    PP == 1 must use 'mp_rank_TT' and PP > 1 'mp_rank_TT_PPP', as Megatron-LM names them.
+    PP == 1 must use 'mp_rank_TT' and PP > 1 'mp_rank_TT_PPP', as Megatron-LM names them; with `ep` > 1
+    (the folder names alone cannot tell it from PP) each ends in '_EEE' for EP ranks 0 .. ep - 1.
     """
     names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
     if not names:
         raise FileNotFoundError(f"{iter_dir}: no mp_rank_* folders")
+    if ep > 1:
+        endings = {name[-4:] for name in names}
+        if endings != {f"_{e:03d}" for e in range(ep)}:
+            raise ValueError(f"{iter_dir}: rank folders {names} do not end in the EP ranks of EP {ep}")
+        names = sorted({name[:-4] for name in names})
     ranks = set()
     for name in names:
         match = RANK_DIR.fullmatch(name)
@@ -201,15 +207,17 @@ def checkpoint_layout(iter_dir):
     if ranks != expected:
         raise ValueError(f"{iter_dir}: rank folders {names} do not form a {tp}x{pp} grid")
     for t, p in expected:
-        path = rank_file(iter_dir, t, p or 0, pp)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(path)
+        for e in range(ep):
+            path = rank_file(iter_dir, t, p or 0, pp, e, ep)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)
     return tp, pp
 
 
-def rank_file(iter_dir, tp_rank, pp_rank, pp):
-    """Megatron-LM's file name for one (tp, pp) rank."""
+def rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank=0, ep=1):
+    """Megatron-LM's file name for one (tp, pp[, ep]) rank."""
     folder = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    folder += f"_{ep_rank:03d}" if ep > 1 else ""
     return os.path.join(iter_dir, folder, CHECKPOINT_FILE)
 
 
@@ -224,20 +232,23 @@ def padded_vocab_size(vocab_size, make_vocab_size_divisible_by, tp):
 # --------------------------------------------------------------------------------------------
 
 
-def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT):
+def mcore_logits(iter_dir, tokens, te_names=False, timeout=DEFAULT_TIMEOUT, mtp=False, ep=1):
     """Float32 logits [batch, seq, padded_vocab] of the checkpoint in `iter_dir`, by megatron-core.
 
     Every rank file is loaded strictly: a missing or unexpected key (including `_extra_state`
     entries, which megatron-core's own load hook would otherwise fill in) raises.
     `te_names=True` reads files written with TransformerEngine names. MiniCPM multipliers found in
-    the args are applied (`apply_minicpm_multipliers`).
+    the args are applied (`apply_minicpm_multipliers`). With `mtp=True` (a model with mtp_num_layers)
+    it returns (logits, mtp_logits), the latter [depths, batch, seq, padded_vocab]: what megatron-core's
+    multi-token-prediction layers predict (the token after next, for depth 1). `ep`: the checkpoint's
+    expert-parallel size, run as it is (one process per TP x EP rank, each given the same tokens).
     """
     iter_dir = os.path.abspath(iter_dir)  # the rank processes do not share our working directory
-    tp, pp = checkpoint_layout(iter_dir)
+    tp, pp = checkpoint_layout(iter_dir, ep)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-    return _run_ranks(_logits_worker, tp, (iter_dir, pp, tokens, te_names), timeout)
+    return _run_ranks(_logits_worker, tp * ep, (iter_dir, pp, tokens, te_names, mtp, ep), timeout)
 
 
 def megatron_args(*, tp=1, iteration=1, te_names=False, base=None, **overrides):
@@ -426,14 +437,17 @@ def _free_port():
 # --------------------------------------------------------------------------------------------
 
 
-def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
-    """One TP rank: build every PP stage locally, load its file strictly, chain the stages."""
-    with _megatron_cpu(rank, tp, port):
+def _logits_worker(rank, world, port, out_path, iter_dir, pp, tokens, te_names, mtp=False, ep=1):
+    """One TP x EP rank: build every PP stage locally, load its file strictly, chain the stages."""
+    with _megatron_cpu(rank, world, port, ep):
+        from megatron.core import parallel_state
+
+        tp, t, e = world // ep, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank()
         stages, total_layers = [], 0
         for stage in range(pp):
-            path = rank_file(iter_dir, rank, stage, pp)
+            path = rank_file(iter_dir, t, stage, pp, e, ep)
             checkpoint = _read_rank_file(path)
-            args = _checked_args(checkpoint, path, tp, pp)
+            args = _checked_args(checkpoint, path, tp, pp, ep)
             if stage == 0:
                 first_args = args
             state = checkpoint["model"]
@@ -447,9 +461,12 @@ def _logits_worker(rank, tp, port, out_path, iter_dir, pp, tokens, te_names):
                 f"{iter_dir}: stages hold {total_layers} layers, args.num_layers is "
                 f"{first_args.num_layers}"
             )
-        logits = _forward(stages, tokens)
+        mtp_logits = []
+        logits = _forward(stages, tokens, mtp_logits)
+        if mtp and not mtp_logits:
+            raise ValueError(f"{iter_dir}: the model has no multi-token-prediction layers (mtp_num_layers)")
         if rank == 0:
-            torch.save(logits, out_path)
+            torch.save((logits, torch.stack(mtp_logits)) if mtp else logits, out_path)
 
 
 def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, tokens, init_std):
@@ -476,8 +493,8 @@ def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, te_names, token
 
 
 @contextlib.contextmanager
-def _megatron_cpu(rank, world_size, port):
-    """Patch megatron-core for the CPU and set up a gloo group with TP = world_size, PP = 1."""
+def _megatron_cpu(rank, world_size, port, ep=1):
+    """Patch megatron-core for the CPU and set up a gloo group with TP = world_size / ep, PP = 1, EP = ep."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -493,7 +510,7 @@ def _megatron_cpu(rank, world_size, port):
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=world_size, pipeline_model_parallel_size=1
+        tensor_model_parallel_size=world_size // ep, pipeline_model_parallel_size=1, expert_model_parallel_size=ep
     )
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     yield
@@ -561,6 +578,7 @@ def _activation_function(name):
 
 def _gpt_model(args, num_layers, pre_process, post_process):
     """A local-spec GPTModel (one PP stage of `num_layers` layers) from Megatron-LM args."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.moe import moe_utils
@@ -571,8 +589,6 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     frequency = getattr(args, "moe_layer_freq", 1)
     if experts and num_layers != args.num_layers and frequency != 1:
         raise NotImplementedError("harness builds MoE models with dense layers in one pipeline stage only")
-    if experts and (getattr(args, "expert_model_parallel_size", 1) or 1) != 1:
-        raise NotImplementedError("harness runs EP 1 checkpoints only")
     routing = {name: getattr(args, name) for name in MOE_ROUTING_ARGS if getattr(args, name, None) is not None}
     moe = dict(num_moe_experts=experts, moe_router_topk=args.moe_router_topk, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False), moe_layer_freq=frequency,
@@ -581,6 +597,8 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router without TransformerEngine
     mla = getattr(args, "multi_latent_attention", False)
     config_class, mla_fields = TransformerConfig, {}
+    mtp_layers = getattr(args, "mtp_num_layers", None)
+    mtp_fields = {"mtp_num_layers": mtp_layers} if mtp_layers else {}
     if mla:
         from megatron.core.transformer import multi_latent_attention
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -606,7 +624,8 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         bias_activation_fusion=choices["bias_activation_fusion"],
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=getattr(args, "add_qkv_bias", False),
-        tensor_model_parallel_size=torch.distributed.get_world_size(),
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         params_dtype=torch.float32,
         use_cpu_initialization=True,
         hidden_dropout=0.0,
@@ -615,6 +634,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         **moe,
         **mla_fields,
         **minicpm_config_overrides(args),
+        **mtp_fields,
     )
     if experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
@@ -624,6 +644,11 @@ def _gpt_model(args, num_layers, pre_process, post_process):
     if mla:  # the local core attention rejects MLA's different q/k and v head dims
         for layer in getattr(spec, "layer_specs", None) or [spec]:
             layer.submodules.self_attention.submodules.core_attention = _CausalSdpa
+    mtp_spec = None
+    if mtp_layers and post_process:  # megatron-core puts every MTP layer on the last pipeline stage
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -638,6 +663,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         rotary_base=args.rotary_base,
         rope_scaling=getattr(args, "use_rope_scaling", False),
         rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
+        mtp_block_spec=mtp_spec,
     )
     apply_minicpm_multipliers(model, args)
     return model.eval()
@@ -816,7 +842,7 @@ def _layer_count(state):
     return len({m.group(1) for m in map(LAYER_KEY.fullmatch, state) if m})
 
 
-def _checked_args(checkpoint, path, tp, pp):
+def _checked_args(checkpoint, path, tp, pp, ep=1):
     """The file's args, after checking the top-level keys and that TP/PP match the folders."""
     if not isinstance(checkpoint, dict):
         raise TypeError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
@@ -832,6 +858,8 @@ def _checked_args(checkpoint, path, tp, pp):
     found = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     if found != (tp, pp):
         raise ValueError(f"{path}: args say TP, PP = {found}, the rank folders say {(tp, pp)}")
+    if getattr(args, "num_experts", None) and (getattr(args, "expert_model_parallel_size", 1) or 1) != ep:
+        raise ValueError(f"{path}: args say EP {args.expert_model_parallel_size}, the harness was asked for EP {ep}")
     return args
 
 
@@ -847,7 +875,9 @@ def _load_strictly(model, state, te_names, path, grouped=False):
     if te_names:
         state = te_to_local_state_dict(state)
         # TE's MLA down projections are whole on every rank (TELinear, duplicated); the local spec splits them
-        tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        from megatron.core import parallel_state
+
+        tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
         state = {key: torch.chunk(value, tp)[rank] if re.search(r"linear_(q|kv)_down_proj\.weight$", key) else value
                  for key, value in state.items()}
     state = {
@@ -879,17 +909,33 @@ def _randomize(model, seed, tp_rank, std=INIT_STD):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
-def _forward(stages, tokens):
-    """Run the PP stages in order (no pipeline communication) and return float32 logits."""
+def _forward(stages, tokens, mtp_logits=None):
+    """Run the PP stages in order (no pipeline communication) and return float32 logits.
+
+    A stage with multi-token-prediction layers computes their logits only inside its loss (megatron-core
+    0.16.1 needs labels then), so it is given the tokens as labels, and both calls of its output layer
+    are caught: each MTP depth's logits, then the main ones. With `mtp_logits` (a list) the MTP logits
+    [batch, seq, vocab] are appended to it, depth by depth."""
     batch, seq = tokens.shape
     position_ids = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.triu(torch.ones(seq, seq), 1).bool()[None, None]
     output = None
     with torch.no_grad():
         for model in stages:
+            mtp = getattr(model, "mtp_process", False)
+            calls = []
+            if mtp:
+                # a copy: the loss computed from the logits then changes them in place
+                hook = model.output_layer.register_forward_hook(lambda module, inputs, out: calls.append(out[0].clone()))
+            labels = {"labels": tokens} if mtp else {}
             if model.pre_process:
-                output = model(tokens, position_ids, mask)
+                output = model(tokens, position_ids, mask, **labels)
             else:
                 model.set_input_tensor(output)  # hidden states [seq, batch, hidden]
-                output = model(None, position_ids, mask)
+                output = model(tokens if mtp else None, position_ids, mask, **labels)
+            if mtp:
+                hook.remove()
+                *depths, output = [logits.transpose(0, 1) for logits in calls]  # [batch, seq, vocab]
+                if mtp_logits is not None:
+                    mtp_logits.extend(depth.float().contiguous() for depth in depths)
     return output.float().contiguous()

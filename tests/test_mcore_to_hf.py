@@ -193,13 +193,13 @@ def test_parameters_we_do_not_carry_are_refused(tmp_path):
     megatron = converted_mcore(tmp_path)
     rank_file = megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(rank_file, weights_only=False)
-    state["model"]["mtp.layers.0.enorm.weight"] = torch.ones(64)  # multi-token prediction: not carried
+    state["model"]["mtp.layers.0.enorm.weight"] = torch.ones(64)  # an MTP parameter the args do not count
     torch.save(state, rank_file)
     line = error_line(to_hf(megatron, tmp_path / "out", ok=False))
     assert "mtp.layers.0.enorm.weight, a parameter this converter does not carry" in line
     state["args"].mtp_num_layers = 1
     torch.save(state, rank_file)
-    assert "multi-token prediction layers (mtp_num_layers=1) is not supported" in \
+    assert "llama has no multi-token-prediction layers (the model has mtp_num_layers=1)" in \
         error_line(to_hf(megatron, tmp_path / "out", ok=False))
     del state["model"]["mtp.layers.0.enorm.weight"]  # q/k norms are carried, so the args must match the weights
     state["model"]["decoder.layers.0.self_attention.q_layernorm.weight"] = torch.ones(16)

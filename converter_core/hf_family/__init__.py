@@ -11,6 +11,7 @@ from converter_core.hf_family.family import (Family, by_model_type, check_table,
 from converter_core.hf_family.features import (HF_ACTIVATIONS, LLAMA_BIAS_SWITCHES, Activation, Feature, Fold, Norm,
                                                Refused, megatron_activation)
 from converter_core.hf_family.moe import Experts
+from converter_core.hf_family.mtp import MTP_PARTS, Mtp, check_copies as check_mtp_copies, stored_layers as stored_mtp_layers
 from converter_core.hf_family.rope import rope_settings
 from converter_core.hf_family.table import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION,
                                             LLAMA_LAYER, LLAMA_MLP, MLA_ATTENTION, MLA_KV_DOWN, MLA_Q, MOE_LAYER, QK_NORM,
@@ -22,4 +23,5 @@ __all__ = ["DTYPE_NAMES", "DTYPES", "args_from_config", "check_counts", "config_
            "Activation", "Feature", "Fold", "Norm", "Refused", "megatron_activation", "Experts", "rope_settings", "COPY",
            "DENSE_LAYER", "EXPERTS", "FUSED_GATE_UP", "FUSED_QKV", "LLAMA_ATTENTION", "LLAMA_LAYER", "LLAMA_MLP",
            "MLA_ATTENTION", "MLA_KV_DOWN", "MLA_Q", "MOE_LAYER", "QK_NORM", "QKV", "QKV_BIAS", "Kind", "Tensor",
-           "experts", "on_dense_layers", "shared_experts"]
+           "experts", "on_dense_layers", "shared_experts",
+           "MTP_PARTS", "Mtp", "check_mtp_copies", "stored_mtp_layers"]

@@ -102,7 +102,7 @@ def config_from_args(args, vocab_size, family):
     for key, arg in family.fields.items():
         if getattr(args, arg, None) is not None:
             set_config_value(config, key, getattr(args, arg))
-    for part in family.features + ((family.experts,) if family.experts else ()):
+    for part in family.features + tuple(part for part in (family.experts, family.mtp) if part):
         part.to_config(config, args, family)
     if family.mla:
         config.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim,

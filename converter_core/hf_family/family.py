@@ -26,7 +26,8 @@ class Family:
     qk_layernorm); `config`: config.json fields written when absent; `fields`: {config key: Megatron arg}
     carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means;
     `ignored`: patterns (fnmatch) of HF tensors the loader skips, such as a stored rope cache; `notes`:
-    lines for the supported-models report.
+    lines for the supported-models report; `mtp`: an Mtp when the family stores multi-token-prediction
+    layers (after the decoder layers, under the same prefix).
     The top-level tensor names and the layer prefix default to Llama's."""
     model_type: str
     architectures: tuple
@@ -36,6 +37,7 @@ class Family:
     fields: dict = dataclasses.field(default_factory=dict)
     tied_by_default: bool = False
     experts: object = None
+    mtp: object = None
     mla: bool = False
     rope_interleaved: object = True
     norm: Norm = Norm()
@@ -51,7 +53,7 @@ class Family:
     @property
     def parts(self):
         """Every feature: norm, activation, the others, then the experts."""
-        return (self.norm, self.activation, *self.features) + ((self.experts,) if self.experts else ())
+        return (self.norm, self.activation, *self.features) + tuple(part for part in (self.experts, self.mtp) if part)
 
     @property
     def settings(self):
@@ -89,8 +91,14 @@ class Family:
 
     def active(self, args, index=0):
         """The layer table rows present in layer `index` of a model with Megatron args `args`."""
-        moe = megatron_args.moe_layers(args)[index]
+        moe = megatron_args.is_moe_layer(args, index)
         return [row for row in self.layer if row.present(args, moe)]
+
+    def layer_rows(self, args, index):
+        """The rows of layer `index`: a decoder layer's, or for num_layers + i, multi-token-prediction
+        layer i's parts (Mtp.layer) and its transformer layer (built like the last decoder layer)."""
+        parts = self.mtp.layer if index >= args.num_layers and self.mtp else ()
+        return list(parts) + self.active(args, index)
 
     def mla_rope_interleaved(self, args):
         interleaved = self.rope_interleaved
@@ -168,6 +176,16 @@ def mismatch(family, args):
         parts.append(f"{family.model_type} has no mixture-of-experts settings")
     elif any(kinds):
         parts += family.experts.problems(args, family)
+    if megatron_args.mtp_layers(args) and family.mtp is None:
+        parts.append(f"{family.model_type} has no multi-token-prediction layers (the model has "
+                     f"mtp_num_layers={args.mtp_num_layers})")
+    elif megatron_args.mtp_layers(args):
+        wanted = set(protocol.layer_message_shapes(args, args.num_layers))
+        filled = {key for row in family.layer_rows(args, args.num_layers) for key in row.keys}
+        if wanted != filled:
+            parts.append(f"multi-token-prediction layers: {family.model_type} fills "
+                         f"{', '.join(sorted(filled - wanted)) or 'nothing more'} and lacks "
+                         f"{', '.join(sorted(wanted - filled)) or 'nothing'}")
     return "; ".join(parts) or None
 
 
@@ -179,20 +197,27 @@ def check_table(family, args, where):
 def expected_shapes(args, vocab_rows, family):
     """{hf name: shape} of every tensor of the model, in file order."""
     shapes = {family.embedding: (vocab_rows, args.hidden_size)}
-    for i in range(args.num_layers):
+    for i in range(all_layers(args)):
         message = protocol.layer_message_shapes(args, i)
         prefix = family.layer_prefix(i)
-        shapes.update((prefix + name, shape) for row in family.active(args, i)
+        shapes.update((prefix + name, shape) for row in family.layer_rows(args, i)
                       for name, shape in row.kind.hf_shapes(row, message, args))
     shapes.update((name, (args.hidden_size,)) for name in family.final_norm_names().values())
     if megatron_args.untied(args):
         shapes[family.output_layer] = (vocab_rows, args.hidden_size)
+    if family.mtp:
+        shapes.update((name, (vocab_rows, args.hidden_size)) for name in family.mtp.copies(args, family))
     return shapes
+
+
+def all_layers(args):
+    """Decoder layers, then multi-token-prediction layers (index num_layers + i)."""
+    return args.num_layers + megatron_args.mtp_layers(args)
 
 
 def float32_names(args, family):
     """HF names of the tensors kept in float32 whatever the model's dtype (protocol.stored_dtype)."""
-    return {family.layer_prefix(i) + name for i in range(args.num_layers) for row in family.active(args, i)
+    return {family.layer_prefix(i) + name for i in range(all_layers(args)) for row in family.layer_rows(args, i)
             if all(protocol.stored_dtype(key, None) is torch.float32 for key in row.keys) for name in row.hf_names}
 
 
@@ -200,7 +225,7 @@ def layer_to_message(tensors, index, args, family):
     """HF tensors of layer `index` (a dict by full HF name) -> the Megatron message."""
     prefix, message = family.layer_prefix(index), {}
     inside = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
-    for row in family.active(args, index):
+    for row in family.layer_rows(args, index):
         message.update(row.kind.to_megatron(row, inside, args, family))
     return message
 
@@ -209,6 +234,6 @@ def message_to_layer(message, index, args, family):
     """The inverse of layer_to_message; pops what it uses so the receiver can check for leftovers. A
     tensor split out of QKV comes as a tuple of row blocks (layout.megatron_qkv_to_hf), not yet copied."""
     prefix, tensors = family.layer_prefix(index), {}
-    for row in family.active(args, index):
+    for row in family.layer_rows(args, index):
         tensors.update((prefix + name, tensor) for name, tensor in row.kind.to_hf(row, message, args, family).items())
     return tensors

@@ -153,7 +153,8 @@ COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "m
           "vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
           "pipeline_model_parallel_size", "expert_model_parallel_size", "num_experts", "moe_router_topk",
           "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
-          "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+          "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+          "mtp_num_layers")
 
 # Switches and names the converter branches on: when given, a bool and a string (a truthy "False" or a
 # number in their place would silently choose a layout).
@@ -170,7 +171,7 @@ REALS = ("norm_epsilon", "layernorm_epsilon", "rotary_base", "rotary_percent", "
 
 # Counts that size per-layer and per-expert tables before any file is compared with them: far above
 # any model's, far below what would exhaust memory (num_experts 2**31 did).
-LIMITS = {"num_layers": 2**16, "num_experts": 2**16, "moe_router_topk": 2**16}
+LIMITS = {"num_layers": 2**16, "num_experts": 2**16, "moe_router_topk": 2**16, "mtp_num_layers": 2**8}
 
 
 def _check_types(present, where):
@@ -271,6 +272,18 @@ def _moe_pattern(num_layers, experts, frequency):
     require(isinstance(frequency, tuple) and len(frequency) == num_layers and all(v in (0, 1) for v in frequency),
             f"moe_layer_freq {frequency!r:.60} is neither an int nor a 0/1 list of {num_layers} entries")
     return tuple(bool(v) for v in frequency)
+
+
+def mtp_layers(args):
+    """How many multi-token-prediction layers the model has (Megatron-LM's mtp_num_layers; 0 without)."""
+    return getattr(args, "mtp_num_layers", None) or 0
+
+
+def is_moe_layer(args, index):
+    """Whether layer `index` is a mixture-of-experts layer. Index num_layers + i is multi-token-prediction
+    layer i (Hugging Face numbers it so, and megatron-core's layer_number too), whose transformer layer
+    megatron-core builds like the last decoder layer."""
+    return moe_layers(args)[min(index, args.num_layers - 1)]
 
 
 def expert_ffn_size(args):

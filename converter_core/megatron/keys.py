@@ -52,7 +52,7 @@ def flag(name):
 
 
 def _is_moe_layer(args, index):
-    return megatron_args.moe_layers(args)[index]
+    return megatron_args.is_moe_layer(args, index)
 
 
 ALWAYS = Condition("always", lambda args, index: True)
@@ -61,6 +61,9 @@ MLA = Condition("multi-latent attention", lambda args, index: getattr(args, "mul
                 "no multi-latent attention")
 MOE = Condition("MoE layers", _is_moe_layer, "dense layers")
 DENSE = ~MOE
+# Layer num_layers + i is multi-token-prediction layer i: a transformer layer built like the last decoder
+# layer, with the parts around it (MTP keys).
+MTP = Condition("multi-token-prediction layers", lambda args, index: index >= args.num_layers, "decoder layers")
 QKV_BIAS = Condition("a QKV bias (`add_qkv_bias` or `add_bias_linear`)",
                      lambda args, index: args.add_qkv_bias or args.add_bias_linear)
 
@@ -72,6 +75,7 @@ def _query_key_value_rows(args):
 # The dimensions a key's shape is written in: {name: (size from the Megatron args, where it comes from)}.
 DIMENSIONS = {
     "hidden": (lambda args: args.hidden_size, "`hidden_size`"),
+    "2 x hidden": (lambda args: 2 * args.hidden_size, "twice `hidden_size`"),
     "heads": (lambda args: args.num_attention_heads, "`num_attention_heads`"),
     "head_dim": (megatron_args.head_dim, "`kv_channels`, else hidden / heads"),
     "(heads + 2 groups) x head_dim": (_query_key_value_rows, "groups: `num_query_groups` with "
@@ -117,6 +121,7 @@ class LayerKey:
     grouped: str = None     # an expert tensor's name in TEGroupedMLP ("{}" for the expert)
     legacy: str = None      # legacy Megatron-LM's name, where it differs from `core`
     dtype: torch.dtype = None  # a dtype the key always has; None: the model's
+    mtp_part: bool = False  # a part of a multi-token-prediction layer around its transformer layer
 
     def __post_init__(self):
         if not isinstance(self.when, Condition):  # a plain function of (args, layer index)
@@ -127,12 +132,15 @@ class LayerKey:
     def experts(self):
         return "{}" in self.core
 
-    def parameter(self, spec, grouped_experts=False):
+    def parameter(self, spec, grouped_experts=False, mtp=False):
         """The parameter's name inside one layer under `spec` (LOCAL, TRANSFORMER_ENGINE or LEGACY);
-        `grouped_experts`: TransformerEngine's TEGroupedMLP names experts."""
+        `grouped_experts`: TransformerEngine's TEGroupedMLP names experts; `mtp`: inside a
+        multi-token-prediction layer (mtp.layers.i.), whose transformer layer is its `transformer_layer.`."""
         if spec == TRANSFORMER_ENGINE:
-            return (grouped_experts and self.grouped) or self.te or self.core
-        return (spec == LEGACY and self.legacy) or self.core
+            name = (grouped_experts and self.grouped) or self.te or self.core
+        else:
+            name = (spec == LEGACY and self.legacy) or self.core
+        return MTP_TRANSFORMER_LAYER + name if mtp and not self.mtp_part else name
 
     def tp_split(self, spec):
         return (spec == TRANSFORMER_ENGINE and self.te_split) or self.split
@@ -153,6 +161,34 @@ _SWIGLU_MLP, _PLAIN_MLP = DENSE & flag("swiglu"), DENSE & Condition("no `swiglu`
 _MLA_NOTE = "; in TransformerEngine's spec the down projections are whole on every rank (TELinear, duplicated)"
 _EXPERTS_FC1 = "mlp.experts.local_experts.{}.linear_fc1.weight"
 _EXPERTS_FC2 = "mlp.experts.local_experts.{}.linear_fc2.weight"
+
+MTP_TRANSFORMER_LAYER = "transformer_layer."  # the transformer layer's prefix inside an MTP layer
+
+# The parts of a multi-token-prediction layer around its transformer layer (megatron-core's
+# MultiTokenPredictionLayer): the layer at depth k normalises the embedding of token i + k (enorm) and the
+# previous depth's hidden state of token i (hnorm), projects [embedding; hidden] back to hidden size
+# (eh_proj), runs its transformer layer and normalises the result (final_layernorm) for the shared output
+# layer. Their names are inside mtp.layers.i. in both specs.
+_MTP_PARTS = dict(when=MTP, mtp_part=True)
+MTP_BEFORE = (
+    LayerKey("enorm weight", ("hidden",), REPLICATED, "enorm.weight", description="MTP: norm of the next token's "
+             "embedding", **_MTP_PARTS),
+    LayerKey("enorm bias", ("hidden",), REPLICATED, "enorm.bias", description="its bias (LayerNorm)",
+             **dict(_MTP_PARTS, when=MTP & LAYER_NORM)),
+    LayerKey("hnorm weight", ("hidden",), REPLICATED, "hnorm.weight", description="MTP: norm of the previous depth's "
+             "hidden state", **_MTP_PARTS),
+    LayerKey("hnorm bias", ("hidden",), REPLICATED, "hnorm.bias", description="its bias (LayerNorm)",
+             **dict(_MTP_PARTS, when=MTP & LAYER_NORM)),
+    LayerKey("eh proj weight", ("hidden", "2 x hidden"), COLUMN, "eh_proj.weight", description="MTP: projection of "
+             "[normed embedding; normed hidden state] (columns in that order) to the transformer layer's input",
+             **_MTP_PARTS),
+)
+MTP_AFTER = (
+    LayerKey("final norm weight", ("hidden",), REPLICATED, "final_layernorm.weight", description="MTP: norm after the "
+             "transformer layer, before the shared output layer", **_MTP_PARTS),
+    LayerKey("final norm bias", ("hidden",), REPLICATED, "final_layernorm.bias", description="its bias (LayerNorm)",
+             **dict(_MTP_PARTS, when=MTP & LAYER_NORM)),
+)
 
 # The built-in keys, in the order a layer's tensors are written (variants of one key for different
 # layers, e.g. a dense and a MoE "mlp l1 weight", are exclusive).
@@ -246,6 +282,7 @@ BUILT_IN = (
     LayerKey("mlp l1 bias", ("hidden",), REPLICATED, "mlp.linear_fc2.bias", DENSE & flag("add_bias_linear"), "its bias",
              legacy="mlp.dense_4h_to_h.bias"),
 )
+BUILT_IN = MTP_BEFORE + BUILT_IN + MTP_AFTER  # MTP parts around the transformer layer's keys
 
 _registered = {}  # name -> LayerKey, in registration order
 
@@ -273,8 +310,10 @@ def all_keys():
 
 def layer_keys(args, index=0):
     """The keys of transformer layer `index` of a model of `args`, in the order they are written; refuses
-    the combinations the table does not describe."""
-    moe = megatron_args.moe_layers(args)[index]  # first: refuses a malformed moe_layer_freq
+    the combinations the table does not describe. Index num_layers + i is multi-token-prediction layer i."""
+    layers = args.num_layers + megatron_args.mtp_layers(args)
+    require(0 <= index < layers, f"layer {index} is not one of the model's {layers} layers")
+    moe = megatron_args.is_moe_layer(args, index)  # first: refuses a malformed moe_layer_freq
     if getattr(args, "multi_latent_attention", False):
         require(getattr(args, "qk_layernorm", False),
                 "multi-latent attention without qk_layernorm (no latent norms) is not supported")

@@ -91,6 +91,8 @@ def load(queue, args):
     _check_nothing_left_out(models, paths, schema, order, margs, experts // ep)
     heads_per_rank = margs.num_attention_heads // tp
     md = source_metadata(margs, args, iteration, tp, pp)
+    protocol.check_mtp_reader(args, md, str(first))
+    mtp_layers = megatron_args.mtp_layers(margs)
 
     def merged(p, chunk, path, kind, full, old_qkv=False, e=0):
         """The TP shards of `path` merged (layout.merge), each first checked against the shard shape that
@@ -107,30 +109,34 @@ def load(queue, args):
     def stacked(p, chunk, index, local, entry):
         """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
         full = protocol.layer_message_shapes(margs, index)[entry.keys[0]][1:]  # one expert's
-        parts = [merged(p, chunk, schema.layer(local, entry.name.format(j)), entry.kind, full, e=e)
-                 for e in range(ep) for j in range(experts // ep)]
+        parts = [merged(p, chunk, schema.layer_path(margs.num_layers, index, local, entry.name.format(j)), entry.kind,
+                        full, e=e) for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
             return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
         return torch.stack([layout.tensor_of(part) for part in parts])
+
+    def layer_message(index, p, chunk, local):
+        """Layer `index` (`local` in its stage's `chunk` on pipeline rank `p`; num_layers + i: MTP layer i)."""
+        message, layer_shapes = {}, protocol.layer_message_shapes(margs, index)
+        for entry in schema.entries(margs, index):
+            path = schema.layer_path(margs.num_layers, index, local, entry.name)
+            if entry.experts:
+                value = stacked(p, chunk, index, local, entry)
+            else:
+                value = merged(p, chunk, path, entry.kind, layer_shapes[entry.keys[0]],
+                               old_qkv=version < 2.0 and "qkv" in entry.keys[0])
+            for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
+                require(tuple(part.shape) == layer_shapes[key],
+                        f"{paths[0, p, 0]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
+                        f"the args imply {list(layer_shapes[key])}")
+                message[key] = part
+        return message
 
     def messages():
         table = merged(0, chunks[0], schema.word_embeddings, layout.COLUMN, (None, margs.hidden_size))
         yield protocol.EMBEDDINGS, {"word embeddings": table}
         for index, (p, chunk, local) in enumerate(order):
-            message, layer_shapes = {}, protocol.layer_message_shapes(margs, index)
-            for entry in schema.entries(margs, index):
-                path = schema.layer(local, entry.name)
-                if entry.experts:
-                    value = stacked(p, chunk, index, local, entry)
-                else:
-                    value = merged(p, chunk, path, entry.kind, layer_shapes[entry.keys[0]],
-                                   old_qkv=version < 2.0 and "qkv" in entry.keys[0])
-                for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
-                    require(tuple(part.shape) == layer_shapes[key],
-                            f"{paths[0, p, 0]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
-                            f"the args imply {list(layer_shapes[key])}")
-                    message[key] = part
-            yield protocol.layer_name(index), message
+            yield protocol.layer_name(index), layer_message(index, p, chunk, local)
         p, chunk = pp - 1, chunks[-1]
         yield protocol.FINAL_NORM, {key: merged(p, chunk, schema.final_norm(key), layout.REPLICATED, (margs.hidden_size,))
                                     for key in final_norm_keys(margs)}
@@ -139,6 +145,8 @@ def load(queue, args):
             require(weight.shape == table.shape,
                     f"{paths[0, p, 0]}: output layer shape {list(weight.shape)} differs from the embeddings {list(table.shape)}")
             yield protocol.OUTPUT_LAYER, {"weight": weight}
+        for depth in range(mtp_layers):  # megatron-core keeps them on the last stage
+            yield protocol.mtp_layer_name(depth), layer_message(margs.num_layers + depth, p, chunk, None)
 
     protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
 
@@ -154,16 +162,19 @@ def _tensor_paths(tree, prefix=()):
 def _check_nothing_left_out(models, paths, schema, order, margs, local_experts):
     """Every tensor of every rank file is one this converter carries: a parameter it does not know
     (an expert bias, multi-token prediction, ...) is refused rather than dropped."""
-    layers = {}  # (pp rank, chunk) -> {local index: global index}
+    layers = {}  # (pp rank, chunk) -> {local index: global index}; MTP layers under no local index
     for index, (p, chunk, local) in enumerate(order):
         layers.setdefault((p, chunk), {})[local] = index
+    last = order[-1][:2] if order else None  # the last pipeline rank's last chunk
+    for depth in range(megatron_args.mtp_layers(margs)):
+        layers.setdefault(last, {})[("mtp", depth)] = margs.num_layers + depth
     for (t, p, e, chunk), model in models.items():
         known = {schema.word_embeddings, schema.output_layer, schema.tied_output_layer}
         known |= {schema.final_norm(key) for key in final_norm_keys(margs)}
         for local, index in layers.get((p, chunk), {}).items():
             for entry in schema.entries(margs, index):
                 names = [entry.name.format(j) for j in range(local_experts)] if entry.experts else [entry.name]
-                known |= {schema.layer(local, name) for name in names}
+                known |= {schema.layer_path(margs.num_layers, index, local, name) for name in names}
         for path in _tensor_paths(model):
             require(path in known or path[-1].endswith("_extra_state"),
                     f"{paths[t, p, e]}: holds {'.'.join(path)}, a parameter this converter does not carry")

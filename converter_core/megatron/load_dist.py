@@ -19,7 +19,7 @@ def load_dist(queue, args, iteration, folder):
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(folder / torch_dist.COMMON))
     layers, hidden = margs.num_layers, margs.hidden_size
     try:  # the layers its args describe are ones this converter knows (named after the file if not)
-        for index in range(layers):
+        for index in range(layers + megatron_args.mtp_layers(margs)):
             megatron_schema.layer_entries(margs, index)
     except ConversionError as error:
         raise ConversionError(f"{folder / torch_dist.COMMON}: {error}") from None
@@ -31,14 +31,18 @@ def load_dist(queue, args, iteration, folder):
 
     def source_of(candidates, index):
         """(key, index along the stacked axis or None) holding an entry of layer `index`: under the
-        stacked key or a per-layer one, as TransformerEngine's or the local spec names it."""
+        stacked key or a per-layer one, as TransformerEngine's or the local spec names it (an MTP layer:
+        its own keys)."""
+        if index >= layers:
+            return next((key for key in candidates if key in reader), candidates[0]), None
         for stacked in candidates:
             per_layer = stacked.replace("decoder.layers.", f"decoder.layers.{index}.", 1)
             if stacked in reader or per_layer in reader:
                 return (stacked, index) if stacked in reader else (per_layer, None)
         return candidates[0], index
 
-    for index in range(layers):
+    mtp_layers = megatron_args.mtp_layers(margs)
+    for index in range(layers + mtp_layers):
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             key, position = source_of(candidates, index)
             require(key in reader, f"{where}: no tensor {' or '.join(candidates)} (the args describe {layers} layers "
@@ -57,18 +61,24 @@ def load_dist(queue, args, iteration, folder):
         require(reader.shape("output_layer.weight") == reader.shape(table_key) if "output_layer.weight" in reader else False,
                 f"{where}: output_layer.weight missing or not shaped like the embeddings")
     md = source_metadata(margs, args, iteration, margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size)
+    protocol.check_mtp_reader(args, md, str(folder / torch_dist.COMMON))
+
+    def layer_message(index):
+        message = {}
+        for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
+            tensor = reader.read(*source_of(candidates, index))
+            parts = torch.chunk(tensor, 2, dim=int(entry.experts)) if entry.kind == layout.SWIGLU else (tensor,)
+            message.update(zip(entry.keys, parts))
+        return message
 
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": reader.read(table_key)}
         for index in range(layers):
-            message = {}
-            for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
-                tensor = reader.read(*source_of(candidates, index))
-                parts = torch.chunk(tensor, 2, dim=int(entry.experts)) if entry.kind == layout.SWIGLU else (tensor,)
-                message.update(zip(entry.keys, parts))
-            yield protocol.layer_name(index), message
+            yield protocol.layer_name(index), layer_message(index)
         yield protocol.FINAL_NORM, {key: reader.read(f"{norm_key}.{key}") for key in final_norm_keys(margs)}
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": reader.read("output_layer.weight")}
+        for depth in range(mtp_layers):
+            yield protocol.mtp_layer_name(depth), layer_message(layers + depth)
 
     protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))

@@ -25,6 +25,7 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
     group.add_argument("--saver-transformer-impl", default=default_impl, choices=["local", "transformer_engine"],
                        help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
+    protocol.reads_mtp_layers(parser)  # written to the last stage, or refused by a format without them
 
 
 def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
@@ -72,6 +73,7 @@ def save(queue, args, schema, ckpt_format="torch"):
     require(pp <= md.num_layers, f"{where}: pipeline size {pp} exceeds the {md.num_layers} layers")
     per_stage = megatron_args.layers_per_stage(md.num_layers, pp, where)
     dtype, last = md.params_dtype, pp - 1
+    mtp_layers = megatron_args.mtp_layers(margs)
     if args.moe_grouped_gemm is not None:
         require(not args.moe_grouped_gemm or md.checkpoint_args.num_experts,
                 f"{where}: --moe-grouped-gemm for a model without experts")
@@ -101,10 +103,12 @@ def save(queue, args, schema, ckpt_format="torch"):
         sink.put_vocab(0, schema.word_embeddings, table, rows)
         if not md.output_layer and pp > 1 and sink.per_rank:
             sink.put_vocab(last, schema.tied_output_layer, table, rows)
+        if mtp_layers and pp > 1 and sink.per_rank:  # megatron-core's last stage keeps its own copy for MTP
+            sink.put_vocab(last, schema.word_embeddings, table, rows)
 
-        for index in range(md.num_layers):
-            message = receiver.get(protocol.layer_name(index), protocol.layer_message_shapes(margs, index))
-            stage, local = divmod(index, per_stage)
+        def put_layer(name, index, stage, local):
+            """Receive message `name`, layer `index` of the model (local index `local` on pipeline `stage`)."""
+            message = receiver.get(name, protocol.layer_message_shapes(margs, index))
             for entry in schema.entries(naming, index):
                 tensors = [message.pop(key).to(protocol.stored_dtype(key, dtype)) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
@@ -112,6 +116,9 @@ def save(queue, args, schema, ckpt_format="torch"):
             for key, value in schema.layer_values(naming, index, experts // ep if sink.per_rank else experts).items():
                 sink.put_layer_value(index, stage, local, key, value)
             receiver.check_consumed(message)
+
+        for index in range(md.num_layers):
+            put_layer(protocol.layer_name(index), index, *divmod(index, per_stage))
 
         message = receiver.get(protocol.FINAL_NORM, {key: (margs.hidden_size,) for key in final_norm_keys(margs)})
         for key in final_norm_keys(margs):
@@ -126,6 +133,8 @@ def save(queue, args, schema, ckpt_format="torch"):
             sink.put_vocab(last, schema.output_layer, weight.to(dtype), margs.padded_vocab_size)
         for path, value in schema.last_stage_values().items():
             sink.put_value(last, path, value)
+        for depth in range(mtp_layers):
+            put_layer(protocol.mtp_layer_name(depth), md.num_layers + depth, last, None)
         receiver.done()
         sink.finish(margs)
     except BaseException:

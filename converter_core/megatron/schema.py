@@ -14,7 +14,8 @@ from converter_core.megatron import args as megatron_args, keys as message_keys
 
 FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Megatron-Core distributed, legacy GPT
 # Model settings (Megatron args) a format cannot hold, and why; savers refuse them, supported() reports them.
-FORMAT_LIMITS = {"legacy": {"multi_latent_attention": "legacy Megatron-LM has no multi-latent attention",
+FORMAT_LIMITS = {"legacy": {"mtp_num_layers": "legacy Megatron-LM has no multi-token prediction",
+                            "multi_latent_attention": "legacy Megatron-LM has no multi-latent attention",
                             "qk_layernorm": "legacy Megatron-LM has no q/k norms",
                             "num_experts": "legacy mixture-of-experts checkpoints are not written here"}}
 
@@ -28,10 +29,11 @@ local expert number); kind: TP rule; experts: the message holds one tensor per e
 def layer_entries(args, index=0, spec=LOCAL, grouped=False):
     """The parameters of transformer layer `index` as `spec` (LOCAL, TRANSFORMER_ENGINE or LEGACY) names
     them, each with the message keys it holds (message_keys' table); `grouped`: experts as
-    TransformerEngine's TEGroupedMLP names them."""
-    keys_of = {}  # parameter name -> its keys, in table order
+    TransformerEngine's TEGroupedMLP names them. Layer num_layers + i is multi-token-prediction layer i,
+    its names inside mtp.layers.i."""
+    keys_of, mtp = {}, index >= args.num_layers  # parameter name -> its keys, in table order
     for key in message_keys.layer_keys(args, index):
-        keys_of.setdefault(key.parameter(spec, grouped), []).append(key)
+        keys_of.setdefault(key.parameter(spec, grouped, mtp), []).append(key)
     entries = []
     for name, keys in keys_of.items():
         split = keys[0].tp_split(spec)
@@ -66,6 +68,11 @@ class CoreSchema:
     def layer(self, index, name):
         return (f"decoder.layers.{index}.{name}",)
 
+    def layer_path(self, num_layers, index, local, name):
+        """The path of parameter `name` of layer `index` (`local` within its pipeline stage); layer
+        num_layers + i is multi-token-prediction layer i (on the last stage)."""
+        return (f"mtp.layers.{index - num_layers}.{name}",) if index >= num_layers else self.layer(local, name)
+
     def grouped(self, args):
         """Whether experts are TEGroupedMLP's (TransformerEngine with moe_grouped_gemm); the local
         spec's GroupedMLP (one fused weight1 / weight2) is not supported."""
@@ -81,9 +88,10 @@ class CoreSchema:
     def layer_values(self, args, index=0, local_experts=0):
         """`_extra_state` entries a real model has per layer: None for Megatron's own linears, an empty
         uint8 tensor for TransformerEngine modules (what TE >= 2.4 returns without FP8)."""
-        if megatron_args.moe_layers(args)[index] and self.grouped(args):
+        moe = megatron_args.is_moe_layer(args, index)
+        if moe and self.grouped(args):
             mlp = ["mlp.experts.linear_fc1", "mlp.experts.linear_fc2"]  # one GroupedLinear each
-        elif megatron_args.moe_layers(args)[index]:
+        elif moe:
             mlp = [f"mlp.experts.local_experts.{j}.{linear}" for j in range(local_experts)
                    for linear in ("linear_fc1", "linear_fc2")]
             if getattr(args, "moe_shared_expert_intermediate_size", None):
@@ -97,10 +105,11 @@ class CoreSchema:
                                                                        "kv_up_proj", "proj")]
         else:
             attention = [f"self_attention.linear_{name}" for name in ("q_proj", "kv_down_proj", "kv_up_proj", "proj")]
-        if self.impl == TRANSFORMER_ENGINE:
-            modules = ["self_attention.core_attention", *attention, *mlp]
-            return {f"{m}._extra_state": torch.empty(0, dtype=torch.uint8) for m in modules}
-        return {f"{m}._extra_state": None for m in attention + mlp}
+        modules = (["self_attention.core_attention"] if self.impl == TRANSFORMER_ENGINE else []) + attention + mlp
+        if index >= args.num_layers:  # an MTP layer: its projection, and its transformer layer's modules
+            modules = ["eh_proj"] + [message_keys.MTP_TRANSFORMER_LAYER + module for module in modules]
+        value = torch.empty(0, dtype=torch.uint8) if self.impl == TRANSFORMER_ENGINE else None
+        return {f"{m}._extra_state": value for m in modules}
 
     def last_stage_values(self):
         return {("output_layer._extra_state",): None}
@@ -127,6 +136,9 @@ class LegacySchema:
 
     def layer(self, index, name):
         return ("language_model", "encoder", f"layers.{index}.{name}")
+
+    def layer_path(self, num_layers, index, local, name):
+        return self.layer(local, name)  # no MTP layers (FORMAT_LIMITS)
 
     def entries(self, args, index=0):
         return layer_entries(args, index, LEGACY)
@@ -174,20 +186,34 @@ def dist_layer_key(name, local_spec=False):
     return "decoder.layers." + name
 
 
+def dist_mtp_key(mtp_index, name, local_spec=False):
+    """The torch_dist key of parameter `name` of multi-token-prediction layer `mtp_index`: one key per
+    layer (not stacked), its transformer layer's parameters renamed as a decoder layer's are."""
+    prefix = f"mtp.layers.{mtp_index}."
+    inner = name.removeprefix(message_keys.MTP_TRANSFORMER_LAYER)
+    if inner == name:
+        return prefix + name
+    return prefix + message_keys.MTP_TRANSFORMER_LAYER + dist_layer_key(inner, local_spec).removeprefix("decoder.layers.")
+
+
 def dist_layer_candidates(args, index):
     """Per local-spec entry of layer `index`, the torch_dist keys it may be under: as a checkpoint of
     TransformerEngine's spec or of the local spec holds it (they differ for MoE and MLA norms)."""
     mla = getattr(args, "multi_latent_attention", False)
     local, te = layer_entries(args, index), layer_entries(args, index, TRANSFORMER_ENGINE)
-    return [(entry, list(dict.fromkeys((dist_layer_key(te_entry.name), dist_layer_key(entry.name, not mla)))))
-            for entry, te_entry in zip(local, te)]
+    if index >= args.num_layers:
+        def key(name, local_spec=False):
+            return dist_mtp_key(index - args.num_layers, name, local_spec)
+    else:
+        key = dist_layer_key
+    return [(entry, list(dict.fromkeys((key(te_entry.name), key(entry.name, not mla))))) for entry, te_entry in zip(local, te)]
 
 
 DIST_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
                             "self_attention.linear_q_proj", "self_attention.linear_q_down_proj",
                             "self_attention.linear_q_up_proj", "self_attention.linear_kv_down_proj",
                             "self_attention.linear_kv_up_proj", "mlp.shared_experts.linear_fc1",
-                            "mlp.shared_experts.linear_fc2")
+                            "mlp.shared_experts.linear_fc2", "eh_proj")
 
 
 def detect(model):

@@ -11,6 +11,7 @@ from converter_core import layout, output, workers
 from converter_core.errors import require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
+from converter_core.megatron.keys import MTP_TRANSFORMER_LAYER
 from converter_core.output import StagedFolder
 
 CHECKPOINT_VERSION = 3.0
@@ -48,7 +49,8 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
-        """Parameter `name` of layer `index` (`local` within its stage); `value` is a (W, V) tuple for
+        """Parameter `name` of layer `index` (`local` within its stage; index num_layers + i is
+        multi-token-prediction layer i, on the last stage, `local` None); `value` is a (W, V) tuple for
         SwiGLU, and with `experts` holds every expert stacked on a leading axis."""
 
     @abc.abstractmethod
@@ -75,6 +77,7 @@ class RankFilesSink(Sink):
         self.save_dir, self.schema = Path(save_dir), schema
         self.workers = workers.Workers(workers_count)
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
+        self.num_layers = args.num_layers
         self.staged = _staged_iteration(save_dir, iteration)
         self.files, self.models = {}, {}
         for t in range(tp):
@@ -111,17 +114,17 @@ class RankFilesSink(Sink):
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
         if not experts:
-            return self.put(stage, self.schema.layer(local, name), value, kind)
+            return self.put(stage, self.schema.layer_path(self.num_layers, index, local, name), value, kind)
         stacked = value if isinstance(value, tuple) else (value,)
         per_rank = stacked[0].shape[0] // self.ep
         for expert in range(stacked[0].shape[0]):
             e, j = divmod(expert, per_rank)
             one = tuple(part[expert] for part in stacked)
-            self.put(stage, self.schema.layer(local, name.format(j)), one if isinstance(value, tuple) else one[0],
-                     kind, ep_ranks=[e])
+            self.put(stage, self.schema.layer_path(self.num_layers, index, local, name.format(j)),
+                     one if isinstance(value, tuple) else one[0], kind, ep_ranks=[e])
 
     def put_layer_value(self, index, stage, local, name, value):
-        self.put_value(stage, self.schema.layer(local, name), value)
+        self.put_value(stage, self.schema.layer_path(self.num_layers, index, local, name), value)
 
     def finish(self, args):
         self.workers.finish()
@@ -184,7 +187,9 @@ class TorchDistSink(Sink):
         pass  # output_layer._extra_state: Megatron-Core's sharded state dict leaves it out
 
     def _key(self, index, name):
-        """(key, leading shape, leading offset) of layer `index`'s parameter `name`."""
+        """(key, leading shape, leading offset) of layer `index`'s parameter `name` (MTP layers: one key each)."""
+        if index >= self.num_layers:
+            return megatron_schema.dist_mtp_key(index - self.num_layers, name, self.local_renames), (), ()
         key = megatron_schema.dist_layer_key(name, self.local_renames)
         if self.per_layer_keys:
             return key.replace("decoder.layers.", f"decoder.layers.{index}.", 1), (), ()
@@ -196,7 +201,7 @@ class TorchDistSink(Sink):
         axis, first = int(experts), halves[0]
         shape = (*first.shape[:axis], sum(half.shape[axis] for half in halves), *first.shape[axis + 1:])
         key, lead, offset = self._key(index, name)
-        if self.per_layer_keys or index == 0:
+        if not lead or index == 0:
             self.writer.declare(key, first.dtype, (*lead, *shape))
         chunks = [((e,), tuple(half[e] for half in halves)) for e in range(shape[0])] if experts else [((), halves)]
         for expert, parts in chunks:
@@ -207,7 +212,7 @@ class TorchDistSink(Sink):
         expert = re.search(r"local_experts\.([0-9]+)\.", module)
         if expert:
             module = module.replace(expert.group(0), "experts.")
-        elif module not in megatron_schema.DIST_EXTRA_STATE_MODULES:
+        elif module.removeprefix(MTP_TRANSFORMER_LAYER) not in megatron_schema.DIST_EXTRA_STATE_MODULES:
             return
         key, lead, offset = self._key(index, module + "._extra_state")
         if expert:

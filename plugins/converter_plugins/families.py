@@ -52,10 +52,9 @@ DEEPSEEK_EXPERTS = plugin.Experts(
 DEEPSEEK_V3 = plugin.Family(
     "deepseek_v3", ("DeepseekV3ForCausalLM",), mla=True, rope_interleaved="rope_interleave",
     layer=plugin.MLA_ATTENTION + DEEPSEEK_MLP, experts=DEEPSEEK_EXPERTS,
-    config={"attention_bias": False},
+    config={"attention_bias": False}, mtp=plugin.Mtp(),
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
-           "grouped routing only where num_experts_per_tok = 2 x topk_group; its MTP layer (num_nextn_predict_layers) "
-           "is refused"))
+           "grouped routing only where num_experts_per_tok = 2 x topk_group"))
 # GLM-4.5 / 4.6 / 4.7 and GLM-4.5-Air: Llama's attention with q/k/v biases (attention_bias), optional per-head
 # q/k norms (use_qk_norm), rotate-half rope on part of each head (partial_rotary_factor) and head_dim set apart;
 # DeepSeek-V3's MLP side: the first layers dense, then sigmoid routing with a score-correction bias, groups,
@@ -106,11 +105,12 @@ MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_in
 
 # What no family converts yet; said in each family's section of the supported-models report.
 NOT_YET = "refuses multi-token-prediction layers (Megatron's mtp_num_layers) until they are supported"
+WITH_MTP = "multi-token-prediction layers (num_nextn_predict_layers, Megatron's mtp_num_layers) convert both ways"
 # What every family does with FP8 block-scaled weights (formats/fp8.py).
 FP8 = ("FP8 block-scaled weights (quantization_config fp8, *_scale_inv) are dequantized on the way in; the way back "
        "writes the dequantized model without quantization_config")
 LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3 = (
-    dataclasses.replace(family, notes=family.notes + (FP8, NOT_YET))
+    dataclasses.replace(family, notes=family.notes + (FP8, WITH_MTP if family.mtp else NOT_YET))
     for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3))
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
