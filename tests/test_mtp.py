@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 from dist_harness import dist_logits
 from helpers import BASE, assert_bit_identical, convert, error_line, hf_logits, randomize, read_config, tokens_for
@@ -25,22 +24,23 @@ LAYERS = 2  # layer 0 dense, layer 1 MoE; the MTP layer (2) is built like the la
 def add_mtp_layer(folder, model, scratch):
     """Write an MTP layer into the saved model's weights as DeepSeek-V3's release holds it; returns it (a
     transformers decoder layer, with enorm, hnorm, eh_proj and shared_head.norm beside its own modules).
-    It is layer LAYERS of a model one layer deeper, so transformers writes it in its file names."""
-    config = transformers.DeepseekV3Config(**dict(model.config.to_dict(), num_hidden_layers=LAYERS + 1))
+    It is the last layer of a model one layer deeper, so transformers writes it in its file names."""
+    layers = model.config.num_hidden_layers
+    config = type(model.config)(**dict(model.config.to_dict(), num_hidden_layers=layers + 1))
     torch.manual_seed(5)
     deeper = transformers.AutoModelForCausalLM.from_config(config).eval()
-    layer = deeper.model.layers[LAYERS]
-    hidden, eps = config.hidden_size, config.rms_norm_eps
-    layer.enorm, layer.hnorm = DeepseekV3RMSNorm(hidden, eps), DeepseekV3RMSNorm(hidden, eps)
+    layer = deeper.model.layers[layers]
+    hidden, eps, norm = config.hidden_size, config.rms_norm_eps, type(model.model.norm)  # the family's RMSNorm
+    layer.enorm, layer.hnorm = norm(hidden, eps), norm(hidden, eps)
     layer.eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
     layer.shared_head = torch.nn.Module()
-    layer.shared_head.norm = DeepseekV3RMSNorm(hidden, eps)
+    layer.shared_head.norm = norm(hidden, eps)
     randomize(layer, 7)
     with torch.no_grad():
         layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts,
                                                                  generator=torch.Generator().manual_seed(8)) * 0.1)
     deeper.save_pretrained(scratch)
-    prefix = f"model.layers.{LAYERS}."
+    prefix = f"model.layers.{layers}."
     tensors = load_file(folder / "model.safetensors")
     tensors.update({name: value for name, value in load_file(scratch / "model.safetensors").items()
                     if name.startswith(prefix)})

@@ -63,12 +63,11 @@ GLM4_MOE = plugin.Family(
     "glm4_moe", ("Glm4MoeForCausalLM",), features=(), experts=DEEPSEEK_EXPERTS,
     layer=plugin.LLAMA_ATTENTION + plugin.QKV_BIAS + plugin.QK_NORM + DEEPSEEK_MLP,
     fields={"partial_rotary_factor": "rotary_percent", "attention_bias": "add_qkv_bias", "use_qk_norm": "qk_layernorm"},
-    config={"num_nextn_predict_layers": 0},
+    config={"num_nextn_predict_layers": 0}, mtp=plugin.Mtp(),
     notes=("q/k/v biases (attention_bias -> add_qkv_bias), per-head q/k norms when use_qk_norm (qk_layernorm), "
            "partial rotary (partial_rotary_factor -> rotary_percent); first_k_dense_replace dense layers, then sigmoid "
            "routing with score bias, groups, routed scaling and shared experts",
-           "grouped routing only where num_experts_per_tok = 2 x topk_group (GLM releases use one group); the "
-           "releases' MTP layer (num_nextn_predict_layers, stored as layer num_hidden_layers) is refused"))
+           "grouped routing only where num_experts_per_tok = 2 x topk_group (GLM releases use one group)"))
 # Kimi-K2: DeepSeek-V3's architecture and tensor names under its own model_type, with its own remote code.
 KIMI_K2 = dataclasses.replace(
     DEEPSEEK_V3, model_type="kimi_k2", config={**DEEPSEEK_V3.config, "auto_map": {
