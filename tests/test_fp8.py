@@ -1,4 +1,4 @@
-"""FP8 block-scaled sources, as DeepSeek-V3 and Kimi-K2 (the kimi_k2 family) release them: float8_e4m3fn
+"""FP8 block-scaled sources, as DeepSeek-V3 (with its MTP layer) and Kimi-K2 (the kimi_k2 family) release them: float8_e4m3fn
 weights with a float32 `<name>_scale_inv` per block (partial edge blocks; the block sizes read from
 quantization_config). The loader dequantizes as DeepSeek's weight_dequant does, so megatron-core gives
 transformers' logits of the dequantized model; the Megatron tensors are that dequantization bit for
@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import converter_core
 
@@ -19,9 +19,11 @@ from helpers import (BASE, assert_bit_identical, convert, error_line, hf_logits,
                      tokens_for)
 from mcore_harness import mcore_logits
 from test_mla import VOCAB, make_model, to_hf, to_mcore
+from test_mtp import add_mtp_layer, mtp_reference_logits
 
-# 16 experts in 4 groups, top 2 groups, 4 experts a token; no MTP layer.
-MOE = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, num_nextn_predict_layers=0)
+# 16 experts in 4 groups, top 2 groups, 4 experts a token; DeepSeek-V3's release has an MTP layer, Kimi-K2's none.
+MOE = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+MTP_LAYERS = {"deepseek_v3": 1, "kimi_k2": 0}
 EXPERTS, TP = 16, 2
 # Blocks with partial edge blocks (DeepSeek's [24, 16]: rows of 32, 64, 128, 160; Kimi's [16, 24]: rows of
 # 24, columns of 16, 32, 64, 160), not square, so a scale read transposed is caught.
@@ -79,7 +81,8 @@ class Release:
 
     def __init__(self, root, model_type):
         self.fp8, self.reference = root / "fp8", root / "dequantized"
-        make_model(self.reference, torch.bfloat16, **MOE)
+        model = make_model(self.reference, torch.bfloat16, num_nextn_predict_layers=MTP_LAYERS[model_type], **MOE)
+        self.mtp = add_bf16_mtp_layer(self.reference, model, root / "deeper") if MTP_LAYERS[model_type] else None
         self.block = block = BLOCKS[model_type]
         config = read_config(self.reference)
         if model_type == "kimi_k2":
@@ -104,9 +107,44 @@ class Release:
         reference = {k: v for k, v in self.config.items() if k not in ("quantization_config", "auto_map")}
         (self.reference / "config.json").write_text(json.dumps(dict(reference, model_type="deepseek_v3")))
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.reference, dtype=torch.float32).eval()
+        if self.mtp is not None:  # the MTP layer of the model the release encodes, with its dequantized weights
+            self.mtp = dequantized_mtp_layer(self.mtp, self.tensors, reference, root / "deeper-dequantized")
 
     def released_config(self):
         return {key: value for key, value in self.config.items() if key != "quantization_config"}
+
+
+MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # an MTP layer's copies of the model's tables
+
+
+def add_bf16_mtp_layer(folder, model, scratch):
+    """test_mtp's MTP layer, stored in bfloat16 like the rest of the release (the routing bias in float32)."""
+    layer = add_mtp_layer(folder, model, scratch)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({name: tensor if name.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16)
+               for name, tensor in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    return layer
+
+
+def dequantized_mtp_layer(layer, tensors, config, scratch):
+    """`layer` (test_mtp's MTP layer) holding the dequantized weights in `tensors`: its decoder part read by
+    transformers as the last layer of a model one layer deeper, its MTP parts copied."""
+    prefix = f"model.layers.{BASE['num_hidden_layers']}."
+    parts = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
+    scratch.mkdir()
+    save_file({name: tensor for name, tensor in tensors.items()
+               if not name.startswith(prefix) or not name.endswith(parts + MTP_COPIES)},
+              scratch / "model.safetensors", metadata={"format": "pt"})
+    deeper = dict(config, model_type="deepseek_v3", num_hidden_layers=BASE["num_hidden_layers"] + 1,
+                  num_nextn_predict_layers=0)
+    (scratch / "config.json").write_text(json.dumps(deeper))
+    decoder = transformers.AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).model.layers[-1]
+    with torch.no_grad():
+        for name in parts:
+            layer.get_parameter(name).copy_(tensors[prefix + name].float())
+    for name, module in decoder.named_children():
+        setattr(layer, name, module)
+    return layer.eval()
 
 
 RELEASES = {}
@@ -158,6 +196,10 @@ def assert_rank_holds(rank_file, release, **where):
     for layer in range(BASE["num_hidden_layers"]):
         for name, tensor in megatron_slices(release.tensors, layer, **where).items():
             assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], tensor), name
+    if release.mtp is not None:  # the MTP layer's projection, split by rows like any column-parallel weight
+        eh_proj = release.tensors[f"model.layers.{BASE['num_hidden_layers']}.eh_proj.weight"]
+        expected = eh_proj.chunk(where["tp"])[where["tp_rank"]]
+        assert torch.equal(state["mtp.layers.0.eh_proj.weight"], expected)
 
 
 def test_megatron_core_logits_exact_tensors_and_back(release, tmp_path):
@@ -182,7 +224,11 @@ def test_megatron_core_logits_exact_tensors_and_back(release, tmp_path):
     convert("--loader", "mcore", "--saver", "mcore", "--load-dir", megatron, "--save-dir", tmp_path / "ep1",
             "--target-expert-parallel-size", 1, "--saver-transformer-impl", "local")
     tokens = tokens_for(VOCAB)
-    logits = mcore_logits(tmp_path / "ep1" / "iter_0000001", tokens)
+    logits = mcore_logits(tmp_path / "ep1" / "iter_0000001", tokens, mtp=release.mtp is not None)
+    if release.mtp is not None:
+        logits, mtp_logits = logits
+        torch.testing.assert_close(mtp_logits[0][..., :VOCAB], mtp_reference_logits(release.model, release.mtp, tokens),
+                                   atol=1e-4, rtol=0)
     torch.testing.assert_close(logits[..., :VOCAB], hf_logits(release.model, tokens), atol=1e-4, rtol=0)
 
 
