@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import hf_family, options as option_parsing, orchestrator, plugins
+from converter_core import hf_family, hub, options as option_parsing, orchestrator, plugins
 from converter_core.errors import ConversionError, require
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -44,6 +44,7 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=Non
 def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
     """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
     args, loader_module, saver_module = option_parsing.parse(argv, options)
+    args.load_dir = _source(args.load_dir)
     option_parsing.check_folders(args.load_dir, args.save_dir)
     warnings = []
 
@@ -69,6 +70,17 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     return result
 
 
+def _source(load_dir):
+    """The folder --load-dir names: itself, or a Hub id's snapshot folder, resolved here in the parent so
+    every loader (Megatron's too) sees a folder. A Hub id that does not resolve fails as the loader's
+    missing folder does."""
+    try:
+        return hub.resolve(load_dir)
+    except ConversionError as error:
+        error.role, error.side_failed = "loader", True
+        raise
+
+
 @dataclasses.dataclass
 class Detected:
     """What a checkpoint folder is, read from its config or args and file names, never its weights."""
@@ -88,7 +100,7 @@ class Detected:
 
 def detect(path):
     """What the folder at `path` is; raises ConversionError (kind "input") naming it when it is none."""
-    folder = Path(path)
+    folder = Path(hub.resolve(path))
     require(folder.is_dir(), f"{folder}: no such folder")
     if (folder / hf.CONFIG).is_file():
         config = hf.read_json(folder / hf.CONFIG)

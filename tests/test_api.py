@@ -91,8 +91,8 @@ def test_unexpected_plugin_error_is_internal(tmp_path, source, monkeypatch, capf
     with pytest.raises(converter_core.ConversionError) as caught:
         converter_core.convert("llama_hf", "fragile", source, tmp_path / "out", max_queue_size=1)
     assert (caught.value.kind, caught.value.role, caught.value.status) == ("internal", "saver", 3)
-    assert str(caught.value) == ("saver failed: KeyError: 'rotary_base' "
-                                 "(unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)")
+    assert str(caught.value) == "KeyError: 'rotary_base' (unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)"
+    assert caught.value.line() == f"saver failed: {caught.value}"  # what the command line prints
     assert capfd.readouterr() == ("", "") and not (tmp_path / "out").exists()
 
 
