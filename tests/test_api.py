@@ -16,6 +16,7 @@ import converter_core
 from converter_core import api
 from helpers import assert_bit_identical, convert, declared_plugins, make_hf_model
 from minicpm_reference import make_minicpm_folder, minicpm_config
+from test_mla import make_model as make_deepseek
 from test_faults import SLOW_SAVER, assert_nothing_complete, layers_taken
 from test_cli_and_plugins import plugin_env
 
@@ -182,26 +183,68 @@ def detected(path):
     return found.format, found.family, found.tp, found.pp, found.ep, found.vp, found.dtype, found.num_layers, found.loader
 
 
+def plugins_and_sizes(path):
+    found = converter_core.detect(path)
+    return ((found.loader, found.saver, found.other_saver, found.other_loader),
+            (found.layers, found.hidden_size, found.attention_heads, found.kv_heads, found.experts, found.vocab_size,
+             found.parameters, found.bytes))
+
+
+def model_sizes(model, dtype):
+    """What detect() should say of `model` saved in `dtype`, from transformers' own model."""
+    config, parameters = model.config, sum(p.numel() for p in model.parameters())  # tied weights counted once
+    return (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, 0,
+            config.vocab_size, parameters, parameters * dtype.itemsize)
+
+
 def test_detect_every_checkpoint_kind(tmp_path):
+    models = {}
     for variant in ("llama", "mistral", "qwen2"):
-        make_hf_model(tmp_path / variant, variant, dtype=torch.bfloat16, num_hidden_layers=2)
+        models[variant] = make_hf_model(tmp_path / variant, variant, dtype=torch.bfloat16, num_hidden_layers=2,
+                                        tie_word_embeddings=variant == "qwen2")
         assert detected(tmp_path / variant) == ("hf", variant, 1, 1, 1, None, "bfloat16", 2, "llama_hf")
+        assert plugins_and_sizes(tmp_path / variant) == (("llama_hf", "llama_hf", "mcore", "mcore"),
+                                                         model_sizes(models[variant], torch.bfloat16))
     make_minicpm_folder(tmp_path / "minicpm", minicpm_config())
     assert detected(tmp_path / "minicpm") == ("hf", "minicpm", 1, 1, 1, None, "bfloat16", 4, "minicpm_hf")
     convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "qwen2", "--save-dir", tmp_path / "te",
             "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2)
     assert detected(tmp_path / "te") == ("mcore", "qwen2", 2, 2, 1, None, "bfloat16", 2, "mcore")
+    assert plugins_and_sizes(tmp_path / "te") == (("mcore", "mcore", "llama_hf", "llama_hf"),
+                                                  model_sizes(models["qwen2"], torch.bfloat16))  # unpadded, once
     convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", tmp_path / "mistral", "--save-dir", tmp_path / "dist",
             "--ckpt-format", "torch_dist", "--saver-transformer-impl", "local")
     assert detected(tmp_path / "dist") == ("torch_dist", "mistral", 1, 1, 1, None, "bfloat16", 2, "mcore")
+    assert plugins_and_sizes(tmp_path / "dist") == (("mcore", "mcore", "llama_hf", "llama_hf"),
+                                                    model_sizes(models["mistral"], torch.bfloat16))
     convert("--loader", "llama_hf", "--saver", "megatron", "--load-dir", tmp_path / "llama", "--save-dir",
-            tmp_path / "legacy", "--target-pipeline-parallel-size", 2)
-    assert detected(tmp_path / "legacy") == ("legacy", "llama", 1, 2, 1, None, "bfloat16", 2, "megatron")
+            tmp_path / "legacy", "--target-pipeline-parallel-size", 2, "--fp16")
+    assert detected(tmp_path / "legacy") == ("legacy", "llama", 1, 2, 1, None, "float16", 2, "megatron")
+    assert plugins_and_sizes(tmp_path / "legacy") == (("megatron", "megatron", "llama_hf", "llama_hf"),
+                                                      model_sizes(models["llama"], torch.float16))
     convert("--loader", "minicpm_hf", "--saver", "mcore", "--load-dir", tmp_path / "minicpm", "--save-dir",
             tmp_path / "minicpm-mcore", "--target-tensor-parallel-size", 2)
     assert detected(tmp_path / "minicpm-mcore")[:3] == ("mcore", "minicpm", 2)
+    assert plugins_and_sizes(tmp_path / "minicpm")[0] == ("minicpm_hf", "minicpm_hf", "mcore", "mcore")
+    assert plugins_and_sizes(tmp_path / "minicpm-mcore")[0] == ("mcore", "mcore", "minicpm_hf", "minicpm_hf")
     with pytest.raises(converter_core.ConversionError, match="not a Megatron checkpoint folder"):
         converter_core.detect(tmp_path)
+
+
+def test_detect_counts_experts_and_float32_tensors(tmp_path):
+    """DeepSeek-V3 (MoE, MLA) in bfloat16: its routing bias is float32 in the HF files and in Megatron's."""
+    model = make_deepseek(tmp_path / "hf", torch.bfloat16)
+    state = model.state_dict()  # untied: each tensor once
+    parameters = sum(t.numel() for t in state.values())
+    size = sum(t.numel() * (4 if name.endswith("e_score_correction_bias") else 2) for name, t in state.items())
+    config = model.config
+    expected = (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                config.n_routed_experts, config.vocab_size, parameters, size)
+    assert plugins_and_sizes(tmp_path / "hf") == (("hf", "hf", "mcore", "mcore"), expected)
+    convert("--loader", "hf", "--saver", "mcore", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "mcore",
+            "--target-expert-parallel-size", 2)
+    assert plugins_and_sizes(tmp_path / "mcore") == (("mcore", "mcore", "hf", "hf"), expected)
+    assert detected(tmp_path / "mcore")[:5] == ("mcore", "deepseek_v3", 1, 1, 2)
 
 
 def test_supported_matches_the_docs():
