@@ -8,8 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import hf_family, hub, options as option_parsing, orchestrator, plugins, protocol
-from converter_core.errors import ConversionError, require
+from converter_core import hf_family, hf_stream, hub, options as option_parsing, orchestrator, plugins, protocol
+from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
 
@@ -35,11 +35,18 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=Non
     "message"}, then {"event": "finish", ...}. `cancel` (a threading.Event) stops the run within a second,
     removes the staged output and raises. `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and
     SIGHUP stop the run the same way, as the command line does.
+    `load_dir` may be a Hugging Face Hub id, `org/name` or `org/name@revision` (hub.resolve).
     Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
-    `.kind` ("input", "internal", "interrupted") and the one-line message."""
+    `.kind` ("input", "internal", "interrupted"), `.path` (the file or folder at fault, or None) and the
+    one-line message, which names this function's keywords (save_dir) where the command line's names its flags."""
     argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
             "--save-dir", os.fspath(save_dir)]
-    return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+    try:
+        return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+    except ConversionError as error:
+        keywords = {"--" + name.replace("_", "-"): name for name in ("load_dir", "save_dir", "model_type", *options)}
+        error.args = (re.sub(r"--[a-z][a-z0-9-]*", lambda flag: keywords.get(flag[0], flag[0]), str(error)),)
+        raise
 
 
 def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
@@ -117,7 +124,7 @@ class Detected:
 def detect(path):
     """What the folder at `path` (or Hub id) is; raises ConversionError (kind "input") naming it when it is none."""
     folder = Path(hub.resolve(path))
-    require(folder.is_dir(), f"{folder}: no such folder")
+    require_folder(folder)
     if (folder / hf.CONFIG).is_file():
         return _detect_hf(folder)
     _, iteration_folder = rank_files.read_tracker(folder)
@@ -151,8 +158,7 @@ def detect(path):
 
 
 def _detect_hf(folder):
-    config = hf.read_json(folder / hf.CONFIG)
-    require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
+    config, _ = hf_stream.read_config(folder)
     by_size = sorted(plugins.installed("loader"),  # the most specific plugin that reads it
                      key=lambda name: len(getattr(plugins.load_plugin("loader", name), "FAMILIES", {})) or 1e9)
     for loader in by_size:

@@ -1,5 +1,6 @@
 """Why a conversion did not happen, as one line, plus what a program needs to react to it."""
 
+import os
 import resource
 import signal
 
@@ -48,6 +49,11 @@ def memory_hint():
     if limit is None:
         return " (free memory, or check `ulimit -v`)"
     return f" (this process may use {limit / 2**30:.3g} GiB of address space: raise `ulimit -v`)"
+
+
+def require_folder(path):
+    """A source folder is there: the one wording detect, convert and every loader use for a missing one."""
+    require(os.path.isdir(path), f"{path}: no such model folder", path=path)
 
 
 def require(condition, message, path=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from converter_core import flags, hf_family, layout, protocol, vocab, workers
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import fp8, hf
 from converter_core.megatron import args as megatron_args
 from converter_core.output import StagedFolder
@@ -55,15 +55,21 @@ def add_saver_arguments(parser, title):
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
 
 
+def read_config(folder):
+    """(config.json of an HF folder as a dict, its path): what detect and the loader read alike."""
+    path = Path(folder) / hf.CONFIG
+    config = hf.read_json(path)
+    require(isinstance(config, dict), f"{path}: expected a JSON object", path=path)
+    return config, path
+
+
 def load(queue, args, families):
     """Stream an HF folder of one of `families` ({model_type: Family}): metadata, then one layer at a
     time (never the whole state dict)."""
     folder = Path(args.load_dir)
-    require(folder.is_dir(), f"{folder}: no such model folder")
+    require_folder(folder)
     require(args.checkpoint_type == "hf", f"{folder}: --checkpoint-type meta is not supported; convert to HF first")
-    config_path = folder / hf.CONFIG
-    config = hf.read_json(config_path)
-    require(isinstance(config, dict), f"{config_path}: expected a JSON object")
+    config, config_path = read_config(folder)
     weights = fp8.dequantizing(hf.HFWeights(folder), config, str(config_path))  # FP8 sources read as floats
     family = hf_family.family_of(config, str(config_path), families)
     require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
@@ -81,9 +87,10 @@ def load(queue, args, families):
     try:
         margs = hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
     except KeyError as missing:
-        raise ConversionError(f"{config_path}: missing field {missing}") from None
+        raise ConversionError(f"{config_path}: missing field {missing}", path=config_path) from None
     except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
-        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
+        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})",
+                              path=config_path) from None
     hf_family.check_table(family, margs, str(config_path))
     shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
     unknown = [n for n in weights.names() if n not in shapes and n != family.output_layer and not family.ignores(n)]

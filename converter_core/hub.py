@@ -39,7 +39,7 @@ def resolve(path):
         import huggingface_hub
         from huggingface_hub import errors
     except ImportError:
-        raise ConversionError(f"{text}: no such folder; to read it from the Hugging Face Hub, "
+        raise ConversionError(f"{text}: no such model folder; to read it from the Hugging Face Hub, "
                               "pip install 'converter-core[hub]'", path=text) from None
     match = HUB_ID.fullmatch(text)
     repo, revision = match["repo"], match["revision"]
@@ -54,7 +54,7 @@ def resolve(path):
         raise ConversionError(f"{text}: a gated model on the Hugging Face Hub: accept its terms on huggingface.co, "
                               "then log in (`hf auth login` or HF_TOKEN)", path=text) from None
     except errors.RepositoryNotFoundError:
-        raise ConversionError(f"{text}: no such folder, and no such model on the Hugging Face Hub (a private one "
+        raise ConversionError(f"{text}: no such model folder, and no such model on the Hugging Face Hub (a private one "
                               "needs a login: `hf auth login` or HF_TOKEN)", path=text) from None
     except (errors.LocalEntryNotFoundError, _incomplete(errors)) as error:
         where = huggingface_hub.constants.HF_HUB_CACHE
@@ -64,7 +64,7 @@ def resolve(path):
             problem = f"its snapshot in the Hugging Face cache ({where}) is incomplete and the Hub cannot be reached"
         else:
             problem = f"not in the Hugging Face cache ({where}) and the Hub cannot be reached"
-        raise ConversionError(f"{text}: no such folder, and {problem}", path=text) from None
+        raise ConversionError(f"{text}: no such model folder, and {problem}", path=text) from None
     except (errors.HfHubHTTPError, OSError, ValueError) as error:
         raise ConversionError(f"{text}: cannot download it from the Hugging Face Hub ({first_line(error)})",
                               path=text) from None

@@ -14,7 +14,7 @@ import torch
 
 import converter_core
 from converter_core import api
-from helpers import assert_bit_identical, convert, declared_plugins, make_hf_model
+from helpers import assert_bit_identical, convert, declared_plugins, error_line, make_hf_model
 from minicpm_reference import make_minicpm_folder, minicpm_config
 from test_mla import make_model as make_deepseek
 from test_faults import SLOW_SAVER, assert_nothing_complete, layers_taken
@@ -64,7 +64,7 @@ def test_bad_input_raises_conversion_error(tmp_path):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(target_tensor_parallel_size=0), "argument --target-tensor-parallel-size: must be a positive integer, got '0'"),
+    (dict(target_tensor_parallel_size=0), "argument target_tensor_parallel_size: must be a positive integer, got '0'"),
     (dict(target_tensor_paralel_size=2), "unknown option 'target_tensor_paralel_size'"),
     (dict(checking="no"), "option 'checking' takes True or False")])
 def test_options_are_validated_as_the_command_line_does(tmp_path, source, options, message, capfd):
@@ -95,6 +95,41 @@ def test_unexpected_plugin_error_is_internal(tmp_path, source, monkeypatch, capf
     assert str(caught.value) == "KeyError: 'rotary_base' (unexpected; set CONVERTER_CORE_DEBUG=1 for a traceback)"
     assert caught.value.line() == f"saver failed: {caught.value}"  # what the command line prints
     assert capfd.readouterr() == ("", "") and not (tmp_path / "out").exists()
+
+
+def test_errors_name_the_path_and_read_alike_in_detect_and_convert(tmp_path, source):
+    """.path is the file or folder at fault; detect and convert word one cause alike; the message leaves the
+    role to .role (the command line says "loader failed: ") and names the API's keywords, not flags."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    for folder, path in ((tmp_path / "missing", tmp_path / "missing"), (broken, broken / "config.json")):
+        with pytest.raises(converter_core.ConversionError) as detecting:
+            converter_core.detect(folder)
+        with pytest.raises(converter_core.ConversionError) as converting:
+            converter_core.convert("llama_hf", "mcore", folder, tmp_path / "out")
+        assert str(detecting.value) == str(converting.value) and str(converting.value).startswith(f"{path}: ")
+        assert detecting.value.path == converting.value.path == str(path)
+        assert converting.value.role == "loader" and converting.value.line() == f"loader failed: {converting.value}"
+    assert str(converting.value).startswith(f"{path}: not valid JSON")
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept").write_text("")
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("llama_hf", "llama_hf", source, tmp_path / "full")
+    assert (caught.value.role, caught.value.path) == ("saver", str(tmp_path / "full"))
+    assert str(caught.value) == f"{tmp_path / 'full'}: already exists and is not empty; choose a new save_dir"
+    process = convert("--loader", "llama_hf", "--saver", "llama_hf", "--load-dir", source, "--save-dir", tmp_path / "full",
+                      ok=False)
+    assert error_line(process) == (f"converter_core: error: saver failed: {tmp_path / 'full'}: already exists and is "
+                                   "not empty; choose a new --save-dir")
+
+    converter_core.convert("llama_hf", "mcore", source, tmp_path / "mcore", target_tensor_parallel_size=2)
+    rank_file = tmp_path / "mcore" / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    rank_file.unlink()
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.convert("mcore", "llama_hf", tmp_path / "mcore", tmp_path / "back")
+    assert (caught.value.role, caught.value.path) == ("loader", str(rank_file))
 
 
 def test_unknown_plugin_is_an_argument_error(tmp_path, source):
@@ -175,7 +210,7 @@ def test_version_list_plugins_detect_supported_commands(tmp_path, source):
     assert json.loads(run("detect", str(source)).stdout)["format"] == "hf"
     assert json.loads(run("supported").stdout) == converter_core.supported()
     missing = run("detect", str(tmp_path / "nowhere"))
-    assert missing.returncode == 1 and missing.stderr == f"converter_core: error: {tmp_path / 'nowhere'}: no such folder\n"
+    assert missing.returncode == 1 and missing.stderr == f"converter_core: error: {tmp_path / 'nowhere'}: no such model folder\n"
 
 
 def detected(path):

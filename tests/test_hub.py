@@ -61,11 +61,11 @@ def test_hub_id_converts_as_its_folder(cache, tmp_path):
     assert detect.returncode == 0 and '"format": "hf"' in detect.stdout
 
     missing = run(cache_dir, *hf_to_hf, tmp_path / "none", "--load-dir", "org/nonesuch")
-    assert error_line(missing) == (f"converter_core: error: loader failed: org/nonesuch: no such folder, and not in "
+    assert error_line(missing) == (f"converter_core: error: loader failed: org/nonesuch: no such model folder, and not in "
                                    f"the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE is set")
     assert not (tmp_path / "none").exists()
     wrong = run(cache_dir, "detect", f"org/tiny@{'f' * 40}")
-    assert error_line(wrong).startswith(f"converter_core: error: org/tiny@{'f' * 40}: no such folder, and not in")
+    assert error_line(wrong).startswith(f"converter_core: error: org/tiny@{'f' * 40}: no such model folder, and not in")
 
 
 def test_a_local_folder_named_like_the_id_wins(cache, tmp_path):
@@ -84,9 +84,9 @@ def test_the_api_takes_hub_ids(cache, tmp_path, monkeypatch):
     with pytest.raises(converter_core.ConversionError) as caught:
         converter_core.convert("llama_hf", "mcore", "org/gone", tmp_path / "out")
     assert (caught.value.role, caught.value.kind, caught.value.path) == ("loader", "input", "org/gone")
-    assert str(caught.value).startswith("org/gone: no such folder, and not in the Hugging Face cache")
+    assert str(caught.value).startswith("org/gone: no such model folder, and not in the Hugging Face cache")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(converter_core.ConversionError) as caught:
         converter_core.detect("org/tiny")
-    assert str(caught.value) == "org/tiny: no such folder; to read it from the Hugging Face Hub, " \
+    assert str(caught.value) == "org/tiny: no such model folder; to read it from the Hugging Face Hub, " \
                                 "pip install 'converter-core[hub]'"
