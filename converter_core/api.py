@@ -158,7 +158,7 @@ def detect(path):
 
 
 def _detect_hf(folder):
-    config, _ = hf_stream.read_config(folder)
+    config, config_path = hf_stream.read_config(folder)
     by_size = sorted(plugins.installed("loader"),  # the most specific plugin that reads it
                      key=lambda name: len(getattr(plugins.load_plugin("loader", name), "FAMILIES", {})) or 1e9)
     for loader in by_size:
@@ -170,7 +170,7 @@ def _detect_hf(folder):
         weights = hf.HFWeights(folder)
         dtype = weights.dtype(family.embedding)
         untied = not config.get("tie_word_embeddings", family.tied_by_default)
-        args = hf_family.args_from_config(config, str(folder / hf.CONFIG), dtype, untied, family)
+        args = hf_stream.config_args(config, config_path, dtype, untied, family)
         shapes = {name: weights.shape(name) for name in weights.names()}  # headers only
         return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
                         config.get("num_hidden_layers"), loader, _hf_plugin("saver", family.model_type),
@@ -187,7 +187,15 @@ def _sizes(args):
 
 
 def _megatron_size(args, vocab_rows):
-    """(parameters, bytes) of the unpadded model `args` describe: the shapes of the messages a loader sends."""
+    """(parameters, bytes) of the unpadded model `args` describe: the shapes of the messages a loader sends
+    ((None, None) when its layers are not ones this converter knows: detect still says the rest)."""
+    try:
+        return _message_size(args, vocab_rows)
+    except ConversionError:
+        return None, None
+
+
+def _message_size(args, vocab_rows):
     shapes = [("word embeddings", (vocab_rows, args.hidden_size))]  # (message key, shape)
     for index in range(args.num_layers):
         shapes += protocol.layer_message_shapes(args, index).items()

@@ -63,6 +63,17 @@ def read_config(folder):
     return config, path
 
 
+def config_args(config, config_path, dtype, untied, family, **fields):
+    """hf_family.args_from_config, with a missing or unusable field as one line naming config.json."""
+    try:
+        return hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
+    except KeyError as missing:
+        raise ConversionError(f"{config_path}: missing field {missing}", path=config_path) from None
+    except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
+        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})",
+                              path=config_path) from None
+
+
 def load(queue, args, families):
     """Stream an HF folder of one of `families` ({model_type: Family}): metadata, then one layer at a
     time (never the whole state dict)."""
@@ -84,13 +95,7 @@ def load(queue, args, families):
                   tokenizer_type="HuggingFaceTokenizer",
                   tokenizer_model=os.path.abspath(args.tokenizer_model or folder),  # read from anywhere
                   hf_source_dir=str(folder.resolve()))
-    try:
-        margs = hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
-    except KeyError as missing:
-        raise ConversionError(f"{config_path}: missing field {missing}", path=config_path) from None
-    except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
-        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})",
-                              path=config_path) from None
+    margs = config_args(config, config_path, dtype, untied, family, **fields)
     hf_family.check_table(family, margs, str(config_path))
     shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
     unknown = [n for n in weights.names() if n not in shapes and n != family.output_layer and not family.ignores(n)]

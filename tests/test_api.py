@@ -103,7 +103,10 @@ def test_errors_name_the_path_and_read_alike_in_detect_and_convert(tmp_path, sou
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{")
-    for folder, path in ((tmp_path / "missing", tmp_path / "missing"), (broken, broken / "config.json")):
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text('{"model_type": "llama"}')
+    for folder, path in ((tmp_path / "missing", tmp_path / "missing"), (tmp_path / "bare", tmp_path / "bare"),
+                         (broken, broken / "config.json")):
         with pytest.raises(converter_core.ConversionError) as detecting:
             converter_core.detect(folder)
         with pytest.raises(converter_core.ConversionError) as converting:
