@@ -2,7 +2,8 @@
 
     import converter_core
     result = converter_core.convert("llama_hf", "mcore", "./hf", "./mcore", target_tensor_parallel_size=2)
-    converter_core.detect("./mcore")      # format, family, TP/PP/EP/VP, dtype, layers, loader
+    converter_core.detect("./mcore")      # format, family, TP/PP/EP/VP, dtype, sizes, parameters, plugins
+    converter_core.detect("org/name")     # a Hugging Face Hub id (or org/name@revision), from its cache
     converter_core.supported()            # the support matrix, from the installed plugins
 """
 

@@ -2,13 +2,14 @@
 processes), detect() says what a folder is, supported() what the installed plugins convert."""
 
 import dataclasses
+import math
 import os
 import re
 import time
 from pathlib import Path
 
-from converter_core import hf_family, options as option_parsing, orchestrator, plugins
-from converter_core.errors import ConversionError, require
+from converter_core import hf_family, hf_stream, hub, options as option_parsing, orchestrator, plugins, protocol
+from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
 
@@ -34,16 +35,24 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=Non
     "message"}, then {"event": "finish", ...}. `cancel` (a threading.Event) stops the run within a second,
     removes the staged output and raises. `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and
     SIGHUP stop the run the same way, as the command line does.
+    `load_dir` may be a Hugging Face Hub id, `org/name` or `org/name@revision` (hub.resolve).
     Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
-    `.kind` ("input", "internal", "interrupted") and the one-line message."""
+    `.kind` ("input", "internal", "interrupted"), `.path` (the file or folder at fault, or None) and the
+    one-line message, which names this function's keywords (save_dir) where the command line's names its flags."""
     argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
             "--save-dir", os.fspath(save_dir)]
-    return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+    try:
+        return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+    except ConversionError as error:
+        keywords = {"--" + name.replace("_", "-"): name for name in ("load_dir", "save_dir", "model_type", *options)}
+        error.args = (re.sub(r"--[a-z][a-z0-9-]*", lambda flag: keywords.get(flag[0], flag[0]), str(error)),)
+        raise
 
 
 def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
     """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
     args, loader_module, saver_module = option_parsing.parse(argv, options)
+    args.load_dir = _source(args.load_dir)
     option_parsing.check_folders(args.load_dir, args.save_dir)
     warnings = []
 
@@ -69,9 +78,24 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     return result
 
 
+def _source(load_dir):
+    """The folder --load-dir names: itself, or a Hub id's snapshot folder, resolved here in the parent so
+    every loader (Megatron's too) sees a folder. A Hub id that does not resolve fails as the loader's
+    missing folder does."""
+    try:
+        return hub.resolve(load_dir)
+    except ConversionError as error:
+        error.role, error.side_failed = "loader", True
+        raise
+
+
 @dataclasses.dataclass
 class Detected:
-    """What a checkpoint folder is, read from its config or args and file names, never its weights."""
+    """What a checkpoint folder is, read from its config.json or saved args and the tensors' headers,
+    never their data. `parameters` and `bytes`: for an HF folder, every tensor its weight files hold (FP8
+    scales included) at its stored size; for a Megatron one, the model its args describe without the
+    vocabulary padding (the tensors a loader sends: embeddings, layers, final norm, output layer when
+    untied), in its dtype (float32 where Megatron keeps a tensor so), counted once whatever the TP/PP/EP."""
     format: str          # "hf", "mcore" (per-rank torch files), "torch_dist" or "legacy"
     family: str          # HF model_type: llama, mistral, ...
     tp: int
@@ -80,31 +104,29 @@ class Detected:
     vp: object           # model chunks per pipeline rank, or None
     dtype: str
     num_layers: int
-    loader: str          # the plugin that reads it
+    loader: str          # the --loader that reads it
+    saver: str = None    # the --saver that writes this format (converting from the other side)
+    other_saver: str = None   # the --saver that converts it to the other side (Megatron for HF, HF for Megatron)
+    other_loader: str = None  # the --loader that reads what other_saver writes
+    layers: int = None   # the same as num_layers
+    hidden_size: int = None
+    attention_heads: int = None
+    kv_heads: int = None       # key/value heads (query groups)
+    experts: int = None        # routed experts per MoE layer, 0 for a dense model
+    vocab_size: int = None     # without padding, where the checkpoint says it
+    parameters: int = None
+    bytes: int = None
 
     def as_dict(self):
         return dataclasses.asdict(self)
 
 
 def detect(path):
-    """What the folder at `path` is; raises ConversionError (kind "input") naming it when it is none."""
-    folder = Path(path)
-    require(folder.is_dir(), f"{folder}: no such folder")
+    """What the folder at `path` (or Hub id) is; raises ConversionError (kind "input") naming it when it is none."""
+    folder = Path(hub.resolve(path))
+    require_folder(folder)
     if (folder / hf.CONFIG).is_file():
-        config = hf.read_json(folder / hf.CONFIG)
-        require(isinstance(config, dict), f"{folder / hf.CONFIG}: expected a JSON object")
-        by_size = sorted(plugins.installed("loader"),  # the most specific plugin that reads it
-                         key=lambda name: len(getattr(plugins.load_plugin("loader", name), "FAMILIES", {})) or 1e9)
-        for loader in by_size:
-            families = getattr(plugins.load_plugin("loader", loader), "FAMILIES", {})
-            try:
-                family = hf_family.family_of(config, str(folder / hf.CONFIG), families)
-            except ConversionError:
-                continue
-            dtype = hf.HFWeights(folder).dtype(family.embedding)
-            return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
-                            config.get("num_hidden_layers"), loader)
-        hf_family.family_of(config, str(folder / hf.CONFIG), installed_families())  # raises, naming those known
+        return _detect_hf(folder)
     _, iteration_folder = rank_files.read_tracker(folder)
     if torch_dist.is_dist_checkpoint(iteration_folder):
         args = megatron_args.complete(torch_dist.read_common(iteration_folder)["args"], str(iteration_folder))
@@ -118,16 +140,84 @@ def detect(path):
         require(chunks, f"{first}: no model state in the checkpoint")
         legacy = megatron_schema.detect(state[sorted(chunks)[0]]).legacy
         kind, chunks = ("legacy" if legacy else "mcore"), len(chunks)
-    family = (hf_family.stored_config(args) or {}).get("model_type")  # installed or not
+    stored = hf_family.stored_config(args) or {}
+    family = stored.get("model_type")  # installed or not
     if family is None:
         try:
             family = hf_family.family_for_stream(args, installed_families(), str(folder)).model_type
         except ConversionError:
             pass  # no installed family holds it
+    vocab = stored.get("vocab_size") or getattr(args, "vocab_size", None) or args.padded_vocab_size
+    parameters, size = _megatron_size(args, vocab)
     return Detected(kind, family, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                     getattr(args, "expert_model_parallel_size", 1) or 1, chunks if chunks > 1 else None,
                     hf_family.DTYPE_NAMES.get(args.params_dtype, str(args.params_dtype)), args.num_layers,
-                    "megatron" if legacy else "mcore")
+                    "megatron" if legacy else "mcore", _megatron_plugin("saver", kind),
+                    _hf_plugin("saver", family), _hf_plugin("loader", family),
+                    **_sizes(args), vocab_size=vocab, parameters=parameters, bytes=size)
+
+
+def _detect_hf(folder):
+    config, config_path = hf_stream.read_config(folder)
+    by_size = sorted(plugins.installed("loader"),  # the most specific plugin that reads it
+                     key=lambda name: len(getattr(plugins.load_plugin("loader", name), "FAMILIES", {})) or 1e9)
+    for loader in by_size:
+        families = getattr(plugins.load_plugin("loader", loader), "FAMILIES", {})
+        try:
+            family = hf_family.family_of(config, str(folder / hf.CONFIG), families)
+        except ConversionError:
+            continue
+        weights = hf.HFWeights(folder)
+        dtype = weights.dtype(family.embedding)
+        untied = not config.get("tie_word_embeddings", family.tied_by_default)
+        args = hf_stream.config_args(config, config_path, dtype, untied, family)
+        shapes = {name: weights.shape(name) for name in weights.names()}  # headers only
+        return Detected("hf", family.model_type, 1, 1, 1, None, hf_family.DTYPE_NAMES.get(dtype, str(dtype)),
+                        config.get("num_hidden_layers"), loader, _hf_plugin("saver", family.model_type),
+                        _megatron_plugin("saver", "mcore"), _megatron_plugin("loader", "mcore"), **_sizes(args),
+                        vocab_size=config.get("vocab_size"), parameters=sum(math.prod(s) for s in shapes.values()),
+                        bytes=sum(math.prod(s) * weights.stored_dtype(n).itemsize for n, s in shapes.items()))
+    hf_family.family_of(config, str(folder / hf.CONFIG), installed_families())  # raises, naming those known
+
+
+def _sizes(args):
+    """The model's sizes from Megatron args (an HF folder's: those its config.json implies)."""
+    return dict(layers=args.num_layers, hidden_size=args.hidden_size, attention_heads=args.num_attention_heads,
+                kv_heads=megatron_args.query_groups(args), experts=getattr(args, "num_experts", None) or 0)
+
+
+def _megatron_size(args, vocab_rows):
+    """(parameters, bytes) of the unpadded model `args` describe: the shapes of the messages a loader sends
+    ((None, None) when its layers are not ones this converter knows: detect still says the rest)."""
+    try:
+        return _message_size(args, vocab_rows)
+    except ConversionError:
+        return None, None
+
+
+def _message_size(args, vocab_rows):
+    shapes = [("word embeddings", (vocab_rows, args.hidden_size))]  # (message key, shape)
+    for index in range(args.num_layers):
+        shapes += protocol.layer_message_shapes(args, index).items()
+    shapes += [("weight", (args.hidden_size,))] * (2 if args.normalization == "LayerNorm" else 1)  # and a bias
+    if megatron_args.untied(args):
+        shapes.append(("weight", (vocab_rows, args.hidden_size)))
+    size = sum(math.prod(shape) * protocol.stored_dtype(key, args.params_dtype).itemsize for key, shape in shapes)
+    return sum(math.prod(shape) for _, shape in shapes), size
+
+
+def _hf_plugin(kind, model_type):
+    """The most specific installed `kind` plugin (fewest families) that holds `model_type`, or None."""
+    holding = [(len(families), name) for name in plugins.installed(kind)
+               if model_type in (families := getattr(plugins.load_plugin(kind, name), "FAMILIES", {}))]
+    return min(holding)[1] if holding else None
+
+
+def _megatron_plugin(kind, detected_format):
+    """The first installed `kind` plugin that declares the Megatron format of a Detected.format, or None."""
+    wanted = {"mcore": "torch"}.get(detected_format, detected_format)
+    return next((name for name in plugins.installed(kind)
+                 if wanted in getattr(plugins.load_plugin(kind, name), "MEGATRON_FORMATS", ())), None)
 
 
 def installed_families():

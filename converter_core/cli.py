@@ -79,8 +79,8 @@ def main(argv=None):
         if isinstance(error, UsageError):
             sys.stderr.write(error.usage)
         if display.mode == "json":
-            display({"event": "error", "message": str(error), "role": error.role, "kind": error.kind})
-        print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
+            display({"event": "error", "message": error.line(), "role": error.role, "kind": error.kind})
+        print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
 
@@ -108,6 +108,6 @@ def _inspect(argv):
             print(json.dumps(api.supported(), indent=2))
         status = 0
     except ConversionError as error:
-        print(f"converter_core: error: {error}", file=sys.stderr, flush=True)
+        print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status or EXIT_INPUT
     sys.exit(status)

@@ -1,5 +1,6 @@
 """Why a conversion did not happen, as one line, plus what a program needs to react to it."""
 
+import os
 import resource
 import signal
 
@@ -8,15 +9,23 @@ EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 
 
 class ConversionError(Exception):
-    """Its text is the single line the user sees: name the file and the problem.
+    """Its text is one line that names the file and the problem; what `role` and `kind` say is not
+    repeated in it (the command line adds "loader failed: " or "saver failed: ", see line()).
 
     `role`: "loader", "saver" or "arguments" (None while a side is still unknown); `kind`: "input" for
     bad input or options, "internal" for a bug of ours or a plugin's, "interrupted" for a signal or
-    a cancel; `status`: the command line's exit status for it."""
+    a cancel; `status`: the command line's exit status for it; `path`: the file or folder at fault, where
+    one is (else None); `side_failed`: the loader or saver raised it itself (not the parent about it)."""
 
-    def __init__(self, message, role=None, kind="input", status=EXIT_INPUT):
+    def __init__(self, message, role=None, kind="input", status=EXIT_INPUT, path=None):
         super().__init__(message)
         self.role, self.kind, self.status = role, kind, status
+        self.path = None if path is None else str(path)
+        self.side_failed = False
+
+    def line(self):
+        """The command line's text for it: "<role> failed: <message>" when a side raised it."""
+        return f"{self.role} failed: {self}" if self.side_failed else str(self)
 
 
 def first_line(error):
@@ -42,10 +51,15 @@ def memory_hint():
     return f" (this process may use {limit / 2**30:.3g} GiB of address space: raise `ulimit -v`)"
 
 
-def require(condition, message):
-    """Raise ConversionError(message) unless condition holds; keeps checks to one line each."""
+def require_folder(path):
+    """A source folder is there: the one wording detect, convert and every loader use for a missing one."""
+    require(os.path.isdir(path), f"{path}: no such model folder", path=path)
+
+
+def require(condition, message, path=None):
+    """Raise ConversionError(message, path=path) unless condition holds; keeps checks to one line each."""
     if not condition:
-        raise ConversionError(message)
+        raise ConversionError(message, path=path)
 
 
 class Interrupted(BaseException):

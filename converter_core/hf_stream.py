@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from converter_core import flags, hf_family, layout, protocol, vocab, workers
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import fp8, hf
 from converter_core.megatron import args as megatron_args
 from converter_core.output import StagedFolder
@@ -56,15 +56,32 @@ def add_saver_arguments(parser, title):
     protocol.reads_mtp_layers(parser)  # written by a family with Mtp, refused by the others
 
 
+def read_config(folder):
+    """(config.json of an HF folder as a dict, its path): what detect and the loader read alike."""
+    path = Path(folder) / hf.CONFIG
+    config = hf.read_json(path)
+    require(isinstance(config, dict), f"{path}: expected a JSON object", path=path)
+    return config, path
+
+
+def config_args(config, config_path, dtype, untied, family, **fields):
+    """hf_family.args_from_config, with a missing or unusable field as one line naming config.json."""
+    try:
+        return hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
+    except KeyError as missing:
+        raise ConversionError(f"{config_path}: missing field {missing}", path=config_path) from None
+    except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
+        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})",
+                              path=config_path) from None
+
+
 def load(queue, args, families):
     """Stream an HF folder of one of `families` ({model_type: Family}): metadata, then one layer at a
     time (never the whole state dict)."""
     folder = Path(args.load_dir)
-    require(folder.is_dir(), f"{folder}: no such model folder")
+    require_folder(folder)
     require(args.checkpoint_type == "hf", f"{folder}: --checkpoint-type meta is not supported; convert to HF first")
-    config_path = folder / hf.CONFIG
-    config = hf.read_json(config_path)
-    require(isinstance(config, dict), f"{config_path}: expected a JSON object")
+    config, config_path = read_config(folder)
     weights = fp8.dequantizing(hf.HFWeights(folder), config, str(config_path))  # FP8 sources read as floats
     family = hf_family.family_of(config, str(config_path), families)
     require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
@@ -80,12 +97,7 @@ def load(queue, args, families):
                   tokenizer_type="HuggingFaceTokenizer",
                   tokenizer_model=os.path.abspath(args.tokenizer_model or folder),  # read from anywhere
                   hf_source_dir=str(folder.resolve()))
-    try:
-        margs = hf_family.args_from_config(config, str(config_path), dtype, untied, family, **fields)
-    except KeyError as missing:
-        raise ConversionError(f"{config_path}: missing field {missing}") from None
-    except (TypeError, ValueError, AttributeError) as error:  # a field of the wrong kind
-        raise ConversionError(f"{config_path}: unusable field ({type(error).__name__}: {error})") from None
+    margs = config_args(config, config_path, dtype, untied, family, **fields)
     if not mtp:
         margs.mtp_num_layers = None  # the weights lack the layers config.json counts (check_layers said so)
     hf_family.check_table(family, margs, str(config_path))

@@ -31,7 +31,7 @@ def base_parser(add_help=True, required=True):
                         help="model family (the built-in plugins convert GPT models only)")
     parser.add_argument("--loader", type=str, default="megatron", help="loader plugin name (default megatron)")
     parser.add_argument("--saver", type=str, default="megatron", help="saver plugin name (default megatron)")
-    parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder")
+    parser.add_argument("--load-dir", type=str, required=required, help="source checkpoint folder, or a Hugging Face Hub id (org/name or org/name@revision)")
     parser.add_argument("--save-dir", type=str, required=required, help="output folder")
     parser.add_argument("--workers", type=flags.positive_int, default=workers.default_count(),
                         help="threads each of our savers writes with (default: the CPUs, at most "
@@ -121,7 +121,7 @@ def check_folders(load_dir, save_dir):
     source, target = Path(os.path.realpath(load_dir)), Path(os.path.realpath(save_dir))
     if source == target or source in target.parents or target in source.parents:
         raise ConversionError(f"--save-dir {save_dir} overlaps --load-dir {load_dir}; the source is never written to",
-                              role="arguments")
+                              role="arguments", path=save_dir)
 
 
 def _look_up(flag, path, look):
@@ -140,7 +140,7 @@ def _look_up(flag, path, look):
 
 
 def _refuse(path, problem, flag="--save-dir"):
-    raise ConversionError(f"{flag} {_shown(path)}: {problem}", role="arguments")
+    raise ConversionError(f"{flag} {_shown(path)}: {problem}", role="arguments", path=path)
 
 
 def _shown(path):

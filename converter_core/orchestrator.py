@@ -158,7 +158,8 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
         if DEBUG:
             traceback.print_exc()
         if not isinstance(error, Interrupted):  # the parent stopped us and knows why
-            reports.put((role, *_describe(error)))
+            path = error.path if isinstance(error, ConversionError) else getattr(error, "filename", None)
+            reports.put((role, *_describe(error), None if path is None else str(path)))
         if role == "loader":
             try:
                 queue.put_nowait(EXIT)
@@ -327,10 +328,10 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
 
 
 def _read_reports(reports, said):
-    """Add the sides' reports that have arrived to `said` ({side: (reason, internal)}, the first of each)."""
+    """Add the sides' reports that have arrived to `said` ({side: (reason, internal, path)}, the first of each)."""
     while not reports.empty():
-        side, reason, internal = reports.get()
-        said.setdefault(side, (reason, internal))
+        side, reason, internal, path = reports.get()
+        said.setdefault(side, (reason, internal, path))
     return said
 
 
@@ -346,9 +347,11 @@ def _true_cause(failure, reports, said):
     saver_first = role == "saver" and "killed" not in observed and said.get("saver", ("",))[0] not in ("", protocol.LOADER_EXITED)
     if "loader" in said or role in said and "killed" not in observed:
         side = "loader" if "loader" in said and not saver_first else role
-        reason, internal = said[side]
-        return ConversionError(f"{side} failed: {reason}", role=side, kind="internal" if internal else "input",
-                               status=EXIT_INTERNAL if internal else EXIT_INPUT)
+        reason, internal, path = said[side]
+        error = ConversionError(reason, role=side, kind="internal" if internal else "input",
+                                status=EXIT_INTERNAL if internal else EXIT_INPUT, path=path)
+        error.side_failed = True  # the command line says "<side> failed: <reason>"
+        return error
     return ConversionError(observed, role=role, kind="input", status=status)
 
 

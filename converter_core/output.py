@@ -191,7 +191,7 @@ class StagedFolder:
         require(not self.target.exists() or self.target.is_dir(), f"{self.target}: exists and is not a folder")
         if must_be_new:
             require(not self.target.exists() or not any(self.target.iterdir()),
-                    f"{self.target}: already exists and is not empty; choose a new --save-dir")
+                    f"{self.target}: already exists and is not empty; choose a new --save-dir", path=self.target)
         self.created_parents = _created_parents(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))

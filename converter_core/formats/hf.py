@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from converter_core import file_refs, layout, output, workers
-from converter_core.errors import ConversionError, require
+from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, first_line, regular_file, safe_relative_path
 from converter_core.formats.untrusted import read_json  # noqa: F401  (callers read HF JSON through this module)
@@ -25,10 +25,10 @@ class HFWeights:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        require(self.folder.is_dir(), f"{self.folder}: no such model folder")
+        require_folder(self.folder)
         self._open, self._keys = {}, {}
         present = [name for name in WEIGHT_FILES if os.path.lexists(self.folder / name)]
-        require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+        require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})", path=self.folder)
         first = self.folder / present[0]
         if first.name.endswith(".index.json"):
             index = read_json(first)
@@ -37,7 +37,7 @@ class HFWeights:
             self.file_of = {name: safe_relative_path(self.folder, file, f"{first}: weight_map[{name!r}]")
                             for name, file in weight_map.items()}
             for path in set(self.file_of.values()):
-                require(os.path.lexists(path), f"{path}: missing, though {first.name} lists it")
+                require(os.path.lexists(path), f"{path}: missing, though {first.name} lists it", path=path)
                 regular_file(path)
         else:
             regular_file(first)
@@ -50,7 +50,7 @@ class HFWeights:
                     self._open[path] = safe_open(str(path), framework="pt")
                     self._keys[path] = set(self._open[path].keys())
                 except Exception as error:
-                    raise ConversionError(f"{path}: unreadable safetensors file ({first_line(error)})") from None
+                    raise ConversionError(f"{path}: unreadable safetensors file ({first_line(error)})", path=path) from None
                 file_refs.register_source(path)  # get_tensor returns views of safetensors' mapping
             else:
                 self._open[path] = _BinFile(path)
@@ -106,7 +106,8 @@ class HFWeights:
         except ConversionError:
             raise
         except Exception as error:
-            raise ConversionError(f"{self.file_of[name]}: cannot read {name} ({first_line(error)})") from None
+            raise ConversionError(f"{self.file_of[name]}: cannot read {name} ({first_line(error)})",
+                                  path=self.file_of[name]) from None
 
 
 class _BinFile:

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from converter_core import output
-from converter_core.errors import require
+from converter_core.errors import require, require_folder
 from converter_core.formats.untrusted import read_bytes
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -30,11 +30,11 @@ def read_tracker(load_dir):
     """(iteration, iteration folder) named by latest_checkpointed_iteration.txt; an iteration folder
     (iter_NNNNNNN or release) given directly is accepted too."""
     load_dir = Path(load_dir)
-    require(load_dir.is_dir(), f"{load_dir}: no such checkpoint folder")
+    require_folder(load_dir)
     tracker = load_dir / TRACKER
     if not os.path.lexists(tracker) and re.match(r"^(iter_[0-9]{1,12}|release)$", load_dir.name):
         return (0 if load_dir.name == "release" else int(load_dir.name[5:])), load_dir
-    require(os.path.lexists(tracker), f"{tracker}: missing (not a Megatron checkpoint folder)")
+    require(os.path.lexists(tracker), f"{tracker}: missing (not a Megatron checkpoint folder)", path=tracker)
     text = read_bytes(tracker, 4096).decode("ascii", errors="replace").strip()
     require(text == "release" or _ITERATION.fullmatch(text),
             f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
@@ -62,7 +62,7 @@ def find_rank_files(iteration_folder, tp, pp, ep=1):
     grid = ((t, p, e) for t in range(tp) for p in range(pp) for e in range(ep))
     for key in grid:  # stops at the first missing one
         path = folder / rank_dir_name(key[0], key[1], pp, key[2], ep) / RANK_FILE
-        require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp}, EP {ep})")
+        require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp}, EP {ep})", path=path)
         found[key] = path
     return found
 

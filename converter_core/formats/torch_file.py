@@ -337,7 +337,7 @@ class _RankFileUnpickler(pickle.Unpickler):
             return self._ALLOWED[qualified_name]
         if qualified_name.startswith(STAND_IN_MODULES):
             return _stand_in(qualified_name)
-        raise ConversionError(f"{self.path}: refusing to unpickle {qualified_name}: it could run code")
+        raise ConversionError(f"{self.path}: refusing to unpickle {qualified_name}: it could run code", path=self.path)
 
     def persistent_load(self, saved_id):
         """A storage record, as torch.save names it: ("storage", storage class, key, location, numel)."""
@@ -383,7 +383,7 @@ def load(path, mmap=True):
     except ConversionError:
         raise
     except Exception as error:
-        raise ConversionError(f"{path}: not a readable torch checkpoint ({first_line(error)})") from None
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({first_line(error)})", path=path) from None
     require(order == sys.byteorder, f"{path}: stored {order[:20]}-endian, this machine is {sys.byteorder}-endian")
     if mmap:
         file_refs.register_source(path)
@@ -396,7 +396,7 @@ def load(path, mmap=True):
     except ConversionError:
         raise
     except Exception as error:
-        raise ConversionError(f"{path}: cannot load ({first_line(error)})") from None
+        raise ConversionError(f"{path}: cannot load ({first_line(error)})", path=path) from None
     finally:
         if unpickler is not None and unpickler.fd is not None:
             os.close(unpickler.fd)

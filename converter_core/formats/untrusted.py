@@ -23,10 +23,11 @@ def regular_file(path):
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise ConversionError(f"{path}: missing") from None
+        raise ConversionError(f"{path}: missing", path=path) from None
     except OSError as error:
-        raise ConversionError(f"{path}: cannot read ({os.strerror(error.errno) if error.errno else error})") from None
-    require(stat.S_ISREG(info.st_mode), f"{path}: not a regular file")
+        raise ConversionError(f"{path}: cannot read ({os.strerror(error.errno) if error.errno else error})",
+                              path=path) from None
+    require(stat.S_ISREG(info.st_mode), f"{path}: not a regular file", path=path)
     return info.st_size
 
 
@@ -36,15 +37,16 @@ def read_bytes(path, limit):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ConversionError(f"{path}: missing") from None
+        raise ConversionError(f"{path}: missing", path=path) from None
     except OSError as error:
-        raise ConversionError(f"{path}: cannot read ({os.strerror(error.errno) if error.errno else error})") from None
+        raise ConversionError(f"{path}: cannot read ({os.strerror(error.errno) if error.errno else error})",
+                              path=path) from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
-        require(stat.S_ISREG(info.st_mode), f"{path}: not a regular file")
-        require(info.st_size <= limit, f"{path}: {info.st_size} bytes, more than the {limit} bytes allowed")
+        require(stat.S_ISREG(info.st_mode), f"{path}: not a regular file", path=path)
+        require(info.st_size <= limit, f"{path}: {info.st_size} bytes, more than the {limit} bytes allowed", path=path)
         data = handle.read(limit + 1)
-    require(len(data) <= limit, f"{path}: more than the {limit} bytes allowed")
+    require(len(data) <= limit, f"{path}: more than the {limit} bytes allowed", path=path)
     return data
 
 
@@ -53,9 +55,9 @@ def read_json(path, limit=MAX_JSON_BYTES):
     try:
         return json.loads(read_bytes(path, limit))
     except RecursionError:
-        raise ConversionError(f"{path}: not valid JSON (nested too deeply)") from None
+        raise ConversionError(f"{path}: not valid JSON (nested too deeply)", path=path) from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, and ints too long to convert
-        raise ConversionError(f"{path}: not valid JSON ({first_line(error)})") from None
+        raise ConversionError(f"{path}: not valid JSON ({first_line(error)})", path=path) from None
 
 
 def safe_relative_path(folder, name, where):
