@@ -3,16 +3,20 @@ stacked experts with gate and up interleaved, the clamped quick-GELU GLU with of
 alternate layers and YaRN rope. megatron-core's GPTModel with the converted weights gives transformers'
 logits (TP 2: experts whole on every rank); HF -> mcore -> HF is bit-exact."""
 
+import json
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from helpers import BASE, assert_bit_identical, read_config, read_safetensors_folder
+from helpers import BASE, assert_bit_identical, convert, read_config, read_safetensors_folder
 from test_moe import assert_mcore_logits, make_model, to_hf, to_mcore
 
 # sliding_window 3 so that the 8-token check sees the window; yarn with truncate=false as released
 GPT_OSS = dict(BASE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=3,
-               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
 
 
@@ -55,3 +59,53 @@ def test_experts_whole_on_every_tp_rank(bf16_tp2):
 def test_logits_in_megatron_core(bf16_tp2):
     _, megatron, _, model = bf16_tp2
     assert_mcore_logits(megatron / "iter_0000001", model)
+
+
+# The quantization_config gpt-oss releases carry (the attention, router, embeddings and head stay bf16).
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def write_mxfp4_release(folder, dequantized):
+    """An MXFP4 gpt-oss folder as released: the experts' projections as random e2m1 `_blocks` (two values a
+    byte, 32 a block) with exponent `_scales`; every other tensor bf16. `dequantized` gets the bf16 model
+    transformers makes of it (its convert_moe_packed_tensors), the truth for logits and for the way back."""
+    model = make_model(dequantized, transformers.GptOssConfig(**GPT_OSS), torch.bfloat16)
+    state = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(2)
+    released = {}
+    for name, tensor in state.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            released[name] = tensor
+            continue
+        experts, rows, columns = tensor.shape[0], tensor.shape[2], tensor.shape[1]  # stored [E, out, in / 32, 16]
+        blocks = torch.randint(0, 256, (experts, rows, columns // 32, 16), generator=generator, dtype=torch.uint8)
+        scales = torch.randint(117, 122, (experts, rows, columns // 32), generator=generator, dtype=torch.uint8)
+        released.update({name + "_blocks": blocks, name + "_scales": scales})
+        state[name] = convert_moe_packed_tensors(blocks, scales)
+    folder.mkdir()
+    save_file(released, folder / "model.safetensors", metadata={"format": "pt"})
+    config = read_config(dequantized)
+    (folder / "config.json").write_text(json.dumps(dict(config, quantization_config=MXFP4_CONFIG), indent=2))
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    save_file(state, dequantized / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def test_mxfp4_at_expert_parallel_2(tmp_path):
+    """MXFP4 as released -> mcore TP 2 x EP 2 -> HF: the bf16 model transformers dequantizes, bit for bit,
+    config.json as released without quantization_config; the same checkpoint at EP 1 gives its logits."""
+    source, dequantized, megatron = tmp_path / "mxfp4", tmp_path / "dequantized", tmp_path / "ep2"
+    single, back = tmp_path / "ep1", tmp_path / "back"
+    model = write_mxfp4_release(source, dequantized)
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2)
+    iteration = megatron / "iter_0000001"
+    assert sorted(p.name for p in iteration.iterdir()) == [f"mp_rank_{t:02d}_{e:03d}" for t in range(2) for e in range(2)]
+    to_hf(megatron, back)
+    assert_bit_identical(dequantized, back)
+    released = read_config(source)
+    released.pop("quantization_config")
+    assert read_config(back) == released
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", megatron, "--save-dir", single,
+            "--target-expert-parallel-size", 1, "--saver-transformer-impl", "local")
+    assert_mcore_logits(single / "iter_0000001", model)
