@@ -4,14 +4,16 @@ alternate layers and YaRN rope. megatron-core's GPTModel with the converted weig
 logits (TP 2: experts whole on every rank); HF -> mcore -> HF is bit-exact."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from helpers import BASE, assert_bit_identical, convert, read_config, read_safetensors_folder
+from helpers import BASE, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder
+from test_bad_input import assert_no_checkpoint
 from test_moe import assert_mcore_logits, make_model, to_hf, to_mcore
 
 # sliding_window 3 so that the 8-token check sees the window; yarn with truncate=false as released
@@ -109,3 +111,44 @@ def test_mxfp4_at_expert_parallel_2(tmp_path):
     convert("--loader", "mcore", "--saver", "mcore", "--load-dir", megatron, "--save-dir", single,
             "--target-expert-parallel-size", 1, "--saver-transformer-impl", "local")
     assert_mcore_logits(single / "iter_0000001", model)
+
+
+def _edited(source, folder, tensors=None, config=None):
+    """A copy of the HF folder `source` with its tensors and config.json changed by the functions given."""
+    shutil.copytree(source, folder)
+    if tensors:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        (folder / "config.json").write_text(json.dumps(config(read_config(folder))))
+    return folder
+
+
+def _refused(source, out):
+    line = error_line(to_mcore(source, out, ok=False))
+    assert_no_checkpoint(out)
+    return line
+
+
+def test_sinks_of_the_wrong_size_are_refused(bf16_tp2, tmp_path):
+    name = "model.layers.1.self_attn.sinks"
+    source = _edited(bf16_tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:3]}))
+    line = _refused(source, tmp_path / "out")
+    assert name in line and "[3]" in line and f"[{GPT_OSS['num_attention_heads']}]" in line
+
+
+def test_layer_types_of_another_length_are_refused(bf16_tp2, tmp_path):
+    source = _edited(bf16_tp2[0], tmp_path / "hf", config=lambda config: dict(
+        config, layer_types=config["layer_types"][:-1]))
+    line = _refused(source, tmp_path / "out")
+    assert "config.json" in line and "layer_types" in line and f"{GPT_OSS['num_hidden_layers']} layers" in line
+
+
+def test_mxfp4_blocks_without_scales_are_refused(tmp_path):
+    release = tmp_path / "mxfp4"
+    write_mxfp4_release(release, tmp_path / "dequantized")
+    name = "model.layers.2.mlp.experts.down_proj"
+    source = _edited(release, tmp_path / "hf", tensors=lambda state: state.pop(name + "_scales"))
+    line = _refused(source, tmp_path / "out")
+    assert "model.safetensors" in line and f"{name}_blocks without its scales" in line

@@ -59,6 +59,7 @@ ALWAYS = Condition("always", lambda args, index: True)
 LAYER_NORM = Condition("LayerNorm", lambda args, index: args.normalization == "LayerNorm", "RMSNorm")
 MLA = Condition("multi-latent attention", lambda args, index: getattr(args, "multi_latent_attention", False),
                 "no multi-latent attention")
+# The layer is a mixture-of-experts layer (moe_layer_freq); a plugin's keys of MoE layers use it (plugin.MOE_LAYERS).
 MOE = Condition("MoE layers", _is_moe_layer, "dense layers")
 DENSE = ~MOE
 QKV_BIAS = Condition("a QKV bias (`add_qkv_bias` or `add_bias_linear`)",

@@ -19,7 +19,7 @@ _BIASED_EXPERTS = plugin.MOE_LAYERS & plugin.Condition("`add_bias_linear`", lamb
 _FC1_BIAS = "mlp.experts.local_experts.{}.linear_fc1.bias"
 KEYS = (
     plugin.LayerKey("attention sink", ("heads",), plugin.COLUMN, "self_attention.core_attention.softmax_offset",
-                    _LEARNABLE, "per-head learnable softmax offset (attention sink logit), split with the heads"),
+                    _LEARNABLE, "per-head learnable softmax offset"),
     plugin.LayerKey("router bias", ("experts",), plugin.REPLICATED, "mlp.router.bias", _BIASED_EXPERTS,
                     "the router's bias"),
     plugin.LayerKey("experts l0 bias W", ("experts", "expert ffn"), plugin.SWIGLU, _FC1_BIAS, _BIASED_EXPERTS,
