@@ -40,7 +40,8 @@ __all__ = [
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
     # message keys a plugin adds
-    "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key", "register_dimension",
+    "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key",
+    "register_dimension",
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
     "make_metadata", "make_args", "complete_args", "send", "send_model", "Receiver", "exit_on_failure", "report",

@@ -102,7 +102,8 @@ def test_mxfp4_at_expert_parallel_2(tmp_path):
     model = write_mxfp4_release(source, dequantized)
     to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2)
     iteration = megatron / "iter_0000001"
-    assert sorted(p.name for p in iteration.iterdir()) == [f"mp_rank_{t:02d}_{e:03d}" for t in range(2) for e in range(2)]
+    folders = [f"mp_rank_{t:02d}_{e:03d}" for t in range(2) for e in range(2)]
+    assert sorted(p.name for p in iteration.iterdir()) == folders
     to_hf(megatron, back)
     assert_bit_identical(dequantized, back)
     released = read_config(source)

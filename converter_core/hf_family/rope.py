@@ -105,7 +105,8 @@ def rope_scaling_from_args(args, family):
     if getattr(args, "use_rope_scaling", False):
         return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
     gpt_yarn = getattr(args, "position_embedding_type", None) == "yarn"
-    if gpt_yarn or getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn"):
+    mla_yarn = getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn")
+    if gpt_yarn or mla_yarn:
         values = {key: getattr(args, arg) for arg, key in YARN_FIELDS}  # unset rope_type: Megatron's MLA uses yarn
         if values["factor"] in (None, 1.0):
             return None  # yarn with factor 1 is plain rope

@@ -286,7 +286,8 @@ def layer_keys(args, index=0):
         require(args.swiglu or getattr(args, "quick_geglu", False), "mixture-of-experts layers need a gated MLP "
                                                                     "(swiglu or quick_geglu)")
         require(not args.add_bias_linear or any(key.experts and key.core.endswith(".bias") for key in keys),
-                "mixture-of-experts layers with linear biases need keys for the expert biases (a plugin registers them)")
+                "mixture-of-experts layers with linear biases need keys for the expert biases (a plugin registers "
+                "them)")
     return keys
 
 

@@ -113,8 +113,10 @@ LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE
     dataclasses.replace(family, notes=family.notes + (FP8, NOT_YET))
     for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3))
 
+GPT_OSS = dataclasses.replace(gpt_oss.GPT_OSS, notes=gpt_oss.GPT_OSS.notes + (NOT_YET,))
+
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
 ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE,
-                                    MINICPM, MINICPM3, gpt_oss.GPT_OSS)
+                                    MINICPM, MINICPM3, GPT_OSS)

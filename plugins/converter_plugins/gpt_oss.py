@@ -100,7 +100,7 @@ class GptOssParts(plugin.Feature):
         plugin.require(config.get("attention_bias", True), f"{where}: attention_bias false has no Megatron-Core "
                                                            "equivalent in gpt-oss (its experts keep their biases)")
         args = dict(swiglu=False, quick_geglu=True, glu_linear_offset=1.0, activation_func_clamp_value=float(limit),
-                    bias_swiglu_fusion=False, bias_activation_fusion=False, add_bias_linear=True, add_qkv_bias=True,
+                    bias_swiglu_fusion=False, bias_gelu_fusion=False, add_bias_linear=True, add_qkv_bias=True,
                     softmax_type="learnable", expert_tensor_parallel_size=1)
         layers = config["num_hidden_layers"]
         types = config.get("layer_types")
