@@ -12,7 +12,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from helpers import BASE, assert_bit_identical, convert, error_line, read_config, read_safetensors_folder
+from dist_harness import dist_logits
+from helpers import (BASE, assert_bit_identical, convert, error_line, hf_logits, read_config, read_safetensors_folder,
+                     tokens_for)
 from test_bad_input import assert_no_checkpoint
 from test_moe import assert_mcore_logits, make_model, to_hf, to_mcore
 
@@ -61,6 +63,29 @@ def test_experts_whole_on_every_tp_rank(bf16_tp2):
 def test_logits_in_megatron_core(bf16_tp2):
     _, megatron, _, model = bf16_tp2
     assert_mcore_logits(megatron / "iter_0000001", model)
+
+
+def test_torch_dist_logits(bf16_tp2, tmp_path):
+    """torch_dist at TP 2: megatron-core's dist_checkpointing loads the sinks and the expert biases (under
+    mlp.experts.experts.*) strictly and gives transformers' logits."""
+    source, _, _, model = bf16_tp2
+    to_mcore(source, tmp_path / "dist", "--target-tensor-parallel-size", 2, "--ckpt-format", "torch_dist")
+    tokens = tokens_for(BASE["vocab_size"])
+    logits = dist_logits(tmp_path / "dist" / "iter_0000001", tokens, tp=2)
+    torch.testing.assert_close(logits[..., :BASE["vocab_size"]], hf_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_without_mla_for_llama_too(tmp_path, truncate):
+    """The YaRN gpt-oss brought to non-MLA families (position_embedding_type yarn; truncate false: the
+    unrounded correction range) is transformers' for a Llama as well."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "truncate": truncate}
+    model = make_model(tmp_path / "hf", transformers.LlamaConfig(**dict(BASE, rope_parameters=rope)))
+    to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    assert_mcore_logits(tmp_path / "mcore" / "iter_0000001", model)
+    to_hf(tmp_path / "mcore", tmp_path / "back")
+    assert read_config(tmp_path / "back") == read_config(tmp_path / "hf")
 
 
 # The quantization_config gpt-oss releases carry (the attention, router, embeddings and head stay bf16).
