@@ -9,7 +9,7 @@ import torch
 
 from converter_core import flags, hf_family, layout, protocol, vocab, workers
 from converter_core.errors import ConversionError, require, require_folder
-from converter_core.formats import fp8, hf
+from converter_core.formats import fp8, hf, mxfp4
 from converter_core.megatron import args as megatron_args
 from converter_core.output import StagedFolder
 
@@ -82,7 +82,9 @@ def load(queue, args, families):
     require_folder(folder)
     require(args.checkpoint_type == "hf", f"{folder}: --checkpoint-type meta is not supported; convert to HF first")
     config, config_path = read_config(folder)
-    weights = fp8.dequantizing(hf.HFWeights(folder), config, str(config_path))  # FP8 sources read as floats
+    weights = mxfp4.dequantizing(hf.HFWeights(folder), config, str(config_path))  # MXFP4 and FP8 sources
+    if not mxfp4.is_mxfp4(config):                                                  # are read as floats
+        weights = fp8.dequantizing(weights, config, str(config_path))
     family = hf_family.family_of(config, str(config_path), families)
     require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(family.embedding)

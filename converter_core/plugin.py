@@ -8,7 +8,7 @@ and NOTES. An HF family is data (Family + a table of Tensor rows); load_hf / sav
 
 import torch
 
-from converter_core import hf_stream
+from converter_core import hf_stream, layout
 from converter_core.errors import ConversionError, require
 from converter_core.formats.hf import HFWeights, PlannedSafetensors, read_json
 from converter_core.formats.torch_file import load as load_torch_file
@@ -20,8 +20,8 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
 from converter_core.hf_family.mtp import MTP_PARTS, Mtp
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
 from converter_core.megatron.args import complete as complete_args, make_args
-from converter_core.megatron.keys import (COLUMN, REPLICATED, ROW, SWIGLU, Condition, LayerKey, register_dimension,
-                                          register_layer_key)
+from converter_core.megatron.keys import (COLUMN, MOE as MOE_LAYERS, REPLICATED, ROW, SWIGLU, Condition, LayerKey,
+                                          register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
 from converter_core.output import StagedFolder, write_atomically
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
@@ -33,7 +33,7 @@ __all__ = [
     # families as data
     "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "EXPERTS", "MOE_LAYER", "DENSE_LAYER",
     "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
-    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts", "Kind",
+    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts", "Kind", "tensor_of",
     "by_model_type",
     # multi-token prediction
     "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers",
@@ -44,7 +44,8 @@ __all__ = [
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
     # message keys a plugin adds
-    "LayerKey", "Condition", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key", "register_dimension",
+    "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key",
+    "register_dimension",
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
     "make_metadata", "make_args", "complete_args", "send", "send_model", "Receiver", "exit_on_failure", "report",
@@ -62,6 +63,12 @@ def _one_op_thread():
     CPUs: 0.2-0.3 s of CPU in a 2.5 s conversion from HF to TP2 x PP2). Runs in the loader's or saver's
     process."""
     torch.set_num_threads(1)
+
+
+def tensor_of(value):
+    """A plain tensor from a message value: a saver may receive a Megatron source's TP shards as row or
+    column blocks (not yet concatenated); a Kind's to_hf that computes on a tensor calls this first."""
+    return layout.tensor_of(value)
 
 
 def add_hf_loader_arguments(parser, title, model_sizes=None):

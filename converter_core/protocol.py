@@ -114,8 +114,8 @@ def check_supported(md, where, to_hf=False):
     """Our plugins handle dense decoder-only GPT models with rotary positions; anything else is refused
     in one line instead of being written as a different model."""
     require(md.model_type == "GPT", f"{where}: model type {md.model_type} is not supported (GPT only)")
-    require(md.position_embedding_type == "rope",
-            f"{where}: position embedding {md.position_embedding_type!r} is not supported (rope only)")
+    require(md.position_embedding_type in ("rope", "yarn"),
+            f"{where}: position embedding {md.position_embedding_type!r} is not supported (rope or yarn only)")
     args = md.checkpoint_args
     for name, what in _UNSUPPORTED.items():
         require(not getattr(args, name, None), f"{where}: {what} ({name}={getattr(args, name, None)!r}) is not supported")

@@ -539,8 +539,8 @@ def model_choices(args):
     def refuse(name, why):
         raise NotImplementedError(f"harness cannot build {name}={getattr(args, name)!r}: {why}")
 
-    if args.position_embedding_type != "rope":
-        refuse("position_embedding_type", "rope only")
+    if args.position_embedding_type not in ("rope", "yarn"):
+        refuse("position_embedding_type", "rope and yarn only")
     if args.normalization not in ("RMSNorm", "LayerNorm"):
         refuse("normalization", "RMSNorm and LayerNorm only")
     for name in ("apply_layernorm_1p", "layernorm_zero_centered_gamma"):
@@ -550,13 +550,9 @@ def model_choices(args):
         refuse("apply_residual_connection_post_layernorm", "pre-norm residuals only")
     if getattr(args, "use_te_activation_func", False):
         refuse("use_te_activation_func", "TransformerEngine's activation kernels are not on the CPU")
-    if getattr(args, "quick_geglu", False):
-        refuse("quick_geglu", "gated quick-GELU is not supported")
-    if getattr(args, "glu_linear_offset", 0.0):
-        refuse("glu_linear_offset", "only 0.0")
-    if getattr(args, "activation_func_clamp_value", None) is not None:
-        refuse("activation_func_clamp_value", "only None")
     swiglu, squared_relu = args.swiglu, getattr(args, "squared_relu", False)
+    if getattr(args, "quick_geglu", False) and not swiglu:  # clamp and offset: gpt_oss_fields
+        return dict(normalization=args.normalization, activation="quick_gelu", gated=True, bias_activation_fusion=False)
     if swiglu and squared_relu:
         raise ValueError("swiglu and squared_relu are both set; Megatron-LM asserts that at most one is")
     if swiglu:
@@ -571,9 +567,10 @@ def model_choices(args):
 
 def _activation_function(name):
     """The megatron-core function object for a `model_choices` activation name."""
-    from megatron.core.activations import squared_relu
+    from megatron.core.activations import quick_gelu, squared_relu
 
-    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "squared_relu": squared_relu}[name]
+    return {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "squared_relu": squared_relu,
+            "quick_gelu": quick_gelu}[name]
 
 
 def _gpt_model(args, num_layers, pre_process, post_process):
@@ -635,7 +632,9 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         **mla_fields,
         **minicpm_config_overrides(args),
         **mtp_fields,
+        **gpt_oss_fields(args),
     )
+    yarn_settings(config, args)
     if experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
     else:
@@ -658,7 +657,7 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         post_process=post_process,
         parallel_output=False,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
+        position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=getattr(args, "use_rope_scaling", False),
@@ -680,6 +679,49 @@ MLA_ARGS = (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"), ("
             ("mscale_all_dim", "mscale_all_dim"), ("original_max_position_embeddings",
                                                   "yarn_original_max_position_embeddings"),
             ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"))
+
+
+def gpt_oss_fields(args):
+    """TransformerConfig fields for gpt-oss's parts, from Megatron-LM's args: attention sinks (softmax_type),
+    sliding windows, the clamped GLU with offset, experts whole on every TP rank (expert_tensor_parallel_size
+    1: megatron-core's MoE biases need it; the process group is re-made to match)."""
+    from megatron.core import parallel_state
+    from megatron.core.fusions import fused_softmax
+
+    fields = {name: getattr(args, name) for name in ("softmax_type", "window_size", "window_attn_skip_freq",
+                                                     "glu_linear_offset", "activation_func_clamp_value")
+              if getattr(args, name, None) is not None}
+    if fields.get("window_size") is not None:
+        fields["window_size"] = tuple(fields["window_size"])
+        fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+    if getattr(args, "expert_tensor_parallel_size", None) == 1 and getattr(args, "num_experts", None):
+        tp = torch.distributed.get_world_size()
+        if parallel_state.get_expert_tensor_parallel_world_size() != 1:
+            parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+                                                     expert_tensor_parallel_size=1)
+        fields["expert_tensor_parallel_size"] = 1
+    return fields
+
+
+def _cpu_sliding_window_mask(sq, skv, window_size):
+    """megatron-core's sliding-window mask (True: masked), built on the CPU: key j is seen from query i
+    when i - window_size[0] <= j - (skv - sq) <= i + window_size[1]."""
+    seen = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window_size[0]).tril(skv - sq + window_size[1])
+    return ~seen
+
+
+def yarn_settings(config, args):
+    """GPTModel's YaRN embedding reads yarn_* attributes of the config (not TransformerConfig fields);
+    Megatron-LM's args name them as for MLA."""
+    if args.position_embedding_type != "yarn":
+        return
+    for field, name in (("yarn_rotary_scaling_factor", "rotary_scaling_factor"), ("yarn_mscale", "mscale"),
+                        ("yarn_mscale_all_dim", "mscale_all_dim"), ("yarn_beta_fast", "yarn_beta_fast"),
+                        ("yarn_beta_slow", "yarn_beta_slow"),
+                        ("yarn_original_max_position_embeddings", "yarn_original_max_position_embeddings"),
+                        ("yarn_correction_range_round_to_int", "yarn_correction_range_round_to_int")):
+        setattr(config, field, getattr(args, name))
 
 
 class _CausalSdpa(torch.nn.Module):

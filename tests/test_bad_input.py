@@ -66,7 +66,7 @@ def test_tensor_with_wrong_shape(tmp_path):
 
 def test_unsupported_rope_scaling_is_refused(tmp_path):
     source = tmp_path / "hf"
-    make_hf_model(source, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    make_hf_model(source, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     assert "has no Megatron-Core equivalent" in error_line(to_mcore(source, tmp_path / "out"))
 
 

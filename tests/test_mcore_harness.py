@@ -318,6 +318,9 @@ def test_model_choices_follow_megatron_lm():
     assert choices(swiglu=False, add_bias_linear=True, normalization="LayerNorm") == dict(
         normalization="LayerNorm", activation="gelu", gated=False, bias_activation_fusion=True)
     assert choices(swiglu=False, squared_relu=True)["activation"] == "squared_relu"
+    # gpt-oss's gated quick-GELU (its clamp and offset are TransformerConfig fields: gpt_oss_fields).
+    assert choices(swiglu=False, quick_geglu=True) == dict(normalization="RMSNorm", activation="quick_gelu", gated=True,
+                                                           bias_activation_fusion=False)
     # openai_gelu and onnx_safe select activations in Megatron-LM's legacy models only.
     assert choices(swiglu=False, openai_gelu=True, onnx_safe=True) == choices(swiglu=False)
     # The fixture Megatron-LM wrote (SwiGLU, RMSNorm, no biases) is buildable.
@@ -331,9 +334,6 @@ def test_model_choices_follow_megatron_lm():
         ({"normalization": "L2Norm"}, NotImplementedError, "normalization"),
         ({"normalization": "LayerNorm", "apply_layernorm_1p": True}, NotImplementedError, "apply_layernorm_1p"),
         ({"layernorm_zero_centered_gamma": True}, NotImplementedError, "layernorm_zero_centered_gamma"),
-        ({"swiglu": False, "quick_geglu": True}, NotImplementedError, "quick_geglu"),
-        ({"glu_linear_offset": 1.0}, NotImplementedError, "glu_linear_offset"),
-        ({"activation_func_clamp_value": 7.0}, NotImplementedError, "activation_func_clamp_value"),
         ({"use_te_activation_func": True}, NotImplementedError, "use_te_activation_func"),
         ({"apply_residual_connection_post_layernorm": True}, NotImplementedError,
          "apply_residual_connection_post_layernorm"),
@@ -341,7 +341,7 @@ def test_model_choices_follow_megatron_lm():
         ({"squared_relu": True}, ValueError, "swiglu and squared_relu"),
         ({"swiglu": False, "squared_relu": True, "add_bias_linear": True}, ValueError, "bias_gelu_fusion=False"),
     ],
-    ids=["l2norm", "layernorm-1p", "zero-centered-gamma", "quick-geglu", "glu-offset", "clamp", "te-activation",
+    ids=["l2norm", "layernorm-1p", "zero-centered-gamma", "te-activation",
          "post-layernorm-residual", "learned-positions", "swiglu-and-squared-relu", "fused-squared-relu"],
 )
 def test_what_cannot_be_built_is_refused_before_any_process(tmp_path, overrides, error, named):

@@ -65,6 +65,10 @@ def rope_args(config, where, family):
         return fields
     if kind == "yarn" and family.mla:
         return dict(fields, **yarn_args(scaling, config, where))
+    if kind == "yarn":  # Megatron-Core's GPT yarn embedding; truncate=false is its unrounded correction range
+        truncate = scaling.get("truncate", True)
+        yarn = yarn_args({k: v for k, v in scaling.items() if k != "truncate"}, config, where)
+        return dict(fields, **yarn, position_embedding_type="yarn", yarn_correction_range_round_to_int=bool(truncate))
     require(kind == "llama3", f"{where}: rope scaling {kind!r} has no Megatron-Core equivalent")
     for name, value in LLAMA3_FIXED.items():
         require(float(scaling.get(name, value)) == value,
@@ -100,12 +104,16 @@ def rope_scaling_from_args(args, family):
     """The rope scaling dict the args describe, in the target family's own semantics."""
     if getattr(args, "use_rope_scaling", False):
         return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
-    if getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn"):
+    gpt_yarn = getattr(args, "position_embedding_type", None) == "yarn"
+    mla_yarn = getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn")
+    if gpt_yarn or mla_yarn:
         values = {key: getattr(args, arg) for arg, key in YARN_FIELDS}  # unset rope_type: Megatron's MLA uses yarn
         if values["factor"] in (None, 1.0):
             return None  # yarn with factor 1 is plain rope
         if values["original_max_position_embeddings"] is None:
             values["original_max_position_embeddings"] = args.max_position_embeddings
+        if gpt_yarn and getattr(args, "yarn_correction_range_round_to_int", None) is False:
+            values["truncate"] = False
         return {"rope_type": "yarn", **{k: v for k, v in values.items() if v is not None}}
     for part in family.parts:
         owned = part.rope_scaling(args, family)

@@ -59,6 +59,7 @@ ALWAYS = Condition("always", lambda args, index: True)
 LAYER_NORM = Condition("LayerNorm", lambda args, index: args.normalization == "LayerNorm", "RMSNorm")
 MLA = Condition("multi-latent attention", lambda args, index: getattr(args, "multi_latent_attention", False),
                 "no multi-latent attention")
+# The layer is a mixture-of-experts layer (moe_layer_freq); a plugin's keys of MoE layers use it (plugin.MOE_LAYERS).
 MOE = Condition("MoE layers", _is_moe_layer, "dense layers")
 DENSE = ~MOE
 # Layer num_layers + i is multi-token-prediction layer i: a transformer layer built like the last decoder
@@ -319,9 +320,14 @@ def layer_keys(args, index=0):
                 "multi-latent attention without qk_layernorm (no latent norms) is not supported")
         require(not args.add_bias_linear and not args.add_qkv_bias,
                 "multi-latent attention with linear biases is not supported")
+    keys = [key for key in all_keys() if key.when(args, index)]
     if moe:
-        require(args.swiglu and not args.add_bias_linear, "mixture-of-experts layers need SwiGLU without linear biases")
-    return [key for key in all_keys() if key.when(args, index)]
+        require(args.swiglu or getattr(args, "quick_geglu", False), "mixture-of-experts layers need a gated MLP "
+                                                                    "(swiglu or quick_geglu)")
+        require(not args.add_bias_linear or any(key.experts and key.core.endswith(".bias") for key in keys),
+                "mixture-of-experts layers with linear biases need keys for the expert biases (a plugin registers "
+                "them)")
+    return keys
 
 
 def stored_dtype(name, dtype):

@@ -43,7 +43,8 @@ def load(queue, args):
     experts = margs.num_experts or 0
     ep = (margs.expert_model_parallel_size or 1) if experts else 1
     require(not experts or experts % ep == 0, f"{first}: EP {ep} does not divide the {experts} experts")
-    require(getattr(margs, "expert_tensor_parallel_size", None) in (None, tp) or not experts,
+    whole_experts = tp > 1 and getattr(margs, "expert_tensor_parallel_size", None) == 1  # on every TP rank
+    require(getattr(margs, "expert_tensor_parallel_size", None) in (None, 1, tp) or not experts,
             f"{first}: expert tensor parallel size {margs.expert_tensor_parallel_size} differs from TP {tp}; "
             "not supported")
     paths = rank_files.find_rank_files(folder, tp, pp, ep)
@@ -94,14 +95,16 @@ def load(queue, args):
     protocol.check_mtp_reader(args, md, str(first))
     mtp_layers = megatron_args.mtp_layers(margs)
 
-    def merged(p, chunk, path, kind, full, old_qkv=False, e=0):
+    def merged(p, chunk, path, kind, full, old_qkv=False, e=0, whole=False):
         """The TP shards of `path` merged (layout.merge), each first checked against the shard shape that
         the tensor's full shape `full` (SwiGLU: one half's) implies: a shard of the wrong shape would
-        otherwise be written into its neighbours' rows or columns."""
-        want = layout.shard_shape(full, kind, tp)
+        otherwise be written into its neighbours' rows or columns. `whole`: every rank holds all of it
+        (rank 0's is read)."""
+        ranks = 1 if whole else tp
+        want = layout.shard_shape(full, kind, ranks)
         if None in want:  # the vocabulary's padded rows: every rank has the first's
             want = tuple(tensor(0, p, chunk, path, e).shape[0] if w is None else w for w in want)
-        shards = [tensor(t, p, chunk, path, e, want) for t in range(tp)]
+        shards = [tensor(t, p, chunk, path, e, want) for t in range(ranks)]
         if old_qkv:
             shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
         return layout.merge(shards, kind)
@@ -110,7 +113,7 @@ def load(queue, args):
         """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
         full = protocol.layer_message_shapes(margs, index)[entry.keys[0]][1:]  # one expert's
         parts = [merged(p, chunk, schema.layer_path(margs.num_layers, index, local, entry.name.format(j)), entry.kind,
-                        full, e=e) for e in range(ep) for j in range(experts // ep)]
+                        full, e=e, whole=whole_experts) for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
             return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
         return torch.stack([layout.tensor_of(part) for part in parts])

@@ -33,8 +33,8 @@ def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
     margs = megatron_args.plain_copy(md.checkpoint_args)
     margs.tensor_model_parallel_size, margs.pipeline_model_parallel_size = tp, pp
     margs.expert_model_parallel_size = ep
-    if getattr(margs, "num_experts", None):
-        margs.expert_tensor_parallel_size = tp  # experts split like the dense MLP
+    if getattr(margs, "num_experts", None) and margs.expert_tensor_parallel_size != 1:
+        margs.expert_tensor_parallel_size = tp  # experts split like the dense MLP, unless the args keep them whole
     margs.world_size, margs.data_parallel_size = tp * pp * ep, ep
     margs.virtual_pipeline_model_parallel_size = margs.num_layers_per_virtual_pipeline_stage = None
     for uneven in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",

@@ -181,8 +181,9 @@ def dist_layer_key(name, local_spec=False):
     for old, new in _LOCAL_DIST_RENAMES if local_spec else ():
         if name.startswith(old):
             name = new + name[len(old):]
-    name = re.sub(r"^mlp\.experts\.(?:local_experts\.\{\}\.(linear_fc[12])\.weight|(linear_fc[12])\.weight\{\})$",
-                  lambda m: f"mlp.experts.experts.{m.group(1) or m.group(2)}.weight", name)
+    name = re.sub(r"^mlp\.experts\.(?:local_experts\.\{\}\.(linear_fc[12])\.(weight|bias)|"
+                  r"(linear_fc[12])\.(weight|bias)\{\})$",
+                  lambda m: f"mlp.experts.experts.{m.group(1) or m.group(3)}.{m.group(2) or m.group(4)}", name)
     return "decoder.layers." + name
 
 

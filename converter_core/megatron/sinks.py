@@ -78,6 +78,7 @@ class RankFilesSink(Sink):
         self.workers = workers.Workers(workers_count)
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.num_layers = args.num_layers
+        self.whole_experts = getattr(args, "expert_tensor_parallel_size", None) == 1
         self.staged = _staged_iteration(save_dir, iteration)
         self.files, self.models = {}, {}
         for t in range(tp):
@@ -88,8 +89,11 @@ class RankFilesSink(Sink):
                     self.files[t, p, e] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
                     self.models[t, p, e] = {}
 
-    def put(self, stage, path, tensor, kind, ep_ranks=None):
-        for t, shard in enumerate(layout.shard_parts(tensor, kind, self.tp)):  # assembled by the writer
+    def put(self, stage, path, tensor, kind, ep_ranks=None, whole=False):
+        """`whole`: every TP rank holds the whole tensor, split by `kind` as if TP were 1 (experts when the
+        args' expert_tensor_parallel_size is 1)."""
+        shards = layout.shard_parts(tensor, kind, 1) * self.tp if whole else layout.shard_parts(tensor, kind, self.tp)
+        for t, shard in enumerate(shards):  # assembled by the writer
             for e in range(self.ep) if ep_ranks is None else ep_ranks:
                 megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
@@ -121,7 +125,7 @@ class RankFilesSink(Sink):
             e, j = divmod(expert, per_rank)
             one = tuple(part[expert] for part in stacked)
             self.put(stage, self.schema.layer_path(self.num_layers, index, local, name.format(j)),
-                     one if isinstance(value, tuple) else one[0], kind, ep_ranks=[e])
+                     one if isinstance(value, tuple) else one[0], kind, ep_ranks=[e], whole=self.whole_experts)
 
     def put_layer_value(self, index, stage, local, name, value):
         self.put_value(stage, self.schema.layer_path(self.num_layers, index, local, name), value)

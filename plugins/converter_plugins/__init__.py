@@ -1,1 +1,7 @@
 """Built-in converter_core plugins, one module per role and format, in Megatron's loader_X / saver_X shape."""
+
+import importlib
+
+# The message keys a built-in family registers (gpt-oss's attention sinks and expert biases) are known to
+# every built-in plugin, the Megatron loaders and savers too: such a checkpoint also converts mcore -> mcore.
+importlib.import_module("converter_plugins.gpt_oss")
