@@ -1,7 +1,7 @@
 """GLM-4.5 (q/k norms, expert groups, an MTP layer) and GLM-4.5-Air (no q/k norms, one group, no MTP)
 through the generic `hf` plugins: partial rotary, q/k/v biases, head_dim set apart, first layers dense,
-sigmoid routing with a score-correction bias, routed scaling and shared experts. HF -> mcore at TP 2 x EP 2,
-resharded to EP 1, gives transformers' logits in megatron-core (and GLM-4.5's MTP layer the logits of the
+sigmoid routing with a score-correction bias, routed scaling and shared experts. HF -> mcore at TP 2 x EP 2
+gives transformers' logits in megatron-core run at TP 2 x EP 2 (and GLM-4.5's MTP layer the logits of the
 MTP computation); back to HF is bit-exact with the same config.json."""
 
 import shutil
@@ -48,21 +48,18 @@ def to_hf(source, target, *flags, ok=True):
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def converted(request, tmp_path_factory):
-    """(fields, model, HF folder, TP 2 x EP 2 checkpoint, the same resharded to TP 2 x EP 1, work folder,
-    MTP layer or None)."""
+    """(fields, model, HF folder, TP 2 x EP 2 checkpoint, work folder, MTP layer or None)."""
     work = tmp_path_factory.mktemp(request.param)
     fields, source = MODELS[request.param], work / "hf"
     model = make_model(source, fields)
     mtp = add_mtp_layer(source, model, work / "deeper") if fields["num_nextn_predict_layers"] else None
     to_mcore(source, work / "ep2", "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2)
-    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", work / "ep2", "--save-dir", work / "ep1",
-            "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 1, "--saver-transformer-impl", "local")
-    return fields, model, source, work / "ep2", work / "ep1", work, mtp
+    return fields, model, source, work / "ep2", work, mtp
 
 
 def test_megatron_lm_args(converted):
     """Megatron-LM's own arg names, so Megatron-LM trains from what is written."""
-    fields, _, _, ep2, _, _, _ = converted
+    fields, _, _, ep2, _, _ = converted
     args = torch.load(ep2 / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)["args"]
     grouped = fields["n_group"] > 1
     assert (args.rotary_percent, args.kv_channels, args.add_qkv_bias, args.add_bias_linear, args.qk_layernorm) == \
@@ -77,9 +74,9 @@ def test_megatron_lm_args(converted):
 
 
 def test_logits_in_megatron_core(converted):
-    _, model, _, _, ep1, _, mtp = converted
+    _, model, _, ep2, _, mtp = converted
     tokens = tokens_for(VOCAB)
-    logits = mcore_logits(ep1 / "iter_0000001", tokens, mtp=mtp is not None)
+    logits = mcore_logits(ep2 / "iter_0000001", tokens, mtp=mtp is not None, ep=2)
     if mtp is not None:
         logits, mtp_logits = logits
         torch.testing.assert_close(mtp_logits[0][..., :VOCAB], mtp_reference_logits(model, mtp, tokens), atol=1e-4,
@@ -88,7 +85,7 @@ def test_logits_in_megatron_core(converted):
 
 
 def test_back_to_hf_bit_exact(converted):
-    _, _, source, ep2, _, work, _ = converted
+    _, _, source, ep2, work, _ = converted
     to_hf(ep2, work / "back")
     assert_bit_identical(source, work / "back")
     assert read_config(work / "back") == read_config(source)
@@ -97,8 +94,8 @@ def test_back_to_hf_bit_exact(converted):
 def test_a_checkpoint_without_its_hf_config_is_written_as_glm(converted):
     """With the HF config deleted from the args (as if Megatron-LM had made the checkpoint), the saver
     picks glm4_moe from the args alone (partial rotary, sigmoid routing) and writes the same model."""
-    fields, model, _, _, ep1, work, _ = converted
-    megatron = shutil.copytree(ep1, work / "no-hf-config")
+    fields, model, _, ep2, work, _ = converted
+    megatron = shutil.copytree(ep2, work / "no-hf-config")
     for rank in (megatron / "iter_0000001").glob("*/model_optim_rng.pt"):
         state = torch.load(rank, weights_only=False)
         del state["args"].hf_config_json, state["args"].hf_source_dir
