@@ -8,7 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import hf_family, hf_stream, hub, options as option_parsing, orchestrator, plugins, protocol
+from converter_core import events, hf_family, hf_stream, hub, options as option_parsing, orchestrator, plugins, protocol
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -24,29 +24,80 @@ class Result:
     warnings: list       # the warnings the loader and saver reported, as text
 
 
-def convert(loader, saver, load_dir, save_dir, *, model_type="GPT", progress=None, cancel=None,
-            handle_signals=False, **options):
+def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
+            target_tensor_parallel_size: int = None, target_pipeline_parallel_size: int = None,
+            target_expert_parallel_size: int = None, ckpt_format: str = None, dtype: str = None,
+            saver_transformer_impl: str = None, true_vocab_size: int = None, tokenizer_model: str = None,
+            hf_reference_dir: str = None, hf_model_type: str = None, max_shard_size: str = None,
+            workers: int = None, max_queue_size: int = None, stall_timeout: float = None, checking: bool = None,
+            plugin_options: dict = None, progress=None, cancel=None, handle_signals=False, **options):
     """Convert `load_dir` with the `loader` plugin into `save_dir` with the `saver` plugin.
 
-    `options` are the command line's flags as keyword arguments (target_tensor_parallel_size=2,
-    checking=False, ...), validated exactly as the command line validates them. `progress(event)`
-    receives each event as a dict, in the caller's process: {"event": "start", "messages", "layers"},
-    {"event": "sent" or "written", "name", "bytes", "count", "total"}, {"event": "note" or "warning",
-    "message"}, then {"event": "finish", ...}. `cancel` (a threading.Event) stops the run within a second,
-    removes the staged output and raises. `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and
-    SIGHUP stop the run the same way, as the command line does.
     `load_dir` may be a Hugging Face Hub id, `org/name` or `org/name@revision` (hub.resolve).
+    The named options (None: the plugins' default, often the source's own value) and, for the rest,
+    `plugin_options` or plain keywords are the command line's flags under their Python names
+    (options(loader, saver) lists those of a pair), validated exactly as the command line validates them:
+      target_tensor_parallel_size, target_pipeline_parallel_size, target_expert_parallel_size: the
+        Megatron output's TP, PP and EP (Megatron savers)
+      ckpt_format: "torch" (per-rank files) or "torch_dist" (the mcore saver)
+      dtype: "bf16" or "fp16" converts the weights (HF loaders; default: the source's dtype)
+      saver_transformer_impl: "transformer_engine" or "local" parameter names (Megatron savers)
+      true_vocab_size: vocabulary rows without padding; tokenizer_model: a tokenizer folder or file
+      hf_reference_dir: a folder whose config and tokenizer files an HF saver starts from
+      hf_model_type: the HF family an HF saver writes; max_shard_size: e.g. "5GB", an HF saver's shards
+      workers: writer threads per saver; max_queue_size: messages in flight; stall_timeout: seconds
+        a side may wait on the other (0: forever); checking=False skips the message checks
+    `progress(event)` receives each event in the caller's process, in order (converter_core.events): a dict
+    that is also a typed object, e.g. StartEvent (messages, layers), SentEvent and WrittenEvent (name, bytes,
+    count, total, and the job's fraction, bytes_done, seconds, eta_seconds), NoteEvent, WarningEvent,
+    SavedEvent (message), then FinishEvent (save_dir, files, bytes, and the job's fields; fraction 1.0).
+    `cancel` (a threading.Event) stops the run within a second, removes the staged output and raises.
+    `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and SIGHUP stop the run the same way.
     Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
     `.kind` ("input", "internal", "interrupted"), `.path` (the file or folder at fault, or None) and the
     one-line message, which names this function's keywords (save_dir) where the command line's names its flags."""
+    if dtype not in (None, "bf16", "fp16"):
+        raise option_parsing.UsageError(f"dtype must be 'bf16' or 'fp16', got {dtype!r}", "")
+    if dtype and dtype not in {option.name for option in option_parsing.option_list(loader, saver)}:
+        raise option_parsing.UsageError(f"dtype: the {loader} loader keeps the source's dtype", "")
+    named = dict(target_tensor_parallel_size=target_tensor_parallel_size,
+                 target_pipeline_parallel_size=target_pipeline_parallel_size,
+                 target_expert_parallel_size=target_expert_parallel_size, ckpt_format=ckpt_format,
+                 saver_transformer_impl=saver_transformer_impl, true_vocab_size=true_vocab_size,
+                 tokenizer_model=tokenizer_model, hf_reference_dir=hf_reference_dir, hf_model_type=hf_model_type,
+                 max_shard_size=max_shard_size, workers=workers, max_queue_size=max_queue_size,
+                 stall_timeout=stall_timeout, checking=checking)
+    given = {name: value for name, value in named.items() if value is not None}
+    if dtype:
+        given[dtype] = True  # the loader's --bf16 or --fp16
+    for more in (plugin_options or {}), options:
+        for name in set(more) & set(given):
+            raise option_parsing.UsageError(f"option {name!r} is given twice", "")
+        given.update(more)
     argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
             "--save-dir", os.fspath(save_dir)]
     try:
-        return convert_argv(argv, options, progress=progress, cancel=cancel, handle_signals=handle_signals)
+        return convert_argv(argv, given, progress=progress, cancel=cancel, handle_signals=handle_signals)
     except ConversionError as error:
-        keywords = {"--" + name.replace("_", "-"): name for name in ("load_dir", "save_dir", "model_type", *options)}
-        error.args = (re.sub(r"--[a-z][a-z0-9-]*", lambda flag: keywords.get(flag[0], flag[0]), str(error)),)
+        error.args = (_keywords_for_flags(str(error), loader, saver, dtype),)
         raise
+
+
+def _keywords_for_flags(message, loader, saver, dtype):
+    """`message` with each of the pair's flags named as the keyword that stands for it."""
+    try:
+        keywords = option_parsing.keywords(loader, saver)
+    except ConversionError:  # a plugin that does not load: no flag of its to name
+        keywords = option_parsing.keywords("megatron", "megatron")
+    if dtype:
+        keywords["--" + dtype] = f"dtype={dtype!r}"
+    return re.sub(r"--[a-z][a-z0-9-]*", lambda flag: keywords.get(flag[0], flag[0]), message)
+
+
+def options(loader, saver):
+    """Every option convert() takes for this `loader` and `saver` pair, as options.Option (name: the
+    keyword, flag, type, default, help, plugin and role that declare it, choices), core options first."""
+    return option_parsing.option_list(loader, saver)
 
 
 def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
@@ -54,9 +105,10 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     args, loader_module, saver_module = option_parsing.parse(argv, options)
     args.load_dir = _source(args.load_dir)
     option_parsing.check_folders(args.load_dir, args.save_dir)
-    warnings = []
+    warnings, tracker = [], events.Tracker()
 
-    def on_event(event):  # called from one relay thread, in order
+    def on_event(raw):  # called from one relay thread, in order
+        event = tracker(raw)
         if event["event"] == "warning":
             warnings.append(event["message"])
         if progress is not None:
@@ -71,8 +123,7 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
                     warnings)
     if progress is not None:
         try:  # the output is committed: a failing callback is not the run's failure (as for every event)
-            progress({"event": "finish", "save_dir": str(folder), "files": len(files), "bytes": result.bytes,
-                      "seconds": result.seconds})
+            progress(tracker.finish(folder, len(files), result.bytes, result.seconds))
         except Exception:
             pass
     return result

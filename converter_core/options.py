@@ -2,8 +2,11 @@
 parse serves the command line (argv) and the Python API (keyword arguments), so both validate alike."""
 
 import argparse
+import dataclasses
 import os
 import stat
+import sys
+import types
 from pathlib import Path
 
 from converter_core import flags, plugins, workers
@@ -76,6 +79,78 @@ def parse(argv, options=None):
     return args, loader, saver
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of a conversion, as a Python keyword of converter_core.convert()."""
+    name: str            # the keyword: target_tensor_parallel_size
+    flag: str            # the command line's flag: --target-tensor-parallel-size
+    type: type           # int, float, str or bool
+    default: object      # the value when not given (None: the plugin decides, e.g. from the source)
+    help: str
+    plugin: str          # who declares it: "converter_core", or the loader's or saver's name
+    role: str            # "core", "loader" or "saver"
+    choices: tuple = None
+
+
+# Base flags that are convert()'s own parameters or the command line's display, not conversion options.
+NOT_OPTIONS = {"model_type", "loader", "saver", "load_dir", "save_dir", "progress", "quiet"}
+# What the shared argparse types take, as a Python type (byte_size also takes "5GB").
+_TYPES = {flags.positive_int: int, flags.queue_size: int, flags.seconds: float, flags.byte_size: str}
+
+
+def option_list(loader, saver):
+    """Every Option the `loader` and `saver` plugins' pair takes, in the command line's order: the core
+    ones, the loader's, the saver's. A flag both plugins declare is the saver's (argparse resolves it so)."""
+    parser, declared = _pair_parser(loader, saver)
+    return [Option(action.dest, action.option_strings[0], _python_type(action), action.default,
+                   " ".join((action.help or "").split()), *declared[action],
+                   tuple(action.choices) if action.choices else None)
+            for action in _flag_actions(parser) if action.dest not in NOT_OPTIONS and action.help != argparse.SUPPRESS]
+
+
+def _pair_parser(loader, saver):
+    """(the pair's parser, {action: (plugin, role) that declared it})."""
+    parser, declared = base_parser(required=False), {}
+    for role, name in (("core", "converter_core"), ("loader", loader), ("saver", saver)):
+        if role != "core":
+            try:
+                plugins.load_plugin(role, name).add_arguments(parser)
+            except ConversionError as error:
+                error.role = "arguments"
+                raise
+            name = plugins.canonical(name)
+        for action in _flag_actions(parser):
+            declared.setdefault(action, (name, role))
+    return parser, declared
+
+
+def _flag_actions(parser):
+    return [action for action in parser._actions
+            if action.option_strings and not isinstance(action, argparse._HelpAction)]
+
+
+def _python_type(action):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return bool
+    if action.type in _TYPES:
+        return _TYPES[action.type]
+    return action.type if isinstance(action.type, type) else str
+
+
+def keywords(loader, saver):
+    """{flag: the API keyword that stands for it} in the pair's messages: `--no-checking` is `checking=False`."""
+    named = {}
+    for action in _flag_actions(_pair_parser(loader, saver)[0]):
+        for flag in action.option_strings:
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                named[flag] = f"{action.dest}={not action.default}"
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                named[flag] = f"{action.dest}={not flag.startswith('--no-')}"
+            else:
+                named[flag] = action.dest
+    return named
+
+
 def _as_flags(parser, options):
     by_dest = {action.dest: action for action in parser._actions if action.option_strings}
     argv = []
@@ -83,10 +158,13 @@ def _as_flags(parser, options):
         action = by_dest.get(name)
         if action is None or isinstance(action, argparse._HelpAction):
             raise UsageError(f"unknown option {name!r} for these plugins", parser.format_usage())
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if _python_type(action) is bool:
             if value not in (True, False):
                 raise UsageError(f"option {name!r} takes True or False, got {value!r}", parser.format_usage())
-            argv += [action.option_strings[0]] if value != action.default else []
+            if isinstance(action, argparse.BooleanOptionalAction):  # --x or --no-x
+                argv += [action.option_strings[0 if value else 1]]
+            else:
+                argv += [action.option_strings[0]] if value != action.default else []
         elif value is not None:
             argv += [action.option_strings[0], str(value)]
     return argv
@@ -147,3 +225,14 @@ def _shown(path):
     """A path for a message: whole, or its ends and its length when it is too long to read."""
     text = str(path)
     return text if len(text) <= 160 else f"{text[:100]}...{text[-20:]} ({len(text)} characters)"
+
+
+class _Callable(types.ModuleType):
+    """converter_core.options(loader, saver) is the API's call, and converter_core.options is also this
+    module (Python binds a package's submodule to its name on import): the module answers the call."""
+
+    def __call__(self, loader, saver):
+        return option_list(loader, saver)
+
+
+sys.modules[__name__].__class__ = _Callable
