@@ -18,7 +18,6 @@ class Display:
 
     def __init__(self, mode):
         self.mode, self.bar = mode, None
-        self.sent = self.written = self.bytes = 0
         self.cwd = os.getcwd()
 
     def __call__(self, event):
@@ -33,12 +32,9 @@ class Display:
             from tqdm import tqdm
             self.bar = tqdm(total=event["messages"], unit="msg", desc="converting", file=sys.stderr)
         elif kind in ("sent", "written"):
-            self.sent += kind == "sent"
-            self.written += kind == "written"
-            self.bytes += event["bytes"] if kind == "written" else 0
-            if self.bar is not None:
-                self.bar.n = self.written or self.sent  # a foreign saver reports nothing: show what was sent
-                self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f} GB")
+            if self.bar is not None:  # the job's state comes with the event (converter_core.events)
+                self.bar.n = round(event["fraction"] * self.bar.total)
+                self.bar.set_postfix_str(f"{event['bytes_done'] / 1e9:.2f} GB")
         elif kind == "finish":
             self.close()
             rate = event["bytes"] / max(event["seconds"], 1e-9) / 1e9

@@ -20,10 +20,10 @@ class Event(dict):
 
 class JobEvent(Event):
     """The whole job's state, on every SentEvent, WrittenEvent and FinishEvent."""
-    fraction: float            # of the job done, 0 to 1: messages written by the saver over all (1.0 at the end)
+    fraction: float            # of the job done, 0 to 1 (1.0 at the end): messages written by the saver over all
     bytes_done: int            # tensor bytes written so far; on FinishEvent, the output files' total size
     seconds: float             # since the run started
-    eta_seconds: float         # estimated seconds left (None until something is done; 0.0 at the end)
+    eta_seconds: float | None  # estimated seconds left: None until something is done, 0.0 at the end
 
 
 class StartEvent(Event):

@@ -86,10 +86,10 @@ class Option:
     flag: str            # the command line's flag: --target-tensor-parallel-size
     type: type           # int, float, str or bool
     default: object      # the value when not given (None: the plugin decides, e.g. from the source)
-    help: str
+    help: str            # the command line's help text
     plugin: str          # who declares it: "converter_core", or the loader's or saver's name
     role: str            # "core", "loader" or "saver"
-    choices: tuple = None
+    choices: tuple = None  # the values it takes, where it is one of a few
 
 
 # Base flags that are convert()'s own parameters or the command line's display, not conversion options.
@@ -100,7 +100,8 @@ _TYPES = {flags.positive_int: int, flags.queue_size: int, flags.seconds: float, 
 
 def option_list(loader, saver):
     """Every Option the `loader` and `saver` plugins' pair takes, in the command line's order: the core
-    ones, the loader's, the saver's. A flag both plugins declare is the saver's (argparse resolves it so)."""
+    ones, the loader's, the saver's. A flag both plugins declare is the saver's (argparse resolves it so).
+    A side given as None is left out (a reference of one plugin's options)."""
     parser, declared = _pair_parser(loader, saver)
     return [Option(action.dest, action.option_strings[0], _python_type(action), action.default,
                    " ".join((action.help or "").split()), *declared[action],
@@ -112,6 +113,8 @@ def _pair_parser(loader, saver):
     """(the pair's parser, {action: (plugin, role) that declared it})."""
     parser, declared = base_parser(required=False), {}
     for role, name in (("core", "converter_core"), ("loader", loader), ("saver", saver)):
+        if name is None:
+            continue
         if role != "core":
             try:
                 plugins.load_plugin(role, name).add_arguments(parser)
