@@ -99,3 +99,11 @@ def test_without_a_stored_config_the_outer_object_is_the_familys(tmp_path, monke
     source = transformers.Emu3TextConfig.from_pretrained(tmp_path / "hf")
     for name in (*BASE, "tie_word_embeddings", "hidden_act", "rope_parameters"):
         assert getattr(made, name) == getattr(source, name), name
+    # Another family's stored config (a flat Llama's) gives the decoder's fields, the outer object is Emu3's.
+    llama = dict(read_config(tmp_path / "hf")["text_config"], model_type="llama", architectures=["LlamaForCausalLM"])
+    args.hf_config_json = json.dumps(llama)
+    retargeted = hf_family.config_from_args(args, BASE["vocab_size"], EMU3)
+    assert retargeted["model_type"] == "emu3" and retargeted["architectures"] == ["Emu3ForCausalLM"]
+    assert "hidden_size" not in retargeted and retargeted["text_config"]["model_type"] == "emu3_text_model"
+    kept = {k: v for k, v in llama.items() if k != "architectures"}  # the args agree with every other field
+    assert retargeted["text_config"] == dict(kept, model_type="emu3_text_model")
