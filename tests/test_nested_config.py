@@ -79,10 +79,11 @@ def test_nested_config_to_mcore_tp2_logits_and_back_bit_exact(tmp_path):
     torch.testing.assert_close(hf_logits(load_strictly(back), tokens), hf_logits(model, tokens), atol=0, rtol=0)
 
 
-def test_without_a_stored_config_the_outer_object_is_the_familys(tmp_path, monkeypatch):
+def test_config_json_without_a_stored_one_and_across_families(tmp_path, monkeypatch):
     """A Megatron-made stream (no stored config.json): the decoder's fields go under text_config inside an
-    outer object from the family's declarations, and transformers reads them back as the same decoder."""
-    from converter_core import hf_family
+    outer object from the family's declarations, and transformers reads them back as the same decoder.
+    Across families, the decoder object of the stored config.json is the other family's starting point."""
+    from converter_core import hf_family, plugin
     plugin_env(tmp_path, family_emu3=EMU3_FAMILY)
     monkeypatch.syspath_prepend(str(tmp_path / "plugins"))
     from family_emu3 import EMU3
@@ -99,6 +100,12 @@ def test_without_a_stored_config_the_outer_object_is_the_familys(tmp_path, monke
     source = transformers.Emu3TextConfig.from_pretrained(tmp_path / "hf")
     for name in (*BASE, "tie_word_embeddings", "hidden_act", "rope_parameters"):
         assert getattr(made, name) == getattr(source, name), name
+    # Written as another family (a flat Llama): the decoder object is its config.json, the outer one is dropped.
+    nested = dict(vars(args), hf_config_json=json.dumps(read_config(tmp_path / "hf")))
+    llama_family = plugin.Family("llama", ("LlamaForCausalLM",))
+    flat = hf_family.config_from_args(argparse.Namespace(**nested), BASE["vocab_size"], llama_family)
+    decoder = {k: v for k, v in read_config(tmp_path / "hf")["text_config"].items() if k != "architectures"}
+    assert flat == dict(decoder, model_type="llama", architectures=["LlamaForCausalLM"])
     # Another family's stored config (a flat Llama's) gives the decoder's fields, the outer object is Emu3's.
     llama = dict(read_config(tmp_path / "hf")["text_config"], model_type="llama", architectures=["LlamaForCausalLM"])
     args.hf_config_json = json.dumps(llama)

@@ -55,6 +55,8 @@ def args_from_config(config, where, dtype, untied, family, **fields):
     if family.mla:
         fields.update(mla_args(config, where))
     fields.update(family.args)
+    if family.config_key:  # where the decoder's fields are in hf_config_json, for a saver of another family
+        fields.update(hf_config_key=family.config_key)
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -77,7 +79,8 @@ def config_from_args(args, vocab_size, family):
     A family with a config_key gets them in that object, inside the stored outer one (or its `outer`)."""
     stored = stored_config(args)
     if stored and stored.get("model_type", family.model_type) != family.model_type:
-        stored = retargeted(stored, family)
+        source_key = getattr(args, "hf_config_key", None)  # another family's decoder object inside the stored one
+        stored = retargeted(stored.get(source_key, stored) if source_key else stored, family)
         if family.config_key:  # another family's fields are the decoder's; the outer object is this family's
             stored = dict(family.outer, model_type=family.model_type, architectures=[family.architecture],
                           **{family.config_key: {k: v for k, v in stored.items() if k != "model_type"}})
