@@ -86,15 +86,16 @@ def load(queue, args, families):
     if not mxfp4.is_mxfp4(config):                                                  # are read as floats
         weights = fp8.dequantizing(weights, config, str(config_path))
     family = hf_family.family_of(config, str(config_path), families)
+    decoder = family.decoder_config(config, str(config_path))  # the decoder's fields (config.json or inside it)
     require(family.embedding in weights, f"{folder}: the weights hold no {family.embedding}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else weights.dtype(family.embedding)
-    untied = not config.get("tie_word_embeddings", family.tied_by_default)
+    untied = not decoder.get("tie_word_embeddings", family.tied_by_default)
     if untied:
         require(family.output_layer in weights,
                 f"{folder}: config.json says untied embeddings but there is no {family.output_layer}")
-    hf_family.check_counts(config, str(config_path))
-    mtp = check_layers(weights, config["num_hidden_layers"], config_path, family,  # before anything is sized by it
-                       hf_family.stored_mtp_layers(config, family, str(config_path)))
+    hf_family.check_counts(decoder, str(config_path))
+    mtp = check_layers(weights, decoder["num_hidden_layers"], config_path, family,  # before anything is sized by it
+                       hf_family.stored_mtp_layers(decoder, family, str(config_path)))
     fields = dict(make_vocab_size_divisible_by=args.make_vocab_size_divisible_by or 128,
                   tokenizer_type="HuggingFaceTokenizer",
                   tokenizer_model=os.path.abspath(args.tokenizer_model or folder),  # read from anywhere
@@ -103,7 +104,7 @@ def load(queue, args, families):
     if not mtp:
         margs.mtp_num_layers = None  # the weights lack the layers config.json counts (check_layers said so)
     hf_family.check_table(family, margs, str(config_path))
-    shapes = hf_family.expected_shapes(margs, config["vocab_size"], family)
+    shapes = hf_family.expected_shapes(margs, decoder["vocab_size"], family)
     unknown = [n for n in weights.names() if n not in shapes and n != family.output_layer and not family.ignores(n)]
     if unknown:
         raise ConversionError(f"{folder}: the weights hold tensors that config.json and the {family.model_type} "
@@ -139,7 +140,7 @@ def load(queue, args, families):
         for depth in range(mtp):
             yield protocol.mtp_layer_name(depth), layer(margs.num_layers + depth)
 
-    md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, config, folder))
+    md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, decoder, folder))
     protocol.check_mtp_reader(args, md, str(config_path))
     protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
 
@@ -269,7 +270,7 @@ def save(queue, args, families, folds=()):
             (staged.path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(code_folder / name, staged.path / name)
         write_json(staged.path / hf.CONFIG, config)
-        generation = generation_config(config)
+        generation = generation_config(family.decoder_config(config))
         if generation and not (staged.path / "generation_config.json").exists():
             write_json(staged.path / "generation_config.json", generation)
         staged.commit()

@@ -19,7 +19,7 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       rope_settings, shared_experts, stored_config)
 from converter_core.hf_family.mtp import MTP_PARTS, Mtp
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
-from converter_core.megatron.args import complete as complete_args, make_args
+from converter_core.megatron.args import complete as complete_args, make_args, plain_copy
 from converter_core.megatron.keys import (COLUMN, MOE as MOE_LAYERS, REPLICATED, ROW, SWIGLU, Condition, LayerKey,
                                           register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
@@ -48,7 +48,7 @@ __all__ = [
     "register_dimension",
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
-    "make_metadata", "make_args", "complete_args", "send", "send_model", "Receiver", "exit_on_failure", "report",
+    "make_metadata", "make_args", "complete_args", "plain_copy", "send", "send_model", "Receiver", "exit_on_failure", "report",
     "stall_timeout",
     # safe readers and staged writers
     "HFWeights", "read_json", "load_torch_file", "PlannedSafetensors", "StagedFolder", "write_atomically",

@@ -43,6 +43,7 @@ def check_counts(config, where):
 def args_from_config(config, where, dtype, untied, family, **fields):
     """Megatron args for an HF config of `family`. The whole config.json rides along as
     `hf_config_json`, so a later HF saver can write back every field Megatron has no name for."""
+    whole, config = config, family.decoder_config(config, where)
     check_counts(config, where)
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
@@ -54,6 +55,8 @@ def args_from_config(config, where, dtype, untied, family, **fields):
     if family.mla:
         fields.update(mla_args(config, where))
     fields.update(family.args)
+    if family.config_key:  # where the decoder's fields are in hf_config_json, for a saver of another family
+        fields.update(hf_config_key=family.config_key)
     return megatron_args.make_args(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -66,20 +69,38 @@ def args_from_config(config, where, dtype, untied, family, **fields):
         vocab_size=config["vocab_size"],
         params_dtype=dtype,
         untie_embeddings_and_output_weights=untied,
-        hf_config_json=json.dumps(config, sort_keys=True),
+        hf_config_json=json.dumps(whole, sort_keys=True),
         **fields)
 
 
 def config_from_args(args, vocab_size, family):
     """config.json for the model in `args` as `family`: the stored HF config when there is one, with
-    every field Megatron knows taken from the args (they win: the checkpoint may have been changed since)."""
+    every field Megatron knows taken from the args (they win: the checkpoint may have been changed since).
+    A family with a config_key gets them in that object, inside the stored outer one (or its `outer`)."""
     stored = stored_config(args)
     if stored and stored.get("model_type", family.model_type) != family.model_type:
-        stored = retargeted(stored, family)
+        source_key = getattr(args, "hf_config_key", None)  # another family's decoder object inside the stored one
+        stored = retargeted(stored.get(source_key, stored) if source_key else stored, family)
+        if family.config_key:  # another family's fields are the decoder's; the outer object is this family's
+            stored = dict(family.outer, model_type=family.model_type, architectures=[family.architecture],
+                          **{family.config_key: {k: v for k, v in stored.items() if k != "model_type"}})
+    if not family.config_key:
+        return decoder_config_from_args(args, vocab_size, family, stored)
+    outer = dict(stored) if stored else dict(family.outer, model_type=family.model_type)
+    decoder = family.decoder_config(stored) if stored else None
+    outer.update(architectures=[family.architecture],
+                 **{family.config_key: decoder_config_from_args(args, vocab_size, family, decoder)})
+    return outer
+
+
+def decoder_config_from_args(args, vocab_size, family, stored):
+    """The object of config_from_args holding the decoder's fields (config.json itself for a family without
+    a config_key), starting from `stored`, the stored one, or None."""
     config = dict(stored) if stored else {}
     groups = megatron_args.query_groups(args)
+    if not family.config_key:
+        config["architectures"] = [family.architecture]
     config.update(
-        architectures=[family.architecture],
         hidden_size=args.hidden_size,
         intermediate_size=megatron_args.ffn_size(args),
         num_hidden_layers=args.num_layers,
@@ -92,7 +113,7 @@ def config_from_args(args, vocab_size, family):
     tied = not megatron_args.untied(args)
     if not stored or "tie_word_embeddings" in stored or tied != family.tied_by_default:
         config["tie_word_embeddings"] = tied  # a stored config that relied on the default keeps doing so
-    if not stored or "model_type" in stored:
+    if not family.config_key and (not stored or "model_type" in stored):
         config["model_type"] = family.model_type  # a hub config without one keeps it that way
     head_dim = megatron_args.head_dim(args)
     if not family.mla and (config.get("head_dim") is not None or head_dim != args.hidden_size // args.num_attention_heads):

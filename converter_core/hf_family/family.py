@@ -27,7 +27,10 @@ class Family:
     carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means;
     `ignored`: patterns (fnmatch) of HF tensors the loader skips, such as a stored rope cache; `notes`:
     lines for the supported-models report; `mtp`: an Mtp when the family stores multi-token-prediction
-    layers (after the decoder layers, under the same prefix).
+    layers (after the decoder layers, under the same prefix); `config_key`: the key of the object inside
+    config.json that holds the decoder's fields (a multimodal or wrapper config's "text_config", with
+    architectures and model_type outside it), None when they are at the top; `outer`: that outer object's
+    fields for a model without a stored config.json (`config` then fills the decoder object).
     The top-level tensor names and the layer prefix default to Llama's."""
     model_type: str
     architectures: tuple
@@ -49,6 +52,8 @@ class Family:
     final_norm: str = "model.norm.weight"
     output_layer: str = "lm_head.weight"
     layers: str = "model.layers.{}."
+    config_key: str = None
+    outer: dict = dataclasses.field(default_factory=dict)
 
     @property
     def parts(self):
@@ -103,8 +108,17 @@ class Family:
     def mla_rope_interleaved(self, args):
         interleaved = self.rope_interleaved
         if isinstance(interleaved, str):
-            interleaved = (stored_config(args) or {}).get(interleaved, True)
+            interleaved = self.decoder_config(stored_config(args) or {}).get(interleaved, True)
         return interleaved
+
+    def decoder_config(self, config, where="config.json"):
+        """The object of a config.json of this family that holds the decoder's fields (see config_key)."""
+        if not self.config_key:
+            return config
+        decoder = config.get(self.config_key) if config else {}
+        require(isinstance(decoder, dict), f"{where}: {self.config_key} must be an object holding the decoder's "
+                                           f"fields, got {decoder!r:.40}")
+        return decoder
 
 
 def by_model_type(*members):

@@ -5,7 +5,7 @@ import dataclasses
 
 from converter_core.errors import require
 from converter_core.formats.untrusted import is_count
-from converter_core.hf_family.features import Feature
+from converter_core.hf_family.features import Feature, first_key
 from converter_core.megatron import args as megatron_args
 
 
@@ -149,7 +149,7 @@ def moe_config(config, args, experts, where="config.json"):
         require(experts.first_dense, f"{where}: a model without experts cannot be written as this MoE family")
         config[experts.first_dense] = args.num_layers
         return
-    count_key = next((key for key in experts.count if key in config), experts.count[0])
+    count_key = first_key(config, experts.count)
     expert_ffn = megatron_args.expert_ffn_size(args)
     config.update({count_key: args.num_experts, "num_experts_per_tok": args.moe_router_topk, experts.ffn: expert_ffn})
     if experts.normalize is not True:

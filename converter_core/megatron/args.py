@@ -320,5 +320,6 @@ def check_tensor_parallel(args, tp, where):
 
 
 def plain_copy(args):
-    """A shallow copy, so a saver can change parallel sizes without touching the loader's namespace."""
+    """A shallow copy of a Megatron args Namespace, to change (a saver's parallel sizes, a fold's settings)
+    without touching the namespace the loader or the stream holds."""
     return argparse.Namespace(**vars(args))

@@ -2,7 +2,6 @@
 in the Megatron args and folded into the weights when written as a family without them, and LongRoPE
 carried under the names Megatron forks use for it (rope_scaling_type, long_factor, short_factor, ...)."""
 
-import argparse
 import dataclasses
 import json
 import math
@@ -55,7 +54,7 @@ class MuP(plugin.Feature):
                        "equivalent; use --saver minicpm_hf")
         plain = {k: v for k, v in plugin.retargeted(stored, family).items() if k not in ONLY_FIELDS}
         plain.update(architectures=[family.architecture], tie_word_embeddings=False)
-        folded = argparse.Namespace(**vars(args))
+        folded = plugin.plain_copy(args)
         folded.hf_config_json = json.dumps(plain, sort_keys=True)
         folded.untie_embeddings_and_output_weights = True  # embeddings x scale_emb, head / width: never equal
         scale_emb, scale_depth, dim_model_base = scalars(args)
