@@ -5,10 +5,11 @@
     converter_core.detect("./mcore")      # format, family, TP/PP/EP/VP, dtype, sizes, parameters, plugins
     converter_core.detect("org/name")     # a Hugging Face Hub id (or org/name@revision), from its cache
     converter_core.supported()            # the support matrix, from the installed plugins
+    converter_core.verify("./hf", "./mcore").identical   # the same tensors, whatever the formats
 """
 
 __version__ = "0.1.0"
-__all__ = ["convert", "detect", "supported", "Result", "Detected", "ConversionError"]
+__all__ = ["convert", "detect", "supported", "verify", "Result", "Detected", "Verified", "ConversionError"]
 
 
 def __getattr__(name):
@@ -16,6 +17,9 @@ def __getattr__(name):
     if name == "ConversionError":
         from converter_core.errors import ConversionError
         return ConversionError
+    if name in ("verify", "Verified"):
+        from converter_core import verification
+        return getattr(verification, name)
     if name in __all__:
         from converter_core import api
         return getattr(api, name)
