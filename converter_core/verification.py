@@ -132,7 +132,7 @@ def save_checkpoint(queues, args):
                         ("hidden_size", "hidden size"), ("true_vocab_size", "vocabulary entries")):
         one, other = getattr(md_a, field, 0) or 0, getattr(md_b, field, 0) or 0
         require(one == other or field == "true_vocab_size" and not (one and other),  # unknown: all rows compared
-                f"{A} and {B} are not one model: {one} {what} against {other}")
+                f"{A} and {B} are not one model: {what} {one} against {other}")
     require(bool(md_a.output_layer) == bool(md_b.output_layer),
             f"{A} and {B} are not one model: {A if md_a.output_layer else B} has an output layer, "
             f"{B if md_a.output_layer else A} ties it to the embeddings")

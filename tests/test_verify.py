@@ -99,6 +99,6 @@ def test_bad_input_is_one_line(folders, tmp_path):
     process = verify_cli(folders / "mcore", small)
     assert process.returncode == 1
     assert error_line(process) == (f"converter_core: error: {folders / 'mcore'} and {small} are not one model: "
-                                   "4 layers against 3")
+                                   "layers 4 against 3")
     with pytest.raises(converter_core.ConversionError, match="not one model"):
         converter_core.verify(small, folders / "dist")
