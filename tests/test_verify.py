@@ -102,3 +102,16 @@ def test_bad_input_is_one_line(folders, tmp_path):
                                    "layers 4 against 3")
     with pytest.raises(converter_core.ConversionError, match="not one model"):
         converter_core.verify(small, folders / "dist")
+
+
+def test_a_failing_side_is_named(folders, tmp_path):
+    """The second side's loader fails (a rank file missing): its own line, not the comparing side's."""
+    broken = tmp_path / "mcore"
+    shutil.copytree(folders / "mcore", broken)
+    missing = broken / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt"
+    missing.unlink()
+    assert error_line(verify_cli(folders / "hf", broken)) == (
+        f"converter_core: error: loader failed: {missing}: missing rank file (checkpoint has TP 2, PP 2, EP 1)")
+    with pytest.raises(converter_core.ConversionError) as caught:
+        converter_core.verify(broken, folders / "hf")
+    assert (caught.value.role, caught.value.path) == ("loader", str(missing))
