@@ -6,10 +6,11 @@
     converter_core.detect("org/name")     # a Hugging Face Hub id (or org/name@revision), from its cache
     converter_core.supported()            # the support matrix, from the installed plugins
     converter_core.options("llama_hf", "mcore")   # the keywords convert() takes for that pair, typed
+    converter_core.verify("./hf", "./mcore").identical   # the same tensors, whatever the formats
 """
 
 __version__ = "0.1.0"
-__all__ = ["convert", "detect", "supported", "options", "Result", "Detected", "ConversionError"]
+__all__ = ["convert", "detect", "supported", "options", "verify", "Result", "Detected", "Verified", "ConversionError"]
 
 
 def __getattr__(name):
@@ -20,6 +21,9 @@ def __getattr__(name):
     if name == "options":  # the module, which answers options(loader, saver)
         import converter_core.options
         return converter_core.options
+    if name in ("verify", "Verified"):
+        from converter_core import verification
+        return getattr(verification, name)
     if name in __all__:
         from converter_core import api
         return getattr(api, name)

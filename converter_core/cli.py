@@ -6,9 +6,9 @@ import os
 import signal
 import sys
 
-from converter_core import __version__, api, plugins, protocol, report
+from converter_core import __version__, api, flags, plugins, protocol, report
 from converter_core.errors import EXIT_INPUT, ConversionError
-from converter_core.options import UsageError, base_parser
+from converter_core.options import UsageError, _Parser, base_parser
 
 
 class Display:
@@ -55,6 +55,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["detect"], ["supported"], ["report"]):
         return _inspect(argv)
+    if argv[:1] == ["verify"]:
+        return _verify(argv[1:])
     if "--version" in argv:
         print(f"converter_core {__version__}")
         sys.exit(0)
@@ -107,3 +109,41 @@ def _inspect(argv):
         print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status or EXIT_INPUT
     sys.exit(status)
+
+
+def _verify(argv):
+    """`verify A B [--atol X]`: exit 0 when the two checkpoints hold the same tensors (within X), else 1
+    with the first tensors that differ."""
+    from converter_core import verification
+    parser = _Parser(prog="converter_core verify", allow_abbrev=False,
+                     description="Compare two checkpoints of one model, in any formats, tensor by tensor.")
+    parser.add_argument("a", metavar="A", help="checkpoint folder (HF, Megatron-Core, torch_dist, legacy) or Hub id")
+    parser.add_argument("b", metavar="B", help="the other checkpoint")
+    parser.add_argument("--atol", type=flags.non_negative_float, default=0.0,
+                        help="largest absolute difference allowed; dtypes may then differ (default 0: identical "
+                             "values and dtypes)")
+    try:
+        options = parser.parse_args(argv)
+        result = verification.verify(options.a, options.b, options.atol, handle_signals=True)
+    except ConversionError as error:
+        _ignore_stop_signals()
+        if isinstance(error, UsageError):
+            sys.stderr.write(error.usage)
+        print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
+        sys.exit(error.status)
+    _ignore_stop_signals()
+    for note in result.notes:
+        print(note)
+    differing = result.differing()
+    if not differing:
+        same = "identical" if result.identical else f"within --atol {result.atol:g} (largest difference " \
+                                                   f"{result.max_abs_diff:g})"
+        print(f"{same}: {len(result.rows)} tensors of {result.a} and {result.b}")
+        sys.exit(0)
+    for row in differing[:verification.SHOWN]:
+        print(f"differs: {row.name}: max abs diff {row.max_abs_diff:g}"
+              f" ({row.dtype_a} {list(row.shape_a)} against {row.dtype_b} {list(row.shape_b)})")
+    more = len(differing) - verification.SHOWN
+    print(f"{len(differing)} of {len(result.rows)} tensors differ{f' ({more} more not shown)' if more > 0 else ''}; "
+          f"largest difference {result.max_abs_diff:g}")
+    sys.exit(1)

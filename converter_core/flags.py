@@ -22,6 +22,16 @@ def queue_size(text):
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def seconds(text):
     try:
         value = float(text)

@@ -121,7 +121,8 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
     known to both sides under spawn too, as under fork, where the children inherit the parent's imports.
 
     A loader stays alive after sending until the saver has finished: tensors cross the queue as
-    shared-memory handles that the sending process must still own when the saver opens them."""
+    shared-memory handles that the sending process must still own when the saver opens them. Every role
+    but "saver" is a loader (verify runs two); the saver's module is the last of `plugin_modules`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     # A forked child shares the parent's heap copy-on-write, torch's modules included (hundreds of
     # thousands of objects). A full collection walks them all and writes to each page it visits, so the
@@ -135,17 +136,17 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.set_event_sink(events.put)
-    if role == "loader":
+    if role != "saver":
         file_refs.send_by_reference()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it started us
         try:
             modules = [importlib.import_module(name) for name in plugin_modules]
-            getattr(modules[0 if role == "loader" else 1], entry)(queue, args)
+            getattr(modules[-1 if role == "saver" else 0], entry)(queue, args)
         except SystemExit as error:
             if error.code not in (None, 0):
                 raise
-        if role == "loader":
+        if role != "saver":
             queue.put(EXIT)  # harmless after "done"; ends a saver still waiting if the loader never sent it
             saver_finished.wait()
         for number in (signal.SIGTERM, signal.SIGHUP):  # done: a late stop must not print from teardown
@@ -160,7 +161,7 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
         if not isinstance(error, Interrupted):  # the parent stopped us and knows why
             path = error.path if isinstance(error, ConversionError) else getattr(error, "filename", None)
             reports.put((role, *_describe(error), None if path is None else str(path)))
-        if role == "loader":
+        if role != "saver":
             try:
                 queue.put_nowait(EXIT)
             except Exception:
@@ -184,19 +185,23 @@ def _release_freed_tensors():
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False):
+def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False, second_loader=None):
     """Run one conversion. Returns when it is done; otherwise raises ConversionError with the side
     that failed first (`role`), `kind` and the exit `status` (1, 3, or 128 + N for signal N).
+
+    `second_loader` ((args, loader module)): verify's second stream, a loader process of role "second
+    loader" on a queue of its own; the saver then gets the queues as a tuple (first, second). With no
+    args.save_dir (None) nothing is locked or staged.
 
     `on_event(dict)` gets every progress event of both sides, in the parent, in order of arrival;
     `cancel` (a threading.Event) stops the run within a fraction of a second. With `handle_signals`
     (the command line) SIGTERM, SIGINT and SIGHUP stop the run too; the save-dir lock is held throughout."""
-    error = _run(args, loader, saver, on_event, cancel, handle_signals)
+    error = _run(args, loader, saver, on_event, cancel, handle_signals, second_loader)
     if error is not None:
         raise error  # raised here, so its traceback keeps no queue alive (spawn's semaphores have names)
 
 
-def _run(args, loader, saver, on_event, cancel, handle_signals):
+def _run(args, loader, saver, on_event, cancel, handle_signals, second_loader=None):
     if handle_signals and threading.current_thread() is not threading.main_thread():
         raise ConversionError("handle_signals=True needs the main thread (Python runs signal handlers only there)",
                               role="arguments")
@@ -204,7 +209,7 @@ def _run(args, loader, saver, on_event, cancel, handle_signals):
         return ConversionError("cancelled", kind="interrupted", status=EXIT_CANCELLED)
     previous = {number: signal.signal(number, _raise_interrupted) for number in STOP_SIGNALS} if handle_signals else {}
     try:
-        return _locked_run(args, loader, saver, on_event, cancel)
+        return _locked_run(args, loader, saver, on_event, cancel, second_loader)
     except Interrupted as stop:  # before the run started, or while it tidied up after itself
         return ConversionError(f"interrupted by {stop}", kind="interrupted", status=128 + stop.signum)
     finally:
@@ -212,8 +217,8 @@ def _run(args, loader, saver, on_event, cancel, handle_signals):
             signal.signal(number, handler)
 
 
-def _locked_run(args, loader, saver, on_event, cancel):
-    lock = output.SaveDirLock(args.save_dir)
+def _locked_run(args, loader, saver, on_event, cancel, second_loader=None):
+    lock = output.SaveDirLock(args.save_dir) if args.save_dir is not None else None
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
     try:
@@ -223,16 +228,18 @@ def _locked_run(args, loader, saver, on_event, cancel):
                                  name="converter_core events", daemon=True)
         relay.start()
     except (OSError, RuntimeError, MemoryError) as error:  # e.g. no thread or pipe under a low `ulimit -v`
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise _cannot_start(error) from None
     processes, gate, said = {}, context.Value("b", output.RUNNING), {}
     stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
     failure = (None, "did not finish", EXIT_INTERNAL)
     try:
-        for path in output.remove_dead_staging(args.save_dir):
+        for path in output.remove_dead_staging(args.save_dir) if lock is not None else ():
             events.put({"event": "note", "message": f"removed {path}: staged by an earlier run into "
                                                     f"{args.save_dir} that did not finish"})
-        failure = _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate)
+        failure = _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate,
+                                       second_loader)
     except Interrupted as stop:
         failure = (None, f"interrupted by {stop}", 128 + stop.signum)
     finally:
@@ -240,9 +247,10 @@ def _locked_run(args, loader, saver, on_event, cancel):
             signal.signal(number, signal.SIG_IGN)
         for process in processes.values():
             _stop(process)
-        if failure is not None or any(process.exitcode for process in processes.values()):
+        if lock is not None and (failure is not None or any(process.exitcode for process in processes.values())):
             output.remove_dead_staging(args.save_dir)  # a child killed outright could not remove its own
-        lock.release()
+        if lock is not None:
+            lock.release()
         end_relay.send(None)
         relay.join()
         for end in (events.reader, events.writer, relay_ends, end_relay):
@@ -287,19 +295,28 @@ def _relay(reader, ends, on_event):
                 pass
 
 
-def _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate):
+def _start_and_supervise(context, args, loader, saver, reports, said, events, processes, cancel, gate,
+                         second_loader=None):
     """Start saver then loader (recorded in `processes` at once, so an interruption stops them) and
     supervise them; returns None or the first failure observed, (role, what was observed, status).
     A stop signal or a cancel that comes once the saver is committing is too late: the run completes."""
     queue = context.Queue(maxsize=args.max_queue_size)
+    # (role, its plugin modules in import order, entry, queue, args), the saver first
+    sides = [("saver", (loader, saver), "save_checkpoint", queue, args),
+             ("loader", (loader, saver), "load_checkpoint", queue, args)]
+    if second_loader is not None:
+        second_args, second = second_loader
+        second_queue = context.Queue(maxsize=second_args.max_queue_size)
+        sides[0] = ("saver", (loader, second, saver), "save_checkpoint", (queue, second_queue), args)
+        sides.append(("second loader", (second, saver), "load_checkpoint", second_queue, second_args))
     saver_finished = context.Event()
     parent = os.getpid()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a child takes none before its handlers are set
     try:
-        for role, entry in (("saver", "save_checkpoint"), ("loader", "load_checkpoint")):
+        for role, modules, entry, side_queue, side_args in sides:
             processes[role] = context.Process(target=_run_side, name=role, args=(
-                role, (loader.__name__, saver.__name__), entry, queue, args, reports, events, saver_finished, parent,
-                gate))
+                role, tuple(module.__name__ for module in modules), entry, side_queue, side_args, reports, events,
+                saver_finished, parent, gate))
             try:
                 processes[role].start()
             except (OSError, RuntimeError, MemoryError) as error:
@@ -307,7 +324,7 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
                 raise _cannot_start(error) from None
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    sides = {role: processes[role] for role in ("loader", "saver")}
+    sides = {role: processes[role] for role in ("loader", "saver", "second loader") if role in processes}
     stall = getattr(args, "stall_timeout", None) or None
     try:
         failure = _supervise(sides, saver_finished, cancel, stall)
@@ -320,10 +337,11 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
             if signal.getsignal(number) is _raise_interrupted:
                 signal.signal(number, signal.SIG_IGN)
         failure = _supervise(sides, saver_finished, None, stall)
-    if failure and failure[0] == "saver" and (processes["saver"].exitcode or 0) > 0 and processes["loader"].is_alive():
+    loaders = [process for role, process in processes.items() if role != "saver" and process.is_alive()]
+    if failure and failure[0] == "saver" and (processes["saver"].exitcode or 0) > 0 and loaders:
         if _read_reports(reports, said).get("saver", ("",))[0] == protocol.LOADER_EXITED:
-            # A saver that stopped on the loader's "exit" fails second: let the loader report the cause.
-            processes["loader"].join(LOADER_REPORT_SECONDS)
+            # A saver that stopped on a loader's "exit" fails second: let that loader report the cause.
+            wait([process.sentinel for process in loaders], LOADER_REPORT_SECONDS)
     return failure
 
 
@@ -345,8 +363,9 @@ def _true_cause(failure, reports, said):
     if role is None:
         return ConversionError(observed, kind="interrupted", status=status)
     saver_first = role == "saver" and "killed" not in observed and said.get("saver", ("",))[0] not in ("", protocol.LOADER_EXITED)
-    if "loader" in said or role in said and "killed" not in observed:
-        side = "loader" if "loader" in said and not saver_first else role
+    loaders = [side for side in said if side != "saver"]  # in the order they reported
+    if loaders or role in said and "killed" not in observed:
+        side = loaders[0] if loaders and not saver_first else role
         reason, internal, path = said[side]
         error = ConversionError(reason, role=side, kind="internal" if internal else "input",
                                 status=EXIT_INTERNAL if internal else EXIT_INPUT, path=path)
