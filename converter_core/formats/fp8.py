@@ -14,6 +14,7 @@ import math
 import torch
 
 from converter_core.errors import require
+from converter_core.formats import hf
 from converter_core.formats.untrusted import is_count
 
 CONFIG_KEY = "quantization_config"
@@ -72,30 +73,15 @@ def block_format(settings, where):
     return tuple(block), FORMATS[fmt]
 
 
-class Dequantized:
+class Dequantized(hf.DecodedWeights):
     """HFWeights of an FP8 block-scaled folder seen as floating-point weights: the scales are not
     among the names, and a quantized weight is read as its float32 dequantization."""
 
     def __init__(self, weights, scales, block):
-        self.weights, self.scales, self.block = weights, scales, block
-        scale_names = set(scales.values())
-        self.file_of = {name: file for name, file in weights.file_of.items() if name not in scale_names}
+        super().__init__(weights, {name: weights.file_of[name] for name in scales}, set(scales.values()))
+        self.scales, self.block = scales, block
 
-    def __contains__(self, name):
-        return name in self.file_of
-
-    def names(self):
-        return list(self.file_of)
-
-    def shape(self, name):
-        return self.weights.shape(name)
-
-    def dtype(self, name):
-        return torch.float32 if name in self.scales else self.weights.dtype(name)
-
-    def get(self, name):
-        if name not in self.scales:
-            return self.weights.get(name)
+    def decode(self, name):
         return dequantize(self.weights.stored(name), self.weights.stored(self.scales[name]), self.block)
 
 

@@ -110,6 +110,39 @@ class HFWeights:
                                   path=self.file_of[name]) from None
 
 
+class DecodedWeights:
+    """HFWeights seen through a stored encoding (formats/fp8.py, formats/mxfp4.py): `decoded` ({name: file})
+    are the tensors the encoding stands for, read through decode(); the stored parts in `hidden` are not
+    among the names. A subclass says the decoded tensors' dtype and, where it differs, shape."""
+    decoded_dtype = torch.float32
+
+    def __init__(self, weights, decoded, hidden):
+        self.weights, self.decoded = weights, decoded
+        self.file_of = {name: file for name, file in weights.file_of.items() if name not in hidden}
+        self.file_of.update(decoded)
+
+    def __contains__(self, name):
+        return name in self.file_of
+
+    def names(self):
+        return list(self.file_of)
+
+    def shape(self, name):
+        return self.decoded_shape(name) if name in self.decoded else self.weights.shape(name)
+
+    def dtype(self, name):
+        return self.decoded_dtype if name in self.decoded else self.weights.dtype(name)
+
+    def get(self, name):
+        return self.decode(name) if name in self.decoded else self.weights.get(name)
+
+    def decoded_shape(self, name):
+        return self.weights.shape(name)
+
+    def decode(self, name):
+        raise NotImplementedError
+
+
 class _BinFile:
     """A pytorch_model*.bin read through the safe loader, memory-mapped."""
 

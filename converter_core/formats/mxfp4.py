@@ -12,6 +12,7 @@ and the last two axes swapped (the layout its model keeps: [experts, in, out]).
 import torch
 
 from converter_core.errors import require
+from converter_core.formats import hf
 
 CONFIG_KEY = "quantization_config"
 METHOD = "mxfp4"
@@ -56,37 +57,23 @@ def dequantizing(weights, config, where):
     return Dequantized(weights, sorted(packed))
 
 
-class Dequantized:
+class Dequantized(hf.DecodedWeights):
     """HFWeights of an MXFP4 folder seen as floating-point weights: `<name>` instead of its blocks and
     scales, read as transformers' bf16 dequantization."""
+    decoded_dtype = DTYPE
 
     def __init__(self, weights, packed):
-        self.weights, self.packed = weights, set(packed)
-        parts = {name + suffix for name in packed for suffix in (BLOCKS, SCALES)}
-        self.file_of = {name: file for name, file in weights.file_of.items() if name not in parts}
-        self.file_of.update((name, weights.file_of[name + BLOCKS]) for name in packed)
+        super().__init__(weights, {name: weights.file_of[name + BLOCKS] for name in packed},
+                         {name + suffix for name in packed for suffix in (BLOCKS, SCALES)})
 
-    def __contains__(self, name):
-        return name in self.file_of
-
-    def names(self):
-        return list(self.file_of)
-
-    def shape(self, name):
-        if name not in self.packed:
-            return self.weights.shape(name)
+    def decoded_shape(self, name):
         *lead, rows, groups, _ = self.weights.shape(name + BLOCKS)
         shape = [*lead, rows, groups * 2 * BLOCK_BYTES]
         if len(shape) >= 3:
             shape[1], shape[2] = shape[2], shape[1]
         return tuple(shape)
 
-    def dtype(self, name):
-        return DTYPE if name in self.packed else self.weights.dtype(name)
-
-    def get(self, name):
-        if name not in self.packed:
-            return self.weights.get(name)
+    def decode(self, name):
         return dequantize(self.weights.stored(name + BLOCKS), self.weights.stored(name + SCALES))
 
 
