@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from helpers import BASE, assert_bit_identical, convert, hf_logits, randomize, read_config, tokens_for
+from helpers import BASE, assert_bit_identical, convert, error_line, hf_logits, randomize, read_config, tokens_for
 from mcore_harness import mcore_logits
 from test_cli_and_plugins import plugin_env
 from test_open_sdk import ROLE as STARCODER2_ROLE
@@ -114,3 +114,24 @@ def test_config_json_without_a_stored_one_and_across_families(tmp_path, monkeypa
     assert "hidden_size" not in retargeted and retargeted["text_config"]["model_type"] == "emu3_text_model"
     kept = {k: v for k, v in llama.items() if k != "architectures"}  # the args agree with every other field
     assert retargeted["text_config"] == dict(kept, model_type="emu3_text_model")
+
+
+def test_a_missing_or_flat_decoder_object_is_one_line(tmp_path):
+    """The family says its decoder's fields are under text_config: a config.json without that object, or
+    with something else there, is refused in one line naming config.json, and nothing is written."""
+    env = plugin_env(tmp_path, family_emu3=EMU3_FAMILY, loader_emu3=ROLE.format(role="loader", entry="load"),
+                     saver_emu3=ROLE.format(role="saver", entry="save"))
+    source = tmp_path / "hf"
+    emu3_source(source)
+    stored = read_config(source)
+    for index, text_config in enumerate((None, [1, 2])):
+        config = {key: value for key, value in stored.items() if key != "text_config"}
+        if text_config is not None:
+            config["text_config"] = text_config
+        (source / "config.json").write_text(json.dumps(config))
+        target = tmp_path / f"out{index}"
+        line = error_line(convert("--loader", "emu3", "--saver", "mcore", "--load-dir", source, "--save-dir", target,
+                                  ok=False, env=env))
+        assert line == (f"converter_core: error: loader failed: {source / 'config.json'}: text_config must be an "
+                        f"object holding the decoder's fields, got {text_config}"), line
+        assert not target.exists()
