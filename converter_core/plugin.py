@@ -15,7 +15,7 @@ from converter_core.formats.torch_file import load as load_torch_file
 from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP, FUSED_QKV, LLAMA_ATTENTION,
                                       LLAMA_BIAS_SWITCHES, LLAMA_LAYER, LLAMA_MLP, MLA_ATTENTION, MLA_KV_DOWN, MLA_Q,
                                       MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Activation, Experts, Family, Feature, Fold, Kind,
-                                      Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
+                                      Mla, Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
                                       rope_settings, shared_experts, stored_config)
 from converter_core.hf_family.mtp import MTP_PARTS, Mtp
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
@@ -33,8 +33,10 @@ __all__ = [
     # families as data
     "Family", "Tensor", "COPY", "QKV", "FUSED_QKV", "FUSED_GATE_UP", "EXPERTS", "MOE_LAYER", "DENSE_LAYER",
     "LLAMA_ATTENTION", "LLAMA_MLP", "LLAMA_LAYER", "QKV_BIAS", "QK_NORM", "Experts", "experts", "on_dense_layers",
-    "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN", "shared_experts", "Kind", "tensor_of",
+    "shared_experts", "Kind", "tensor_of",
     "by_model_type",
+    # multi-latent attention
+    "Mla", "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN",
     # multi-token prediction
     "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers",
     # family features

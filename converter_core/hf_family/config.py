@@ -9,7 +9,6 @@ import torch
 from converter_core.errors import require
 from converter_core.formats.untrusted import is_count
 from converter_core.hf_family.family import stored_config
-from converter_core.hf_family.mla import mla_args
 from converter_core.hf_family.rope import config_value, rope_args, set_config_value, set_rope
 from converter_core.megatron import args as megatron_args
 
@@ -52,8 +51,6 @@ def args_from_config(config, where, dtype, untied, family, **fields):
         fields.update(part.to_args(config, where, family))
     fields.update({arg: config_value(config, key) for key, arg in family.fields.items()
                    if config_value(config, key) is not None})
-    if family.mla:
-        fields.update(mla_args(config, where))
     fields.update(family.args)
     if family.config_key:  # where the decoder's fields are in hf_config_json, for a saver of another family
         fields.update(hf_config_key=family.config_key)
@@ -123,13 +120,8 @@ def decoder_config_from_args(args, vocab_size, family, stored):
     for key, arg in family.fields.items():
         if getattr(args, arg, None) is not None:
             set_config_value(config, key, getattr(args, arg))
-    for part in family.features + tuple(part for part in (family.experts, family.mtp) if part):
+    for part in family.features + tuple(part for part in (family.experts, family.mtp, family.mla) if part):
         part.to_config(config, args, family)
-    if family.mla:
-        config.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim,
-                      qk_rope_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
-        if "head_dim" in config or "qk_head_dim" in config:  # transformers writes both, derived
-            config.update(head_dim=args.qk_pos_emb_head_dim, qk_head_dim=args.qk_head_dim + args.qk_pos_emb_head_dim)
     set_rope(config, args, family, stored is not None)
     dtype_key = "dtype" if "dtype" in config or "torch_dtype" not in config and stored else "torch_dtype"
     config[dtype_key] = DTYPE_NAMES[args.params_dtype]

@@ -5,12 +5,14 @@ import dataclasses
 import fnmatch
 import json
 import re
+import warnings
 
 import torch
 
 from converter_core import protocol
 from converter_core.errors import ConversionError, require
 from converter_core.hf_family.features import LLAMA_BIAS_SWITCHES, Activation, Norm
+from converter_core.hf_family.mla import Mla
 from converter_core.hf_family.table import LLAMA_LAYER
 from converter_core.megatron import args as megatron_args
 
@@ -19,12 +21,11 @@ from converter_core.megatron import args as megatron_args
 class Family:
     """An HF model family. `layer`: its table of Tensor rows; `norm` / `activation`: its Norm and
     Activation; `features`: further parts (Refused switches, a plugin's own Feature objects); `experts`:
-    an Experts for MoE families; `mla`: multi-latent attention (q_lora_rank, kv_lora_rank,
-    qk_nope/rope_head_dim, v_head_dim in config.json), with `rope_interleaved` saying whether its rope
-    pairs are interleaved as Megatron-Core's MLA expects (else the rows are reordered), or naming the
-    config key that says so; `args`: Megatron args every model of the family has (add_qkv_bias,
-    qk_layernorm); `config`: config.json fields written when absent; `fields`: {config key: Megatron arg}
-    carried both ways when present; `tied_by_default`: what a config without tie_word_embeddings means;
+    an Experts for MoE families; `mla`: an Mla for multi-latent attention families (`mla=True` with
+    `rope_interleaved` is its deprecated spelling, mapped to Mla(rope_interleaved)); `args`: Megatron
+    args every model of the family has (add_qkv_bias, qk_layernorm); `config`: config.json fields
+    written when absent; `fields`: {config key: Megatron arg} carried both ways when present;
+    `tied_by_default`: what a config without tie_word_embeddings means;
     `ignored`: patterns (fnmatch) of HF tensors the loader skips, such as a stored rope cache; `notes`:
     lines for the supported-models report; `mtp`: an Mtp when the family stores multi-token-prediction
     layers (after the decoder layers, under the same prefix); `config_key`: the key of the object inside
@@ -41,8 +42,8 @@ class Family:
     tied_by_default: bool = False
     experts: object = None
     mtp: object = None
-    mla: bool = False
-    rope_interleaved: object = True
+    mla: Mla = None
+    rope_interleaved: object = True  # deprecated: Mla(rope_interleaved=...)
     norm: Norm = Norm()
     activation: Activation = Activation()
     features: tuple = LLAMA_BIAS_SWITCHES
@@ -55,15 +56,31 @@ class Family:
     config_key: str = None
     outer: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        """The first SDK's booleans (`mla=True`, `rope_interleaved`) become the Mla feature, with a warning."""
+        if self.mla is True or self.rope_interleaved is not True:
+            require(not isinstance(self.mla, Mla), f"{self.model_type}: write rope_interleaved inside "
+                                                   "mla=plugin.Mla(rope_interleaved=...), not beside it")
+            warnings.warn(f"{self.model_type}: Family(mla=True, rope_interleaved=...) is deprecated; write "
+                          f"Family(mla=plugin.Mla(rope_interleaved={self.rope_interleaved!r}))", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "mla", Mla(self.rope_interleaved) if self.mla else None)
+            object.__setattr__(self, "rope_interleaved", True)
+        elif self.mla is False:  # the first SDK's default
+            object.__setattr__(self, "mla", None)
+        require(self.mla is None or isinstance(self.mla, Mla),
+                f"{self.model_type}: mla must be a plugin.Mla(rope_interleaved=...), got {self.mla!r:.40}")
+
     @property
     def parts(self):
-        """Every feature: norm, activation, the others, then the experts."""
-        return (self.norm, self.activation, *self.features) + tuple(part for part in (self.experts, self.mtp) if part)
+        """Every feature: norm, activation, the others, then experts, multi-token prediction and MLA."""
+        return (self.norm, self.activation, *self.features) + tuple(part for part in (self.experts, self.mtp, self.mla)
+                                                                    if part)
 
     @property
     def settings(self):
         """The Megatron args every model of the family has set (what a format must be able to hold)."""
-        settings = dict(self.args, num_experts=False, multi_latent_attention=self.mla)
+        settings = dict(self.args, num_experts=False, multi_latent_attention=False)
         for part in self.parts:
             settings.update(part.settings())
         return settings
@@ -106,10 +123,9 @@ class Family:
         return list(parts) + self.active(args, index)
 
     def mla_rope_interleaved(self, args):
-        interleaved = self.rope_interleaved
-        if isinstance(interleaved, str):
-            interleaved = self.decoder_config(stored_config(args) or {}).get(interleaved, True)
-        return interleaved
+        """Whether the MLA rope rows of the model with Megatron args `args` are interleaved pairs as
+        Megatron-Core's are (Mla.interleaved, read from the stream's stored config.json)."""
+        return self.mla is None or self.mla.interleaved(self.decoder_config(stored_config(args) or {}))
 
     def decoder_config(self, config, where="config.json"):
         """The object of a config.json of this family that holds the decoder's fields (see config_key)."""

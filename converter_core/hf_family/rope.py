@@ -1,6 +1,6 @@
 """Rotary position settings: config.json's rope (either transformers style) <-> Megatron's rotary args.
-Llama-3 scaling and YaRN (multi-latent attention) are Megatron-Core's own; a family feature may own
-another rope type through its rope_args / rope_scaling hooks."""
+Llama-3 scaling and GPT YaRN are Megatron-Core's own; a family feature may own another rope type through
+its rope_args / rope_scaling hooks (multi-latent attention's YaRN: mla.py)."""
 
 from converter_core.errors import require
 
@@ -55,16 +55,12 @@ def rope_args(config, where, family):
             "for it)")
     fields = {"rotary_base": theta}
     kind = scaling and scaling.get("rope_type")
-    if family.mla:
-        fields["rope_type"] = "rope"  # Megatron's MLA default is yarn: always say which
     for part in family.parts:
         owned = part.rope_args(kind, scaling, config, where, family)
         if owned is not None:
             return dict(fields, **owned)
     if kind is None:
         return fields
-    if kind == "yarn" and family.mla:
-        return dict(fields, **yarn_args(scaling, config, where))
     if kind == "yarn":  # Megatron-Core's GPT yarn embedding; truncate=false is its unrounded correction range
         truncate = scaling.get("truncate", True)
         yarn = yarn_args({k: v for k, v in scaling.items() if k != "truncate"}, config, where)
@@ -86,7 +82,8 @@ YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all
 
 
 def yarn_args(scaling, config, where):
-    """Megatron-Core's YaRN (MLA) from an HF yarn rope_scaling; refuses what it computes differently."""
+    """Megatron-Core's YaRN args (GPT's and MLA's) from an HF yarn rope_scaling; refuses what it computes
+    differently."""
     values = dict(YARN_DEFAULTS, **{k: v for k, v in scaling.items() if v is not None})
     values.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
     require(isinstance(values.get("factor"), (int, float)) and values["factor"] > 0,
@@ -104,17 +101,11 @@ def rope_scaling_from_args(args, family):
     """The rope scaling dict the args describe, in the target family's own semantics."""
     if getattr(args, "use_rope_scaling", False):
         return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor), **LLAMA3_FIXED}
-    gpt_yarn = getattr(args, "position_embedding_type", None) == "yarn"
-    mla_yarn = getattr(args, "multi_latent_attention", False) and getattr(args, "rope_type", None) in (None, "yarn")
-    if gpt_yarn or mla_yarn:
-        values = {key: getattr(args, arg) for arg, key in YARN_FIELDS}  # unset rope_type: Megatron's MLA uses yarn
-        if values["factor"] in (None, 1.0):
-            return None  # yarn with factor 1 is plain rope
-        if values["original_max_position_embeddings"] is None:
-            values["original_max_position_embeddings"] = args.max_position_embeddings
-        if gpt_yarn and getattr(args, "yarn_correction_range_round_to_int", None) is False:
-            values["truncate"] = False
-        return {"rope_type": "yarn", **{k: v for k, v in values.items() if v is not None}}
+    if getattr(args, "position_embedding_type", None) == "yarn":
+        scaling = yarn_scaling(args)
+        if scaling and getattr(args, "yarn_correction_range_round_to_int", None) is False:
+            scaling["truncate"] = False
+        return scaling
     for part in family.parts:
         owned = part.rope_scaling(args, family)
         if owned is not None:
@@ -122,6 +113,16 @@ def rope_scaling_from_args(args, family):
     kind = getattr(args, "rope_scaling_type", None)
     require(kind is None, f"rope scaling {kind!r} in the checkpoint args is not supported")
     return None
+
+
+def yarn_scaling(args):
+    """The HF yarn dict of Megatron's YaRN args; None for factor 1, which is plain rope."""
+    values = {key: getattr(args, arg) for arg, key in YARN_FIELDS}
+    if values["factor"] in (None, 1.0):
+        return None
+    if values["original_max_position_embeddings"] is None:
+        values["original_max_position_embeddings"] = args.max_position_embeddings
+    return {"rope_type": "yarn", **{k: v for k, v in values.items() if v is not None}}
 
 
 def set_rope(config, args, family, stored):

@@ -50,7 +50,7 @@ DEEPSEEK_EXPERTS = plugin.Experts(
     first_dense="first_k_dense_replace", score="sigmoid", expert_bias=True, groups=("n_group", "topk_group"),
     scaling="routed_scaling_factor", shared="n_shared_experts")
 DEEPSEEK_V3 = plugin.Family(
-    "deepseek_v3", ("DeepseekV3ForCausalLM",), mla=True, rope_interleaved="rope_interleave",
+    "deepseek_v3", ("DeepseekV3ForCausalLM",), mla=plugin.Mla(rope_interleaved="rope_interleave"),
     layer=plugin.MLA_ATTENTION + DEEPSEEK_MLP, experts=DEEPSEEK_EXPERTS,
     config={"attention_bias": False}, mtp=plugin.Mtp(),
     notes=("multi-latent attention, sigmoid routing with score bias, groups and shared experts",
@@ -95,8 +95,8 @@ MINICPM = plugin.Family(
 }})
 # MiniCPM3: DeepSeek's multi-latent attention with rotate-half rope (its rows are reordered for
 # Megatron-Core), a dense MLP and MiniCPM's muP scalars; tied unless the config says otherwise.
-MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=True, rope_interleaved=False, features=minicpm.FEATURES,
-                         tied_by_default=True, layer=plugin.MLA_ATTENTION + plugin.LLAMA_MLP,
+MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=plugin.Mla(rope_interleaved=False),
+                         features=minicpm.FEATURES, tied_by_default=True, layer=plugin.MLA_ATTENTION + plugin.LLAMA_MLP,
                          config={"attention_bias": False},
                          notes=("muP scalars and LongRoPE carried in the Megatron args; rope rows reordered for "
                                 "Megatron-Core's interleaved MLA rope",

@@ -86,7 +86,7 @@ class Rope(plugin.Feature):
         plugin.require(kind != "llama3", f"{where}: rope scaling 'llama3' has no Megatron-Core equivalent here")
         if kind != "longrope":
             return None
-        rotated = config.get("qk_rope_head_dim") if family.mla else config.get("head_dim")
+        rotated = family.mla.rotary_dim(config) if family.mla else config.get("head_dim")
         half = (rotated or config["hidden_size"] // config["num_attention_heads"]) // 2
         for name in ("long_factor", "short_factor"):
             plugin.require(len(scaling.get(name) or ()) == half, f"{where}: LongRoPE {name} needs {half} entries")
