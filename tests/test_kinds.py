@@ -49,7 +49,8 @@ def test_to_hf_inverts_to_megatron(case):
     row, fields = CASES[case]
     args = model_args(**fields)
     family = plugin.Family("example", ("ExampleForCausalLM",), layer=(row,),
-                           mla=bool(fields.get("multi_latent_attention")), rope_interleaved="rotate-half" not in case)
+                           mla=plugin.Mla(rope_interleaved="rotate-half" not in case)
+                           if fields.get("multi_latent_attention") else None)
     shapes = protocol.layer_message_shapes(args, 0)
     generator = torch.Generator().manual_seed(0)
     hf = {name: torch.randn(shape, generator=generator) for name, shape in row.kind.hf_shapes(row, shapes, args)}
