@@ -106,13 +106,14 @@ TINY_TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_se
 def local_to_te_state_dict(state, grouped=False):
     """Rename a local-spec state dict the way a TransformerEngine-spec model would save it. MoE layers
     keep a separate pre_mlp_layernorm; their experts are SequentialMLP's TE linears, or with `grouped`
-    TEGroupedMLP's (linear_fc1.weight{j}, one extra state per GroupedLinear)."""
+    TEGroupedMLP's (linear_fc1.weight{j} and, with biases, linear_fc1.bias{j}; one extra state per
+    GroupedLinear)."""
     out = {}
     layers = set()
     moe = {key[: -len("mlp.router.weight")] for key in state if key.endswith(".mlp.router.weight")}
     mla = {key[: -len("self_attention.linear_kv_down_proj.weight")] for key in state
            if key.endswith(".self_attention.linear_kv_down_proj.weight")}
-    expert = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)")
+    expert = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias|_extra_state)")
     for key, value in state.items():
         match = LAYER_KEY.fullmatch(key)
         if match:
@@ -127,7 +128,7 @@ def local_to_te_state_dict(state, grouped=False):
                 if in_expert.group(3) == "_extra_state":
                     out[f"{prefix}mlp.experts.{in_expert.group(2)}{EXTRA_STATE}"] = _te_extra_state()
                     continue
-                key = f"{prefix}mlp.experts.{in_expert.group(2)}.weight{in_expert.group(1)}"
+                key = f"{prefix}mlp.experts.{in_expert.group(2)}.{in_expert.group(3)}{in_expert.group(1)}"
             elif in_expert or re.fullmatch(r"mlp\.shared_experts\.linear_fc[12]\._extra_state", rest):
                 value = _te_extra_state() if rest.endswith(EXTRA_STATE) else value
             elif rest in LOCAL_TO_TE:
@@ -148,12 +149,12 @@ def te_to_local_state_dict(state):
         if match:
             prefix, rest = f"decoder.layers.{match.group(1)}.", match.group(2)
             module = rest[: -len(EXTRA_STATE)] if rest.endswith(EXTRA_STATE) else None
-            grouped = re.fullmatch(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)", rest)  # TEGroupedMLP
+            grouped = re.fullmatch(r"mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)", rest)  # TEGroupedMLP
             if rest in TE_TO_LOCAL:
                 key = prefix + TE_TO_LOCAL[rest]
             elif grouped:
-                expert = f"{prefix}mlp.experts.local_experts.{grouped.group(2)}.{grouped.group(1)}"
-                key, out[expert + EXTRA_STATE] = expert + ".weight", None
+                expert = f"{prefix}mlp.experts.local_experts.{grouped.group(3)}.{grouped.group(1)}"
+                key, out[expert + EXTRA_STATE] = f"{expert}.{grouped.group(2)}", None
             elif module and re.fullmatch(r"mlp\.experts\.linear_fc[12]", module):
                 continue  # one extra state per GroupedLinear; the local experts have theirs (above)
             elif module and re.fullmatch(r"mlp\.(experts\.local_experts\.\d+|shared_experts)\.linear_fc[12]", module):
@@ -442,6 +443,7 @@ def _logits_worker(rank, world, port, out_path, iter_dir, pp, tokens, te_names, 
     with _megatron_cpu(rank, world, port, ep):
         from megatron.core import parallel_state
 
+        _experts_whole_on_every_tp_rank(_read_rank_file(rank_file(iter_dir, 0, 0, pp, 0, ep))["args"])
         tp, t, e = world // ep, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank()
         stages, total_layers = [], 0
         for stage in range(pp):
@@ -685,7 +687,6 @@ def gpt_oss_fields(args):
     """TransformerConfig fields for gpt-oss's parts, from Megatron-LM's args: attention sinks (softmax_type),
     sliding windows, the clamped GLU with offset, experts whole on every TP rank (expert_tensor_parallel_size
     1: megatron-core's MoE biases need it; the process group is re-made to match)."""
-    from megatron.core import parallel_state
     from megatron.core.fusions import fused_softmax
 
     fields = {name: getattr(args, name) for name in ("softmax_type", "window_size", "window_attn_skip_freq",
@@ -694,14 +695,28 @@ def gpt_oss_fields(args):
     if fields.get("window_size") is not None:
         fields["window_size"] = tuple(fields["window_size"])
         fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_mask
-    if getattr(args, "expert_tensor_parallel_size", None) == 1 and getattr(args, "num_experts", None):
-        tp = torch.distributed.get_world_size()
-        if parallel_state.get_expert_tensor_parallel_world_size() != 1:
-            parallel_state.destroy_model_parallel()
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-                                                     expert_tensor_parallel_size=1)
+    if _experts_whole_on_every_tp_rank(args):
         fields["expert_tensor_parallel_size"] = 1
     return fields
+
+
+def _experts_whole_on_every_tp_rank(args):
+    """Whether the args keep experts whole (expert_tensor_parallel_size 1, as gpt-oss's do); if so, the
+    process group is re-made with the same TP and EP and expert TP 1. megatron-core then numbers the ranks
+    as Megatron-LM runs them (order tp-cp-ep-dp-pp): at TP 2 x EP 2 rank r is TP rank r % 2 and EP rank
+    r % 2, so its files are mp_rank_00_000 and mp_rank_01_001, each loaded by the ranks that would
+    load it in training (mp_rank_00_001 and mp_rank_01_000 are read by no Megatron-LM rank)."""
+    from megatron.core import parallel_state
+
+    if getattr(args, "expert_tensor_parallel_size", None) != 1 or not getattr(args, "num_experts", None):
+        return False
+    if parallel_state.get_expert_tensor_parallel_world_size() != 1:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+                                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    return True
 
 
 def _cpu_sliding_window_mask(sq, skv, window_size):

@@ -1,7 +1,8 @@
 """gpt-oss (GptOssForCausalLM) through the generic `hf` plugins: attention sinks, biases everywhere,
 stacked experts with gate and up interleaved, the clamped quick-GELU GLU with offset, sliding windows on
 alternate layers and YaRN rope. megatron-core's GPTModel with the converted weights gives transformers'
-logits (TP 2: experts whole on every rank); HF -> mcore -> HF is bit-exact."""
+logits (TP 2: experts whole on every rank; MXFP4 at TP 2 x EP 2 with TransformerEngine names, run as
+written); HF -> mcore -> HF is bit-exact."""
 
 import json
 import shutil
@@ -13,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from dist_harness import dist_logits
-from helpers import (BASE, assert_bit_identical, convert, error_line, hf_logits, read_config, read_safetensors_folder,
+from helpers import (BASE, assert_bit_identical, error_line, hf_logits, read_config, read_safetensors_folder,
                      tokens_for)
+from mcore_harness import mcore_logits
 from test_bad_input import assert_no_checkpoint
 from test_moe import assert_mcore_logits, make_model, to_hf, to_mcore
 
@@ -24,11 +26,19 @@ GPT_OSS = dict(BASE, intermediate_size=32, num_local_experts=4, num_experts_per_
                                 "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
 
 
+def as_loaded(folder):
+    """The float32 model transformers makes of an HF folder: the truth for logits. Not the bf16 model that
+    wrote it, cast back: casting rounded its rotary inv_freq buffer to bf16 too, which moves the logits by
+    up to 1e-4 over 24 positions (loaded, transformers and megatron-core agree to about 5e-7)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def bf16_tp2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt_oss")
     source, megatron, back = folder / "hf", folder / "mcore", folder / "back"
-    model = make_model(source, transformers.GptOssConfig(**GPT_OSS), torch.bfloat16)
+    make_model(source, transformers.GptOssConfig(**GPT_OSS), torch.bfloat16)
+    model = as_loaded(source)
     to_mcore(source, megatron, "--target-tensor-parallel-size", 2)
     to_hf(megatron, back)
     return source, megatron, back, model
@@ -96,7 +106,8 @@ MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
 def write_mxfp4_release(folder, dequantized):
     """An MXFP4 gpt-oss folder as released: the experts' projections as random e2m1 `_blocks` (two values a
     byte, 32 a block) with exponent `_scales`; every other tensor bf16. `dequantized` gets the bf16 model
-    transformers makes of it (its convert_moe_packed_tensors), the truth for logits and for the way back."""
+    transformers makes of it (its convert_moe_packed_tensors), the truth for the way back; that folder as
+    loaded is returned, the truth for logits."""
     model = make_model(dequantized, transformers.GptOssConfig(**GPT_OSS), torch.bfloat16)
     state = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
     generator = torch.Generator().manual_seed(2)
@@ -114,18 +125,22 @@ def write_mxfp4_release(folder, dequantized):
     save_file(released, folder / "model.safetensors", metadata={"format": "pt"})
     config = read_config(dequantized)
     (folder / "config.json").write_text(json.dumps(dict(config, quantization_config=MXFP4_CONFIG), indent=2))
-    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
     save_file(state, dequantized / "model.safetensors", metadata={"format": "pt"})
-    return model
+    return as_loaded(dequantized)
 
 
-def test_mxfp4_at_expert_parallel_2(tmp_path):
-    """MXFP4 as released -> mcore TP 2 x EP 2 -> HF: the bf16 model transformers dequantizes, bit for bit,
-    config.json as released without quantization_config; the same checkpoint at EP 1 gives its logits."""
-    source, dequantized, megatron = tmp_path / "mxfp4", tmp_path / "dequantized", tmp_path / "ep2"
-    single, back = tmp_path / "ep1", tmp_path / "back"
+def test_mxfp4_at_expert_parallel_2_with_te_names(tmp_path):
+    """MXFP4 as released -> mcore TP 2 x EP 2 with TransformerEngine names and grouped experts (as Megatron-LM's
+    gpt-oss recipe trains: --transformer-impl transformer_engine --moe-grouped-gemm) -> HF: the bf16 model
+    transformers dequantizes, bit for bit, config.json as released without quantization_config. megatron-core
+    runs the checkpoint as written, at TP 2 x EP 2 with expert TP 1 (TE names mapped to its local spec), and
+    gives that model's logits. It reads mp_rank_00_000 and mp_rank_01_001, as Megatron-LM's ranks would; the
+    way back reads the experts from TP rank 0's files and the rest from EP rank 0's, so every file is used."""
+    source, dequantized = tmp_path / "mxfp4", tmp_path / "dequantized"
+    megatron, back = tmp_path / "ep2", tmp_path / "back"
     model = write_mxfp4_release(source, dequantized)
-    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2)
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 2,
+             "--saver-transformer-impl", "transformer_engine", "--moe-grouped-gemm")
     iteration = megatron / "iter_0000001"
     folders = [f"mp_rank_{t:02d}_{e:03d}" for t in range(2) for e in range(2)]
     assert sorted(p.name for p in iteration.iterdir()) == folders
@@ -134,9 +149,9 @@ def test_mxfp4_at_expert_parallel_2(tmp_path):
     released = read_config(source)
     released.pop("quantization_config")
     assert read_config(back) == released
-    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", megatron, "--save-dir", single,
-            "--target-expert-parallel-size", 1, "--saver-transformer-impl", "local")
-    assert_mcore_logits(single / "iter_0000001", model)
+    tokens = tokens_for(BASE["vocab_size"])
+    logits = mcore_logits(iteration, tokens, te_names=True, ep=2)
+    torch.testing.assert_close(logits[..., :BASE["vocab_size"]], hf_logits(model, tokens), atol=1e-4, rtol=0)
 
 
 def _edited(source, folder, tensors=None, config=None):
