@@ -284,7 +284,11 @@ def installed_families():
 def supported():
     """The support matrix, one entry per HF family, built from what the installed plugins declare (HF
     plugins: FAMILIES and NOTES; Megatron plugins: MEGATRON_FORMATS and FORMAT_FLAGS). For each
-    direction: the HF plugin, and per Megatron format whether it works, why not, and the command line."""
+    direction: the HF plugin, and per Megatron format whether it works, why not, and the command line.
+    A family's notes are its own, then what the generic HF loader and saver (which run every FAMILIES
+    entry) do with FP8 weights and with multi-token-prediction layers."""
+    fp8 = ("FP8 block-scaled weights (quantization_config fp8, *_scale_inv) are dequantized on the way in; the way "
+           "back writes the dequantized model without quantization_config")  # formats/fp8.py, for every family
     declared = {kind: {name: plugins.load_plugin(kind, name) for name in plugins.installed(kind)}
                 for kind in ("loader", "saver")}
     megatron = {kind: [(name, module) for name, module in declared[kind].items() if hasattr(module, "MEGATRON_FORMATS")]
@@ -299,7 +303,10 @@ def supported():
                     "package": plugins.distribution(module), "notes": [],
                     "hf_to_megatron": None, "megatron_to_hf": None})
                 notes = getattr(module, "NOTES", ())  # a module's notes, for plugins written before Family.notes
-                notes = list(family.notes) + list([notes] if isinstance(notes, str) else notes)
+                mtp = (f"multi-token-prediction layers ({family.mtp.count}, Megatron's mtp_num_layers) convert both ways"
+                       if family.mtp else
+                       "refuses multi-token-prediction layers (Megatron's mtp_num_layers) until they are supported")
+                notes = [*family.notes, *([notes] if isinstance(notes, str) else notes), fp8, mtp]
                 row["notes"] += [n for n in notes if n not in row["notes"]]
                 if row[direction] is None:
                     row[direction] = {"plugin": name, "formats": _format_cells(family, kind, name, megatron[other])}

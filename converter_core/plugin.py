@@ -17,6 +17,7 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       MOE_LAYER, QK_NORM, QKV, QKV_BIAS, Activation, Experts, Family, Feature, Fold, Kind,
                                       Mla, Norm, Refused, Tensor, by_model_type, experts, on_dense_layers, retargeted,
                                       rope_settings, shared_experts, stored_config)
+from converter_core.hf_family.family import deprecate_switch
 from converter_core.hf_family.mtp import MTP_PARTS, Mtp
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
 from converter_core.megatron.args import complete as complete_args, make_args, plain_copy
@@ -42,6 +43,7 @@ __all__ = [
     # family features
     "Feature", "Norm", "Activation", "Refused", "LLAMA_BIAS_SWITCHES", "Fold", "stored_config", "retargeted",
     "rope_settings",
+    "deprecate_switch",
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",

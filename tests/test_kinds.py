@@ -1,5 +1,5 @@
 """Each tensor kind of the SDK maps HF tensors to message tensors and back exactly: to_hf(to_megatron(x))
-gives x bit for bit, with the shapes hf_shapes promises, for every built-in kind."""
+gives x bit for bit, with the shapes hf_shapes promises, for every built-in kind and the gpt_oss plugin's."""
 
 import argparse
 
@@ -8,6 +8,7 @@ import torch
 
 from converter_core import layout, plugin, protocol
 from converter_core.megatron.args import make_args
+from converter_plugins import gpt_oss  # its kinds, and the expert bias keys it registers
 
 
 def model_args(**fields):
@@ -37,6 +38,13 @@ CASES = {
     "mla query, rotate-half": (plugin.Tensor("self_attn.q_b_proj.weight", "q up weight", plugin.MLA_Q), MLA),
     "mla kv down, rotate-half": (plugin.Tensor("self_attn.kv_a_proj_with_mqa.weight", "kv down weight",
                                                plugin.MLA_KV_DOWN), MLA),
+    "gpt_oss interleaved gate/up": (plugin.Tensor("mlp.experts.gate_up_proj", ("mlp l0 weight W", "mlp l0 weight V"),
+                                                  gpt_oss.INTERLEAVED_GATE_UP), MOE),
+    "gpt_oss interleaved gate/up bias": (plugin.Tensor("mlp.experts.gate_up_proj_bias",
+                                                       ("experts l0 bias W", "experts l0 bias V"),
+                                                       gpt_oss.INTERLEAVED_GATE_UP), dict(MOE, add_bias_linear=True)),
+    "gpt_oss transposed experts": (plugin.Tensor("mlp.experts.down_proj", "mlp l1 weight", gpt_oss.TRANSPOSED_EXPERTS),
+                                   MOE),
 }
 
 
@@ -55,12 +63,15 @@ def test_to_hf_inverts_to_megatron(case):
     generator = torch.Generator().manual_seed(0)
     hf = {name: torch.randn(shape, generator=generator) for name, shape in row.kind.hf_shapes(row, shapes, args)}
     assert hf, case
+    if "gpt_oss" in case:  # stacked experts: [E, ., .] weights, [E, .] biases
+        assert {tensor.dim() for tensor in hf.values()} == {2 if "bias" in case else 3}, case
     message = row.kind.to_megatron(row, hf, args, family)
     assert sorted(message) == sorted(row.keys)
     for key, tensor in message.items():
         assert tuple(tensor.shape) == shapes[key], (key, tensor.shape, shapes[key])
-    if "rotate-half" in case:  # the reordering really moves rows (else the inverse test proves nothing)
-        assert not torch.equal(message[row.key], hf[row.hf])
+    if "rotate-half" in case or "gpt_oss" in case:  # the kind really moves values (else the inverse test proves nothing)
+        first = message[row.keys[0]].flatten()
+        assert not torch.equal(first, hf[row.hf].flatten()[:first.numel()])
     back = row.kind.to_hf(row, dict(message), args, family)
     assert sorted(back) == sorted(hf)
     for name, tensor in hf.items():

@@ -69,6 +69,18 @@ def test_the_example_plugin_package_is_in_the_report(generated, matrix):
     assert "phi3" in outline(generated[1] / "supported-models.pdf")
 
 
+def test_every_family_says_what_it_does_with_fp8_and_mtp_layers(matrix):
+    """What the generic HF loader and saver do is said for every family they run, the example plugin's too,
+    not only for the built-in ones; whether MTP layers convert follows the family's table."""
+    families = api.installed_families()
+    for entry in matrix:
+        notes = " ".join(entry["notes"])
+        assert "FP8 block-scaled weights" in notes, entry["family"]
+        has_mtp = families[entry["family"]].mtp is not None
+        assert ("multi-token-prediction layers" in notes) and ("convert both ways" in notes) == has_mtp, entry["family"]
+    assert any(families[entry["family"]].mtp for entry in matrix) and not families["phi3"].mtp
+
+
 def test_without_fpdf2_the_markdown_is_still_written(tmp_path, matrix):
     fake = tmp_path / "no-fpdf" / "fpdf"
     fake.mkdir(parents=True)

@@ -3,6 +3,9 @@ stream is; and the layer tensors mapped both ways by the table's kinds."""
 
 import dataclasses
 import fnmatch
+import functools
+import importlib
+import importlib.metadata
 import json
 import re
 import warnings
@@ -63,7 +66,7 @@ class Family:
                                                    "mla=plugin.Mla(rope_interleaved=...), not beside it")
             warnings.warn(f"{self.model_type}: Family(mla=True, rope_interleaved=...) is deprecated; write "
                           f"Family(mla=plugin.Mla(rope_interleaved={self.rope_interleaved!r}))", DeprecationWarning,
-                          stacklevel=3)
+                          stacklevel=4)  # the table's line: past this, the dataclass's __init__ and _with_switches
             object.__setattr__(self, "mla", Mla(self.rope_interleaved) if self.mla else None)
             object.__setattr__(self, "rope_interleaved", True)
         elif self.mla is False:  # the first SDK's default
@@ -135,6 +138,47 @@ class Family:
         require(isinstance(decoder, dict), f"{where}: {self.config_key} must be an object holding the decoder's "
                                            f"fields, got {decoder!r:.40}")
         return decoder
+
+
+# Boolean switches of the first SDK that plugins now spell as features: {name: (features, what to write)}.
+# A plugin registers its own at import (deprecate_switch), so the core names none of them.
+_SWITCHES = {}
+
+
+def deprecate_switch(name, features, instead):
+    """Keep the first SDK's `Family(name=True)` working: it adds `features` (Feature objects) to the
+    family's, with one DeprecationWarning at the table's line saying `instead`, what to write now;
+    `name=False` (that SDK's default) adds nothing."""
+    _SWITCHES[name] = (tuple(features), instead)
+
+
+def _switch(name):
+    """The registered switch `name`, or None. Plugins register theirs when imported, and a table may be
+    built before any has been (a third-party loader is imported first), so converter_core's own installed
+    plugin modules are imported once before a name counts as unknown."""
+    if name not in _SWITCHES:
+        for group in ("converter_core.loaders", "converter_core.savers"):
+            for entry in importlib.metadata.entry_points(group=group):
+                if entry.dist and entry.dist.name == "converter_core":
+                    importlib.import_module(entry.module)
+    return _SWITCHES.get(name)
+
+
+def _with_switches(init):
+    @functools.wraps(init)
+    def __init__(self, *positional, **named):
+        for name in [name for name in named if name not in Family.__dataclass_fields__ and _switch(name)]:
+            features, instead = _SWITCHES[name]
+            if named.pop(name):
+                model_type = named.get("model_type", positional[0] if positional else "?")
+                warnings.warn(f"{model_type}: Family({name}=True) is deprecated; write {instead}", DeprecationWarning,
+                              stacklevel=2)
+                named["features"] = tuple(named.get("features", LLAMA_BIAS_SWITCHES)) + features
+        init(self, *positional, **named)
+    return __init__
+
+
+Family.__init__ = _with_switches(Family.__init__)  # an unregistered name is refused as any unknown field
 
 
 def by_model_type(*members):

@@ -102,20 +102,8 @@ MINICPM3 = plugin.Family("minicpm3", ("MiniCPM3ForCausalLM",), mla=plugin.Mla(ro
                                 "Megatron-Core's interleaved MLA rope",
                                 "--saver llama_hf refuses it (multi-latent attention has no Llama form)"))
 
-# What no family converts yet; said in each family's section of the supported-models report.
-NOT_YET = "refuses multi-token-prediction layers (Megatron's mtp_num_layers) until they are supported"
-WITH_MTP = "multi-token-prediction layers (num_nextn_predict_layers, Megatron's mtp_num_layers) convert both ways"
-# What every family does with FP8 block-scaled weights (formats/fp8.py).
-FP8 = ("FP8 block-scaled weights (quantization_config fp8, *_scale_inv) are dequantized on the way in; the way back "
-       "writes the dequantized model without quantization_config")
-LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3 = (
-    dataclasses.replace(family, notes=family.notes + (FP8, WITH_MTP if family.mtp else NOT_YET))
-    for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3))
-
-GPT_OSS = dataclasses.replace(gpt_oss.GPT_OSS, notes=gpt_oss.GPT_OSS.notes + (NOT_YET,))
-
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
 ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE,
-                                    MINICPM, MINICPM3, GPT_OSS)
+                                    MINICPM, MINICPM3, gpt_oss.GPT_OSS)

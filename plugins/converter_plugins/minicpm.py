@@ -120,4 +120,7 @@ class LongRopeAsTransformers(plugin.Feature):
 
 
 FEATURES = plugin.LLAMA_BIAS_SWITCHES + (MuP(), Rope())
+# The first SDK's Family(mup=True): these two features beside Llama's bias switches.
+plugin.deprecate_switch("mup", (MuP(), Rope()), "features=converter_plugins.minicpm.FEATURES (Llama's bias switches, "
+                                                "minicpm.MuP() and minicpm.Rope())")
 FOLDS = (MuP(),)  # what a saver of plain families folds away

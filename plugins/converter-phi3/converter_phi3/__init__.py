@@ -14,7 +14,7 @@ PHI3 = plugin.Family(
         plugin.Tensor("mlp.down_proj.weight", "mlp l1 weight"),
     ),
     fields={"partial_rotary_factor": "rotary_percent"},  # rotary on the first part of each head: Megatron's too
+    notes=("example third-party plugin (plugins/converter-phi3); sliding_window stays in config.json only, as "
+           "convert.py's Mistral loader does",),
 )
 FAMILIES = plugin.by_model_type(PHI3)
-NOTES = ("example third-party plugin (plugins/converter-phi3); sliding_window stays in config.json only, as "
-         "convert.py's Mistral loader does",)

@@ -1,7 +1,7 @@
 """Loader plugin: a Phi-3 Hugging Face folder -> the converter's message stream."""
 
 from converter_core import plugin
-from converter_phi3 import FAMILIES, NOTES  # noqa: F401  (NOTES: what supported() reports)
+from converter_phi3 import FAMILIES
 
 MODEL_TYPES = ("GPT",)
 

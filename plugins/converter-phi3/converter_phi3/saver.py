@@ -1,7 +1,7 @@
 """Saver plugin: the converter's message stream -> a Phi-3 Hugging Face folder."""
 
 from converter_core import plugin
-from converter_phi3 import FAMILIES, NOTES  # noqa: F401  (NOTES: what supported() reports)
+from converter_phi3 import FAMILIES
 
 MODEL_TYPES = ("GPT",)
 
