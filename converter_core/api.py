@@ -104,6 +104,7 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
     args, loader_module, saver_module = option_parsing.parse(argv, options)
     args.load_dir = _source(args.load_dir)
+    _side_folders(args)
     option_parsing.check_folders(args.load_dir, args.save_dir)
     warnings, tracker = [], events.Tracker()
 
@@ -138,6 +139,18 @@ def _source(load_dir):
     except ConversionError as error:
         error.role, error.side_failed = "loader", True
         raise
+
+
+def _side_folders(args):
+    """--hf-reference-dir and --tokenizer-model (where the plugins take them) may be Hub ids too: resolved
+    here like --load-dir, to their snapshot folders of side files (config, tokenizer, code; no weights)."""
+    for name in ("hf_reference_dir", "tokenizer_model"):
+        if getattr(args, name, None):
+            try:
+                setattr(args, name, hub.resolve(getattr(args, name), weights=False))
+            except ConversionError as error:
+                error.role = "arguments"
+                raise
 
 
 @dataclasses.dataclass
