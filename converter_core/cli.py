@@ -1,6 +1,7 @@
 """The command line: convert.py's flags and behaviour, a thin layer over converter_core.api, with a
 progress display in the parent (children print nothing themselves)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -68,8 +69,9 @@ def main(argv=None):
     try:
         known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
         display.mode = "quiet" if known.quiet else known.progress
-        api.convert_argv(argv, progress=display, handle_signals=True)
+        result = api.convert_argv(argv, progress=display, handle_signals=True)
         _ignore_stop_signals()
+        _show_plan(result.plan, display)
         status = 0
     except ConversionError as error:
         _ignore_stop_signals()
@@ -81,6 +83,19 @@ def main(argv=None):
         print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
+
+
+def _show_plan(plan, display):
+    """--dry-run's answer: the plan as lines (a "plan" event in --progress json), or nothing for a real run."""
+    if plan is None or display.mode == "quiet":
+        return
+    display.close()
+    if display.mode == "json":
+        print(json.dumps({"event": "plan", **dataclasses.asdict(plan)}, default=str), flush=True)
+        return
+    print("dry run, nothing written; a real run writes:")
+    for line in plan.lines():
+        print(line)
 
 
 def _ignore_stop_signals():
