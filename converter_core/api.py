@@ -18,10 +18,10 @@ from converter_core.megatron import args as megatron_args, schema as megatron_sc
 @dataclasses.dataclass
 class Result:
     """What one conversion wrote."""
-    save_dir: Path
+    save_dir: Path       # the output folder
     files: list          # every file of the output, relative to save_dir
     bytes: int           # their total size
-    seconds: float
+    seconds: float       # the run's wall time
     warnings: list       # the warnings the loader and saver reported, as text
     plan: planning.Plan = None  # dry_run=True: what a real run would write (files and bytes above: none)
 

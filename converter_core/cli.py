@@ -127,8 +127,8 @@ def _inspect(argv):
 
 
 def _verify(argv):
-    """`verify A B [--atol X]`: exit 0 when the two checkpoints hold the same tensors (within X), else 1
-    with the first tensors that differ."""
+    """`verify A B [--atol X] [--logits]`: exit 0 when the two checkpoints hold the same tensors (within X),
+    else 1 with the first tensors that differ; --logits adds a line with the largest logit difference."""
     from converter_core import verification
     parser = _Parser(prog="converter_core verify", allow_abbrev=False,
                      description="Compare two checkpoints of one model, in any formats, tensor by tensor.")
@@ -137,9 +137,13 @@ def _verify(argv):
     parser.add_argument("--atol", type=flags.non_negative_float, default=0.0,
                         help="largest absolute difference allowed; dtypes may then differ (default 0: identical "
                              "values and dtypes)")
+    parser.add_argument("--logits", action="store_true",
+                        help="also run both models' forward on a few tokens on the CPU (transformers, float32; a "
+                             "Megatron side converted to HF in a temporary folder) and print the largest logit "
+                             "difference")
     try:
         options = parser.parse_args(argv)
-        result = verification.verify(options.a, options.b, options.atol, handle_signals=True)
+        result = verification.verify(options.a, options.b, options.atol, logits=options.logits, handle_signals=True)
     except ConversionError as error:
         _ignore_stop_signals()
         if isinstance(error, UsageError):
@@ -149,6 +153,9 @@ def _verify(argv):
     _ignore_stop_signals()
     for note in result.notes:
         print(note)
+    if result.logits_max_abs_diff is not None:
+        print(f"logits: max abs diff {result.logits_max_abs_diff:g} over {result.logits_tokens} tokens "
+              "(float32, transformers)")
     differing = result.differing()
     if not differing:
         same = "identical" if result.identical else f"within --atol {result.atol:g} (largest difference " \

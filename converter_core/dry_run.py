@@ -78,7 +78,7 @@ def lay_out(fd, buffers, offset):
 @dataclasses.dataclass
 class PlannedFile:
     path: Path   # relative to save_dir
-    bytes: int
+    bytes: int   # its size: exactly what the real run writes
 
 
 @dataclasses.dataclass
