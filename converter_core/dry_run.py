@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,27 +25,37 @@ import torch
 
 from converter_core.errors import ConversionError
 
-# The scratch folder of this process's dry run, or None (a real run).
+# The scratch folder of this process's dry run (a loader or saver), or None (a real run); in the parent, the
+# calling thread's only (_thread.scratch), so a real run started meanwhile from another thread is untouched.
 _scratch = None
+_thread = threading.local()
 # A run writing less than this is mostly start-up: its rate says nothing about a large one.
 MIN_RATE_BYTES = 100 * 2**20
 
 
-def enter(scratch):
-    """Switch this process into (a folder) or out of (None) a dry run."""
+def enter(scratch, thread_only=False):
+    """Switch this process (or with `thread_only`, this thread) into (a folder) or out of (None) a dry run."""
     global _scratch
-    _scratch = None if scratch is None else str(scratch)
+    if thread_only:
+        _thread.scratch = None if scratch is None else str(scratch)
+    else:
+        _scratch = None if scratch is None else str(scratch)
+
+
+def _current():
+    return _scratch or getattr(_thread, "scratch", None)
 
 
 def active():
-    return _scratch is not None
+    return _current() is not None
 
 
 def mirror(path):
     """Where output `path` lies: itself, or in a dry run the same absolute path under the scratch folder."""
-    if _scratch is None:
+    scratch = _current()
+    if scratch is None:
         return path
-    return Path(_scratch, *Path(os.path.abspath(path)).parts[1:])
+    return Path(scratch, *Path(os.path.abspath(path)).parts[1:])
 
 
 def meta(shape, dtype):
@@ -135,14 +146,14 @@ def run(args, loader, saver, on_event=None, **supervision):
         if on_event is not None:
             on_event(event)
 
-    enter(scratch)  # the parent's lock and its clean-up of dead staging go to the mirror as well
+    enter(scratch, thread_only=True)  # the parent's lock and its clean-up of dead staging go to the mirror too
     try:
         orchestrator.run(args, loader, saver, on_event=count, **supervision)
         folder = mirror(args.save_dir)
         files = [PlannedFile(path.relative_to(folder), path.stat().st_size)
                  for path in sorted(folder.rglob("*")) if path.is_file()]
     finally:
-        enter(None)
+        enter(None, thread_only=True)
         shutil.rmtree(scratch, ignore_errors=True)
     written = sum(file.bytes for file in files)
     free = free_bytes(args.save_dir)
