@@ -238,17 +238,16 @@ def main():
 
 
 def dry_runs(work, convert, keys):
-    """Time --dry-run of each direction whose source exists (best of COPY_RUNS, as the conversions); the
-    output folder must not appear."""
+    """Time --dry-run of each direction whose source exists (best of COPY_RUNS, as the conversions), into a
+    folder beside the real output (SAVE-dry-run), which must not appear."""
     print("| direction | source GB | dry run s | planned files | planned GB to write | estimated s |")
     print("|---|---|---|---|---|---|")
     for key in keys:
         name, load, save, flags = RUNS[key]
-        load, save = work / load, work / save
+        load, save = work / load, work / f"{save}-dry-run"
         if not load.exists():
             print(f"| {name} | (no source: run it for real first) | | | | |")
             continue
-        shutil.rmtree(save, ignore_errors=True)
         command = convert + ["--load-dir", str(load), "--save-dir", str(save), "--dry-run"] + flags
         seconds = min(measure(command)[0] for _ in range(COPY_RUNS))
         plan = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
