@@ -132,7 +132,7 @@ def check_plugins(loader, saver, names):
 def run(args, loader, saver, on_event=None, **supervision):
     """Run the conversion `args` describes as a dry run (orchestrator.run's `supervision` keywords);
     returns its Plan. Raises ConversionError as a real run would, and when the output would not fit."""
-    from converter_core import orchestrator
+    from converter_core import orchestrator  # which imports this module
     check_plugins(loader, saver, (args.loader, args.saver))
     memory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     scratch = tempfile.mkdtemp(prefix="converter_core-dry-run-", dir=memory)
