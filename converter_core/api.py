@@ -8,7 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import events, hf_family, hf_stream, hub, options as option_parsing, orchestrator, plugins, protocol
+from converter_core import dry_run as planning, events, hf_family, hf_stream, hub, options as option_parsing
+from converter_core import orchestrator, plugins, protocol
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -17,11 +18,12 @@ from converter_core.megatron import args as megatron_args, schema as megatron_sc
 @dataclasses.dataclass
 class Result:
     """What one conversion wrote."""
-    save_dir: Path
+    save_dir: Path       # the output folder
     files: list          # every file of the output, relative to save_dir
     bytes: int           # their total size
-    seconds: float
+    seconds: float       # the run's wall time
     warnings: list       # the warnings the loader and saver reported, as text
+    plan: planning.Plan = None  # dry_run=True: what a real run would write (files and bytes above: none)
 
 
 def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
@@ -30,7 +32,8 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
             saver_transformer_impl: str = None, true_vocab_size: int = None, tokenizer_model: str = None,
             hf_reference_dir: str = None, hf_model_type: str = None, max_shard_size: str = None,
             workers: int = None, max_queue_size: int = None, stall_timeout: float = None, checking: bool = None,
-            plugin_options: dict = None, progress=None, cancel=None, handle_signals=False, **options):
+            plugin_options: dict = None, progress=None, cancel=None, handle_signals=False, dry_run: bool = False,
+            **options):
     """Convert `load_dir` with the `loader` plugin into `save_dir` with the `saver` plugin.
 
     `load_dir` may be a Hugging Face Hub id, `org/name` or `org/name@revision` (hub.resolve).
@@ -53,6 +56,9 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
     SavedEvent (message), then FinishEvent (save_dir, files, bytes, and the job's fields; fraction 1.0).
     `cancel` (a threading.Event) stops the run within a second, removes the staged output and raises.
     `handle_signals=True` (main thread only) lets SIGTERM, SIGINT and SIGHUP stop the run the same way.
+    `dry_run=True` reads headers and metadata only, makes every check a real run makes (and that the output
+    fits on its disk), writes nothing, and returns Result.plan (dry_run.Plan: files with their sizes,
+    bytes_read, bytes_written, estimated_seconds at the last measured rate).
     Never prints and never exits; raises ConversionError with `.role` ("loader", "saver", "arguments"),
     `.kind` ("input", "internal", "interrupted"), `.path` (the file or folder at fault, or None) and the
     one-line message, which names this function's keywords (save_dir) where the command line's names its flags."""
@@ -75,7 +81,7 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
             raise option_parsing.UsageError(f"option {name!r} is given twice", "")
         given.update(more)
     argv = ["--model-type", model_type, "--loader", loader, "--saver", saver, "--load-dir", os.fspath(load_dir),
-            "--save-dir", os.fspath(save_dir)]
+            "--save-dir", os.fspath(save_dir)] + ["--dry-run"] * bool(dry_run)
     try:
         return convert_argv(argv, given, progress=progress, cancel=cancel, handle_signals=handle_signals)
     except ConversionError as error:
@@ -104,7 +110,10 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
     args, loader_module, saver_module = option_parsing.parse(argv, options)
     args.load_dir = _source(args.load_dir)
+    _side_folders(args)
     option_parsing.check_folders(args.load_dir, args.save_dir)
+    if args.dry_run:
+        return _dry_run(args, loader_module, saver_module, progress, cancel, handle_signals)
     warnings, tracker = [], events.Tracker()
 
     def on_event(raw):  # called from one relay thread, in order
@@ -121,12 +130,30 @@ def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signa
     files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     result = Result(folder, files, sum((folder / f).stat().st_size for f in files), time.monotonic() - started,
                     warnings)
+    planning.record_rate(result.bytes, result.seconds)  # for a later dry run's estimate
     if progress is not None:
         try:  # the output is committed: a failing callback is not the run's failure (as for every event)
             progress(tracker.finish(folder, len(files), result.bytes, result.seconds))
         except Exception:
             pass
     return result
+
+
+def _dry_run(args, loader, saver, progress, cancel, handle_signals):
+    """convert_argv with --dry-run: a Result with no files and the Plan (dry_run.py). The savers' "saved"
+    events are not passed on: nothing was saved."""
+    warnings, tracker = [], events.Tracker()
+
+    def on_event(raw):
+        event = tracker(raw)
+        if event["event"] == "warning":
+            warnings.append(event["message"])
+        if progress is not None and event["event"] != "saved":
+            progress(event)
+
+    started = time.monotonic()
+    plan = planning.run(args, loader, saver, on_event, cancel=cancel, handle_signals=handle_signals)
+    return Result(Path(args.save_dir), [], 0, time.monotonic() - started, warnings, plan)
 
 
 def _source(load_dir):
@@ -138,6 +165,18 @@ def _source(load_dir):
     except ConversionError as error:
         error.role, error.side_failed = "loader", True
         raise
+
+
+def _side_folders(args):
+    """--hf-reference-dir and --tokenizer-model (where the plugins take them) may be Hub ids too: resolved
+    here like --load-dir, to their snapshot folders of side files (config, tokenizer, code; no weights)."""
+    for name in ("hf_reference_dir", "tokenizer_model"):
+        if getattr(args, name, None):
+            try:
+                setattr(args, name, hub.resolve(getattr(args, name), weights=False))
+            except ConversionError as error:
+                error.role = "arguments"
+                raise
 
 
 @dataclasses.dataclass

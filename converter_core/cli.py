@@ -1,6 +1,7 @@
 """The command line: convert.py's flags and behaviour, a thin layer over converter_core.api, with a
 progress display in the parent (children print nothing themselves)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -68,8 +69,9 @@ def main(argv=None):
     try:
         known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
         display.mode = "quiet" if known.quiet else known.progress
-        api.convert_argv(argv, progress=display, handle_signals=True)
+        result = api.convert_argv(argv, progress=display, handle_signals=True)
         _ignore_stop_signals()
+        _show_plan(result.plan, display)
         status = 0
     except ConversionError as error:
         _ignore_stop_signals()
@@ -81,6 +83,19 @@ def main(argv=None):
         print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status
     sys.exit(status)
+
+
+def _show_plan(plan, display):
+    """--dry-run's answer: the plan as lines (a "plan" event in --progress json), or nothing for a real run."""
+    if plan is None or display.mode == "quiet":
+        return
+    display.close()
+    if display.mode == "json":
+        print(json.dumps({"event": "plan", **dataclasses.asdict(plan)}, default=str), flush=True)
+        return
+    print("dry run, nothing written; a real run writes:")
+    for line in plan.lines():
+        print(line)
 
 
 def _ignore_stop_signals():
@@ -112,8 +127,8 @@ def _inspect(argv):
 
 
 def _verify(argv):
-    """`verify A B [--atol X]`: exit 0 when the two checkpoints hold the same tensors (within X), else 1
-    with the first tensors that differ."""
+    """`verify A B [--atol X] [--logits]`: exit 0 when the two checkpoints hold the same tensors (within X),
+    else 1 with the first tensors that differ; --logits adds a line with the largest logit difference."""
     from converter_core import verification
     parser = _Parser(prog="converter_core verify", allow_abbrev=False,
                      description="Compare two checkpoints of one model, in any formats, tensor by tensor.")
@@ -122,9 +137,13 @@ def _verify(argv):
     parser.add_argument("--atol", type=flags.non_negative_float, default=0.0,
                         help="largest absolute difference allowed; dtypes may then differ (default 0: identical "
                              "values and dtypes)")
+    parser.add_argument("--logits", action="store_true",
+                        help="also run both models' forward on a few tokens on the CPU (transformers, float32; a "
+                             "Megatron side converted to HF in a temporary folder) and print the largest logit "
+                             "difference")
     try:
         options = parser.parse_args(argv)
-        result = verification.verify(options.a, options.b, options.atol, handle_signals=True)
+        result = verification.verify(options.a, options.b, options.atol, logits=options.logits, handle_signals=True)
     except ConversionError as error:
         _ignore_stop_signals()
         if isinstance(error, UsageError):
@@ -134,6 +153,9 @@ def _verify(argv):
     _ignore_stop_signals()
     for note in result.notes:
         print(note)
+    if result.logits_max_abs_diff is not None:
+        print(f"logits: max abs diff {result.logits_max_abs_diff:g} over {result.logits_tokens} tokens "
+              "(float32, transformers)")
     differing = result.differing()
     if not differing:
         same = "identical" if result.identical else f"within --atol {result.atol:g} (largest difference " \

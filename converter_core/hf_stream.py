@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import flags, hf_family, layout, protocol, vocab, workers
+from converter_core import dry_run, flags, hf_family, layout, protocol, vocab, workers
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import fp8, hf, mxfp4
 from converter_core.megatron import args as megatron_args
@@ -115,7 +115,7 @@ def load(queue, args, families):
                 f"{weights.file_of[name]}: {name} has shape {list(weights.shape(name))}, config.json implies {list(shape)}")
     if not untied and family.output_layer in weights:  # transformers keeps a stored one apart: never drop it
         require(weights.shape(family.output_layer) == weights.shape(family.embedding)
-                and torch.equal(weights.get(family.output_layer), weights.get(family.embedding)),
+                and dry_run.equal(weights.get(family.output_layer), weights.get(family.embedding)),
                 f"{weights.file_of[family.output_layer]}: {family.output_layer} differs from {family.embedding}, but "
                 f"{config_path} says tie_word_embeddings; set it to false there to keep both")
     hf_family.check_mtp_copies(weights, margs, family, str(folder))

@@ -29,9 +29,10 @@ def looks_like_id(text):
     return bool(match) and "--" not in match["repo"] and ".." not in match["repo"] and not text.startswith(".")
 
 
-def resolve(path):
+def resolve(path, weights=True):
     """`path` itself when something is there or it is no Hub id (a local folder wins, as in transformers);
-    else the snapshot folder of the Hub id, from the cache or downloaded."""
+    else the snapshot folder of the Hub id, from the cache or downloaded. `weights=False` (a reference or
+    tokenizer folder): only the side files are fetched."""
     text = os.fspath(path)
     if os.path.lexists(text) or not looks_like_id(text):
         return path
@@ -44,8 +45,9 @@ def resolve(path):
     match = HUB_ID.fullmatch(text)
     repo, revision = match["repo"], match["revision"]
     try:
-        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=SIDE_FILES + SAFETENSORS)
-        if not any(name.endswith(".safetensors") for _, _, names in os.walk(folder) for name in names):
+        folder = huggingface_hub.snapshot_download(repo, revision=revision,
+                                                   allow_patterns=SIDE_FILES + SAFETENSORS * weights)
+        if weights and not any(name.endswith(".safetensors") for _, _, names in os.walk(folder) for name in names):
             folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=SIDE_FILES + PICKLED)
     except errors.RevisionNotFoundError:
         raise ConversionError(f"{text}: the Hugging Face Hub model {repo} has no revision {revision}",

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from converter_core import dry_run
 from converter_core.errors import ConversionError
 
 # How a Megatron tensor is divided over tensor-parallel ranks.
@@ -235,7 +236,10 @@ def cat_shared(tensors, dim=0):
 
 
 def empty_shared(shape, dtype):
-    """An uninitialised tensor in shared memory (share_memory_() would first copy the empty one there)."""
+    """An uninitialised tensor in shared memory (share_memory_() would first copy the empty one there); in a
+    dry run a meta tensor, since what fills it has no data either."""
+    if dry_run.active():
+        return dry_run.meta(shape, dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 

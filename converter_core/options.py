@@ -50,6 +50,9 @@ def base_parser(add_help=True, required=True):
     parser.add_argument("--progress", choices=["auto", "json"], default="auto",
                         help="auto: a progress bar on a terminal, notes and a summary; json: one JSON event per line")
     parser.add_argument("--quiet", action="store_true", help="print nothing but an error")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read headers and metadata only, make every check, print the plan (files and sizes, "
+                             "bytes to read and write, estimated time) and write nothing")
     return parser
 
 
@@ -93,7 +96,7 @@ class Option:
 
 
 # Base flags that are convert()'s own parameters or the command line's display, not conversion options.
-NOT_OPTIONS = {"model_type", "loader", "saver", "load_dir", "save_dir", "progress", "quiet"}
+NOT_OPTIONS = {"model_type", "loader", "saver", "load_dir", "save_dir", "progress", "quiet", "dry_run"}
 # What the shared argparse types take, as a Python type (byte_size also takes "5GB").
 _TYPES = {flags.positive_int: int, flags.queue_size: int, flags.seconds: float, flags.byte_size: str}
 

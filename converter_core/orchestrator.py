@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
-from converter_core import file_refs, output, protocol
+from converter_core import dry_run, file_refs, output, protocol
 from converter_core.errors import EXIT_INPUT, EXIT_INTERNAL, ConversionError, Interrupted, first_line, memory_hint
 from converter_core.protocol import EXIT
 
@@ -133,6 +133,7 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
     gc.enable()
     stop_on_signals()
     output.set_owner(parent_pid, gate)
+    dry_run.enter(getattr(args, "dry_run_scratch", None))  # inherited under fork; set again for spawn
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
     protocol.set_event_sink(events.put)

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from converter_core import file_refs
+from converter_core import dry_run, file_refs
 from converter_core.errors import ConversionError, Interrupted, require
 
 # The pid of the process that asked for the output; a child whose parent has gone does not commit.
@@ -111,7 +111,7 @@ def _chmod_as_umask(path, mode):
 def write_atomically(path, text):
     """Replace `path` in one step by a file holding `text`. The temporary file is created exclusively
     under a fresh name (a planted file or symlink is never followed) and is on disk before the rename."""
-    path = Path(path)
+    path = Path(dry_run.mirror(path))  # a dry run writes its scratch mirror only
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         _chmod_as_umask(temporary, 0o666)
@@ -192,6 +192,7 @@ class StagedFolder:
         if must_be_new:
             require(not self.target.exists() or not any(self.target.iterdir()),
                     f"{self.target}: already exists and is not empty; choose a new --save-dir", path=self.target)
+        self.target = Path(dry_run.mirror(self.target))  # checked above; a dry run stages in its scratch mirror
         self.created_parents = _created_parents(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
@@ -226,7 +227,7 @@ def remove_dead_staging(save_dir):
     """Remove what runs into `save_dir` staged and never committed: staged folders beside it (HF) and
     inside it (Megatron's .iter_N.partial-*, the tracker's temporary file). Only the holder of the
     --save-dir lock calls it, so no run that staged them is alive. Returns the paths removed."""
-    target = Path(os.path.abspath(save_dir))
+    target = Path(os.path.abspath(dry_run.mirror(save_dir)))
     places = [(target.parent, _staging_names(target.name))]
     if target.is_dir() and not target.is_symlink():
         places += [(target, re.compile(r"\.iter_[0-9]{7}\.partial-[a-z0-9_]{8}")),
@@ -254,7 +255,7 @@ class SaveDirLock:
     children): a second conversion into the same folder is refused instead of mixing files."""
 
     def __init__(self, save_dir):
-        target = Path(os.path.abspath(save_dir))
+        target = Path(os.path.abspath(dry_run.mirror(save_dir)))  # a dry run's is in its scratch mirror
         self.created_parents = _created_parents(target)
         self.created = [target] if not os.path.lexists(target) else []  # removed at the end if still empty
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,17 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from converter_core import hub, layout, options, orchestrator, plugins, protocol
-from converter_core.errors import EXIT_USAGE, ConversionError, require
+from converter_core.errors import EXIT_USAGE, ConversionError, first_line, require
 
 CHUNK_ELEMENTS = 1 << 22  # a tensor is compared in row blocks of about this many elements (float64: 32 MiB)
 SHOWN = 10  # differing tensors the command line names
+LOGIT_TOKENS = 8  # tokens of the forward that --logits runs on both sides
 
 
 @dataclasses.dataclass
@@ -41,11 +44,13 @@ class Row:
 class Verified:
     """verify()'s answer. `identical`: every tensor has equal values and the same dtype on both sides;
     `passed`: identical when atol is 0, else every tensor's values within atol (dtypes may then differ)."""
-    a: str
+    a: str               # the two checkpoints, as given
     b: str
-    atol: float
-    rows: list
-    notes: list
+    atol: float          # the difference allowed (0: identical values and dtypes asked)
+    rows: list           # a Row per tensor, in stream order
+    notes: list          # the loaders' notes and warnings
+    logits_max_abs_diff: float = None  # logits=True: the largest |logit A - logit B| (float32, transformers)
+    logits_tokens: int = None          # over this many tokens
 
     @property
     def identical(self):
@@ -64,22 +69,24 @@ class Verified:
         return [row for row in self.rows if not row.identical and (self.atol == 0 or row.max_abs_diff > self.atol)]
 
 
-def verify(a, b, atol=0.0, *, progress=None, cancel=None, handle_signals=False):
+def verify(a, b, atol=0.0, *, logits=False, progress=None, cancel=None, handle_signals=False):
     """Compare checkpoint folders (or Hub ids) `a` and `b`, tensor by tensor. Returns Verified; raises
     ConversionError (one line) when a side is not a checkpoint or the two are not one model (layer counts,
-    keys or shapes differ). `progress`, `cancel`, `handle_signals` as for convert()."""
+    keys or shapes differ). `logits=True` also runs both models' forward on a few tokens on the CPU through
+    transformers in float32 (a Megatron side converted to HF first, in a temporary folder) and gives the
+    largest logit difference. `progress`, `cancel`, `handle_signals` as for convert()."""
     from converter_core import api
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (math.isfinite(atol) and atol >= 0):
         raise ConversionError(f"atol must be a finite number >= 0, got {atol!r}", role="arguments", status=EXIT_USAGE)
-    sides = []
+    sides, detected = [], []
     for path in (a, b):
         try:
             folder = hub.resolve(path)
-            name = api.detect(folder).loader
+            detected.append((folder, api.detect(folder)))
         except ConversionError as error:
             error.role = "loader"
             raise
-        sides.append(_side_args(folder, name))
+        sides.append(_side_args(folder, detected[-1][1].loader))
     rows, notes = [], []
 
     def on_event(event):
@@ -102,7 +109,41 @@ def verify(a, b, atol=0.0, *, progress=None, cancel=None, handle_signals=False):
         elif error.role == "saver":  # the comparison: the two are not one model
             error.role, error.side_failed = None, False
         raise
-    return Verified(str(a), str(b), float(atol), rows, notes)
+    result = Verified(str(a), str(b), float(atol), rows, notes)
+    if logits:
+        result.logits_max_abs_diff, result.logits_tokens = compare_logits(detected, cancel)
+    return result
+
+
+def compare_logits(sides, cancel=None):
+    """(largest |logit difference|, tokens) of the two `sides` ((folder, Detected) each) on the same few
+    tokens, one model in memory at a time; a Megatron side is converted to HF by the HF saver detect names."""
+    from converter_core import api
+    vocab = min(detected.vocab_size for _, detected in sides)
+    tokens = torch.randint(vocab, (1, LOGIT_TOKENS), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for source, detected in sides:
+        with tempfile.TemporaryDirectory(prefix="converter_core-verify-") as scratch:
+            folder = source
+            if detected.format != "hf":
+                require(detected.other_saver, f"{source}: no installed HF saver writes {detected.family}; "
+                                              "--logits needs one", path=source)
+                folder = Path(scratch, "hf")
+                api.convert(detected.loader, detected.other_saver, source, folder, cancel=cancel)
+            outputs.append(_forward(folder, tokens)[..., :vocab])
+    return float((outputs[0] - outputs[1]).abs().max()), LOGIT_TOKENS
+
+
+def _forward(folder, tokens):
+    """The logits of the HF model in `folder` (float32, CPU; remote code is not run)."""
+    import transformers
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except Exception as error:
+        raise ConversionError(f"{folder}: transformers cannot load it for the logits ({first_line(error)})",
+                              path=folder) from None
+    with torch.no_grad():
+        return model.eval()(tokens).logits.float()
 
 
 def _side_args(folder, loader_name):

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from converter_core import file_refs, layout
+from converter_core import dry_run, file_refs, layout
 from converter_core.errors import ConversionError
 
 # Jobs per worker that may wait to run before the saver waits: bounds the memory held by pending writes.
@@ -88,6 +88,9 @@ def write_all(fd, buffers, offset):
 
     A tensor received by reference whose source file no longer holds its bytes (cut short during the
     conversion) is refused in one line naming the file, before or while it is read (file_refs)."""
+    if dry_run.active():  # tensors take their room, unread and unwritten
+        with _file_lock(fd):
+            return dry_run.lay_out(fd, buffers, offset)
     with _reading(buffers), _file_lock(fd):
         return _write_all(fd, buffers, offset)
 
@@ -178,6 +181,8 @@ def write_rows(fd, offset, parts, before=b"", after=b""):
     `offset`, with one pwritev: the bytes straight from where they lie (a column slice or Columns row by
     row), or, for any other layout, gathered first (contiguous()); returns the bytes written."""
     parts = parts if isinstance(parts, tuple) else (parts,)
+    if dry_run.active():
+        return write_all(fd, [before, *parts, after], offset)
     pieces = [_pieces(part) for part in parts]
     if all(piece is not None for piece in pieces):
         with _reading(parts):  # the row views below are plain buffers: say which file they came from

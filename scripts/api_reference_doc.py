@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from converter_core import api, events, options
+from converter_core import api, dry_run, events, options, verification
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "api.md"
@@ -67,15 +67,26 @@ def built_in(kind):
     return [line.split("=")[0].strip() for line in declared.splitlines() if line.strip()]
 
 
+def fields_table(cls):
+    """A dataclass's fields: name, type and the comment at its definition."""
+    comments = field_comments(cls)
+    return "| field | type | meaning |\n|---|---|---|" + "".join(
+        f"\n| `{f.name}` | {cell(type_name(f.type))} | {cell(comments.get(f.name, ''))} |"
+        for f in dataclasses.fields(cls)) + "\n"
+
+
 def markdown():
     parts = [INTRO, "## `convert()`\n", f"```python\nconvert{inspect.signature(api.convert)}\n```\n",
              inspect.cleandoc(api.convert.__doc__) + "\n",
+             "It returns a `Result`: " + inspect.cleandoc(api.Result.__doc__) + "\n", fields_table(api.Result),
+             "With `dry_run=True`, `Result.plan` is a `Plan`: " + inspect.cleandoc(dry_run.Plan.__doc__) + "\n",
+             fields_table(dry_run.Plan), "Each of its files is a `PlannedFile`:\n", fields_table(dry_run.PlannedFile),
+             "## `verify(a, b)`\n", f"```python\nverify{inspect.signature(verification.verify)}\n```\n",
+             inspect.cleandoc(verification.verify.__doc__) + "\n",
+             "It returns `Verified`: " + inspect.cleandoc(verification.Verified.__doc__) + "\n",
+             fields_table(verification.Verified),
              "## `options(loader, saver)`\n", inspect.cleandoc(api.options.__doc__) + "\n",
-             "Each is an `Option`: " + inspect.cleandoc(options.Option.__doc__) + "\n",
-             "| field | type | meaning |\n|---|---|---|"]
-    comments = field_comments(options.Option)
-    parts[-1] += "".join(f"\n| `{f.name}` | {type_name(f.type)} | {cell(comments.get(f.name, ''))} |"
-                         for f in dataclasses.fields(options.Option)) + "\n"
+             "Each is an `Option`: " + inspect.cleandoc(options.Option.__doc__) + "\n", fields_table(options.Option)]
     parts += ["## Options of the built-in plugins\n",
               "What `options(loader, saver)` lists is the core options, the loader's and the saver's (a flag "
               "both declare is the saver's). The named keywords of `convert()` are among them, except `dtype`, "

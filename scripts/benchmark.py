@@ -6,8 +6,11 @@ needs CPU time of its own. Start-up is the time until the converter reports its 
 our imports, reading the source's metadata: no tensor has moved yet, and it runs on one core), so that the
 cores used by the conversion proper can be told apart from it.
 
+With --dry-run, each direction whose source is there is timed as a --dry-run instead (best of three; it reads
+headers only and writes nothing, which is checked), beside the plan's files and bytes.
+
 Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
-     [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
+     [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...] [--dry-run]
 (needs psutil: pip install -e '.[test]'). Prints a markdown table; docs/performance.md holds the current numbers, docs/performance-log.md the runs.
 """
 
@@ -175,6 +178,7 @@ def main():
     parser.add_argument("--max-queue-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="passed to the converter (default: its own)")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="directions to run (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="time --dry-run of each direction instead")
     options = parser.parse_args()
     shape = dict(PRESETS[options.preset])
     shape.update({k: v for k, v in (("layers", options.layers), ("hidden", options.hidden), ("ffn", options.ffn),
@@ -194,6 +198,8 @@ def main():
           f"{shape}), largest tensor {largest / 2**30:.2f} GiB, memory goal 2 x largest + 0.5 GiB = "
           f"{(2 * largest + 2**29) / 2**30:.2f} GiB; --max-queue-size {options.max_queue_size}, "
           f"--workers {options.workers or 'default'}, {psutil.cpu_count()} CPUs\n")
+    if options.dry_run:
+        return dry_runs(work, convert, options.only or RUNS)
     print("| direction | read GB | seconds | GB/s | `cp -r` s | time / cp | `cp -r` + `sync` s | time / (cp + sync) | "
           "CPU s / wall s | start-up s | CPU s / wall s after start-up | peak private (summed) | peak shared (queue) | "
           "peak RSS, summed |")
@@ -229,6 +235,27 @@ def main():
               f"{start_seconds:.1f} | {(cpu - start_cpu) / (seconds - start_seconds):.2f} | "
               f"{private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB |", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
+
+
+def dry_runs(work, convert, keys):
+    """Time --dry-run of each direction whose source exists (best of COPY_RUNS, as the conversions), into a
+    folder beside the real output (SAVE-dry-run), which must not appear."""
+    print("| direction | source GB | dry run s | planned files | planned GB to write | estimated s |")
+    print("|---|---|---|---|---|---|")
+    for key in keys:
+        name, load, save, flags = RUNS[key]
+        load, save = work / load, work / f"{save}-dry-run"
+        if not load.exists():
+            print(f"| {name} | (no source: run it for real first) | | | | |")
+            continue
+        command = convert + ["--load-dir", str(load), "--save-dir", str(save), "--dry-run"] + flags
+        seconds = min(measure(command)[0] for _ in range(COPY_RUNS))
+        plan = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        if save.exists():
+            sys.exit(f"--dry-run wrote {save}")
+        estimate = "no rate yet" if plan["estimated_seconds"] is None else f"{plan['estimated_seconds']:.0f}"
+        print(f"| {name} | {folder_bytes(load) / 1e9:.2f} | {seconds:.1f} | {len(plan['files'])} | "
+              f"{plan['bytes_written'] / 1e9:.2f} | {estimate} |", flush=True)
 
 
 if __name__ == "__main__":

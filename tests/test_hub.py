@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import converter_core
-from helpers import error_line, make_hf_model
+from helpers import error_line, make_hf_model, write_tokenizer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -21,6 +21,7 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     plain = root / "plain"
     make_hf_model(plain, num_hidden_layers=2)
+    write_tokenizer(plain, 96)  # side files for --hf-reference-dir / --tokenizer-model
     repo = root / "cache" / "models--org--tiny"
     (repo / "blobs").mkdir(parents=True)
     (repo / "snapshots" / SHA).mkdir(parents=True)
@@ -90,3 +91,32 @@ def test_the_api_takes_hub_ids(cache, tmp_path, monkeypatch):
         converter_core.detect("org/tiny")
     assert str(caught.value) == "org/tiny: no such model folder; to read it from the Hugging Face Hub, " \
                                 "pip install 'converter-core[hub]'"
+
+
+def test_reference_and_tokenizer_folders_take_hub_ids(cache, tmp_path):
+    """--hf-reference-dir and --tokenizer-model resolve a Hub id as --load-dir does: the output is the one the
+    plain folder gives, its tokenizer copied from the snapshot; a missing id is one line, nothing written."""
+    cache_dir, plain = cache
+    process = run(cache_dir, "--model-type", "GPT", "--loader", "llama_hf", "--saver", "mcore", "--load-dir", plain,
+                  "--save-dir", tmp_path / "mcore", "--tokenizer-model", "org/tiny")
+    assert process.returncode == 0, process.stderr
+    args = torch_file_args(tmp_path / "mcore")
+    assert args.tokenizer_model == str(cache_dir / "models--org--tiny" / "snapshots" / SHA)
+    to_hf = ["--model-type", "GPT", "--loader", "mcore", "--saver", "llama_hf", "--load-dir", tmp_path / "mcore"]
+    for name, side in (("plain", plain), ("hub", "org/tiny")):
+        process = run(cache_dir, *to_hf, "--save-dir", tmp_path / name, "--hf-reference-dir", side,
+                      "--tokenizer-model", side)
+        assert process.returncode == 0, process.stderr
+    assert_same_files(tmp_path / "plain", tmp_path / "hub")
+    assert (tmp_path / "hub" / "tokenizer.json").read_bytes() == (plain / "tokenizer.json").read_bytes()
+    for flag in ("--hf-reference-dir", "--tokenizer-model"):
+        missing = run(cache_dir, *to_hf, "--save-dir", tmp_path / "none", flag, "org/nonesuch")
+        assert error_line(missing) == (f"converter_core: error: org/nonesuch: no such model folder, and not in the "
+                                       f"Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE is set")
+        assert not (tmp_path / "none").exists()
+
+
+def torch_file_args(folder):
+    from converter_core.formats import rank_files, torch_file
+    _, iteration = rank_files.read_tracker(folder)
+    return torch_file.load(rank_files.first_rank_file(iteration))["args"]

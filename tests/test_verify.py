@@ -115,3 +115,21 @@ def test_a_failing_side_is_named(folders, tmp_path):
     with pytest.raises(converter_core.ConversionError) as caught:
         converter_core.verify(broken, folders / "hf")
     assert (caught.value.role, caught.value.path) == ("loader", str(missing))
+
+
+def test_logits_of_both_sides(folders, tmp_path):
+    """--logits: the HF model and its TP 2 x PP 2 conversion (converted back to HF for transformers) give the
+    same logits; one changed column of a weight gives a difference, said in the CLI's line."""
+    same = converter_core.verify(folders / "hf", folders / "mcore", logits=True)
+    assert same.identical and same.logits_tokens == 8 and same.logits_max_abs_diff < 1e-5
+    changed = tmp_path / "hf"
+    shutil.copytree(folders / "hf", changed)
+    tensors = load_file(changed / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][:, 3] += DELTA
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    different = converter_core.verify(changed, folders / "hf", logits=True)
+    assert not different.identical and different.logits_max_abs_diff > 1e-3
+    process = verify_cli(folders / "hf", changed, "--logits")
+    assert process.returncode == 1
+    assert f"logits: max abs diff {different.logits_max_abs_diff:g} over 8 tokens (float32, transformers)" \
+        in process.stdout.splitlines()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter_core import file_refs, layout, output, workers
+from converter_core import dry_run, file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, first_line, regular_file, safe_relative_path
@@ -100,6 +100,8 @@ class HFWeights:
 
     def stored(self, name):
         """Tensor `name` as stored, whatever its dtype: for a format that decodes it (formats/fp8.py)."""
+        if dry_run.active():  # headers only
+            return dry_run.meta(self.shape(name), self.stored_dtype(name))
         handle = self._holding(name)
         try:
             return handle.get_tensor(name)
@@ -134,6 +136,8 @@ class DecodedWeights:
         return self.decoded_dtype if name in self.decoded else self.weights.dtype(name)
 
     def get(self, name):
+        if name in self.decoded and dry_run.active():  # nothing to decode without the data
+            return dry_run.meta(self.shape(name), self.dtype(name))
         return self.decode(name) if name in self.decoded else self.weights.get(name)
 
     def decoded_shape(self, name):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from converter_core import file_refs, layout, workers
+from converter_core import dry_run, file_refs, layout, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_file
 from converter_core.formats.untrusted import check_weight_dtype, first_line, regular_file, safe_relative_path
@@ -280,6 +280,8 @@ class DistReader:
         info = self.storage[key, offsets]
         require(not getattr(info, "transform_descriptors", None), f"{self.folder}: {key} is stored transformed (unsupported)")
         path = self.folder / info.relative_path
+        if dry_run.active():  # a dry run reads no tensor data
+            return dry_run.meta(sizes, dtype)
         try:
             return _mapped_tensor(path, info.offset, info.length, sizes, dtype)
         except ConversionError:

@@ -23,7 +23,7 @@ import zipfile
 
 import torch
 
-from converter_core import file_refs, layout, output, workers
+from converter_core import dry_run, file_refs, layout, output, workers
 from converter_core.errors import ConversionError, require
 from converter_core.formats.untrusted import first_line, regular_file
 
@@ -226,6 +226,8 @@ def _zip64_extra(values):
 def _leading_bytes(parts, count=8):
     """The first `count` bytes of the rows of `parts`, read without copying a whole part (but a strided
     one whose rows are shorter than `count` bytes)."""
+    if dry_run.active():  # no data: the serialization_id differs, the layout does not
+        return bytes(count)
     file_refs.check_intact(parts)
     out = bytearray()
     for part in parts:
@@ -349,7 +351,9 @@ class _RankFileUnpickler(pickle.Unpickler):
             name, nbytes = f"data/{key}", numel * dtype.itemsize
             require(self.reader.has_record(name) and self.reader.get_record_size(name) == nbytes,
                     f"{self.path}: storage {key} of {numel} {dtype} elements has no record of {nbytes} bytes")
-            if self.mapped is not None:  # torch's reader checks a record's header only when it copies it
+            if dry_run.active():  # a dry run reads no tensor data
+                storage = dry_run.meta((nbytes,), torch.uint8).untyped_storage()
+            elif self.mapped is not None:  # torch's reader checks a record's header only when it copies it
                 header = os.pread(self.fd, 4, self.reader.get_record_header_offset(name))
                 require(header == _LOCAL_SIGNATURE, f"{self.path}: the zip header of record {name} is damaged")
                 start = self.reader.get_record_offset(name)

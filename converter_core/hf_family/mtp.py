@@ -5,8 +5,7 @@ num_hidden_layers + i, as megatron-core numbers them (message index num_layers +
 
 import dataclasses
 
-import torch
-
+from converter_core import dry_run
 from converter_core.errors import require
 from converter_core.formats.untrusted import is_count
 from converter_core.hf_family.features import Feature
@@ -72,6 +71,6 @@ def check_copies(weights, args, family, where):
     for name, shared in family.mtp.copies(args, family).items():
         model = family.embedding if shared == "embedding" else output
         require(name in weights, f"{where}: the weights lack {name}, the multi-token-prediction layer's copy of {model}")
-        require(weights.shape(name) == weights.shape(model) and torch.equal(weights.get(name), weights.get(model)),
+        require(weights.shape(name) == weights.shape(model) and dry_run.equal(weights.get(name), weights.get(model)),
                 f"{weights.file_of[name]}: {name} differs from {model}; Megatron shares one table between the model "
                 "and its multi-token-prediction layers, so a different copy cannot be converted")
