@@ -21,6 +21,7 @@ def program():
     gc.disable()
     for number in STOP_SIGNALS:  # from the first moment: a stop while torch imports is one line too
         signal.signal(number, _stop)
+    sys.unraisablehook = _swallowed_stop
     try:
         status = _run()
     except Interrupted as stop:  # before a conversion started (the conversion reports its own)
@@ -46,6 +47,10 @@ def _run():
         print(f"converter_core: error: cannot import its libraries ({type(error).__name__}: {first_line(error)})"
               f"{hint}", file=sys.stderr)
         return 1
+    global _imported
+    _imported = True
+    if _stopped_by is not None:  # a stop that landed where Python swallows exceptions (_swallowed_stop)
+        raise Interrupted(_stopped_by)
     try:
         main()
     except SystemExit as end:  # as the interpreter would end: None is 0, a message is printed and 1
@@ -60,12 +65,24 @@ def _run():
 
 
 _stopped_by = None
+_imported = False
 
 
 def _stop(signum, frame):
     global _stopped_by
     _stopped_by = signum
     raise Interrupted(signum)
+
+
+def _swallowed_stop(event):
+    """A stop raised inside a weakref callback or a __del__ (importlib runs some while torch imports) is
+    swallowed by Python, which would print its traceback: stay silent; _run raises it once the imports
+    are done, and later (a conversion's own handler) the signal is delivered again a moment after."""
+    if not isinstance(event.exc_value, Interrupted):
+        sys.__unraisablehook__(event)
+    elif _imported:
+        from converter_core import orchestrator
+        orchestrator.redeliver(event.exc_value.signum)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def _stop_side(signum, frame):
     if output.defer_signal(signum):
         return
     if sys.exc_info()[1] is not None:
-        _redeliver(signum)
+        redeliver(signum)
         return
     raise Interrupted(signum)
 
@@ -64,10 +64,10 @@ def _stop_side(signum, frame):
 def _redeliver_swallowed_stop(event):
     if not isinstance(event.exc_value, Interrupted):
         return sys.__unraisablehook__(event)
-    _redeliver(event.exc_value.signum)
+    redeliver(event.exc_value.signum)
 
 
-def _redeliver(signum):
+def redeliver(signum):
     """Send `signum` to the main thread again after REDELIVER_SECONDS (from a timer thread, so it lands
     after the code that could not take it)."""
     timer = threading.Timer(REDELIVER_SECONDS, signal.pthread_kill, (threading.main_thread().ident, signum))
