@@ -10,7 +10,8 @@ With --dry-run, each direction whose source is there is timed as a --dry-run ins
 headers only and writes nothing, which is checked), beside the plan's files and bytes.
 
 Run: python scripts/benchmark.py [work folder] [--preset 0.9b|8b] [--layers N] [--hidden N] [--ffn N]
-     [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...] [--dry-run]
+     [--heads N] [--kv-heads N] [--vocab N] [--workers N] [--max-queue-size N] [--only NAME ...]
+     [--dry-run | --processes K [K ...]] [--dry-run]
 (needs psutil: pip install -e '.[test]'). Prints a markdown table; docs/performance.md holds the current numbers, docs/performance-log.md the runs.
 """
 
@@ -169,6 +170,29 @@ RUNS = {  # name: (source, target, flags), folders relative to the work folder
 }
 
 
+def floor_seconds(load, work):
+    """(cp -r + sync, cp -r) seconds for `load`, the best of COPY_RUNS from a warm page cache."""
+    floors = []
+    for _ in range(COPY_RUNS):
+        os.sync()  # nothing earlier left to flush into the timed sync
+        warm(load)
+        copy = measure(["cp", "-r", str(load), str(work / "copy")])[0]
+        floors.append((copy + measure(["sync"])[0], copy))
+        shutil.rmtree(work / "copy", ignore_errors=True)
+    return min(floors)
+
+
+def best_run(command, save, load):
+    """measure() of the conversion `command` into `save`, the best of COPY_RUNS, each from a clean start."""
+    runs = []
+    for _ in range(COPY_RUNS):
+        shutil.rmtree(save, ignore_errors=True)
+        os.sync()
+        warm(load)
+        runs.append(measure(command))
+    return min(runs)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("work", nargs="?", default=None)
@@ -179,6 +203,8 @@ def main():
     parser.add_argument("--workers", type=int, default=None, help="passed to the converter (default: its own)")
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="directions to run (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="time --dry-run of each direction instead")
+    parser.add_argument("--processes", type=int, nargs="+", metavar="K",
+                        help="time each direction with --processes K for each K given instead (scale-out)")
     options = parser.parse_args()
     shape = dict(PRESETS[options.preset])
     shape.update({k: v for k, v in (("layers", options.layers), ("hidden", options.hidden), ("ffn", options.ffn),
@@ -200,6 +226,8 @@ def main():
           f"--workers {options.workers or 'default'}, {psutil.cpu_count()} CPUs\n")
     if options.dry_run:
         return dry_runs(work, convert, options.only or RUNS)
+    if options.processes:
+        return scaling_runs(work, convert, options.only or RUNS, options.processes)
     print("| direction | read GB | seconds | GB/s | `cp -r` s | time / cp | `cp -r` + `sync` s | time / (cp + sync) | "
           "CPU s / wall s | start-up s | CPU s / wall s after start-up | peak private (summed) | peak shared (queue) | "
           "peak RSS, summed |")
@@ -209,22 +237,9 @@ def main():
         load, save = work / load, work / save
         for folder in (save, work / "copy"):
             shutil.rmtree(folder, ignore_errors=True)
-        floors = []  # the best of COPY_RUNS: cp's time here varies with the page cache's state
-        for _ in range(COPY_RUNS):
-            os.sync()  # nothing earlier left to flush into the timed sync
-            warm(load)
-            copy = measure(["cp", "-r", str(load), str(work / "copy")])[0]
-            floors.append((copy + measure(["sync"])[0], copy))
-            shutil.rmtree(work / "copy", ignore_errors=True)
-        floor, copy_seconds = min(floors)
+        floor, copy_seconds = floor_seconds(load, work)  # the best of COPY_RUNS: cp's time varies with the cache
         command = convert + ["--load-dir", str(load), "--save-dir", str(save)] + flags
-        runs = []  # the best of COPY_RUNS too, measured the same way as the floors
-        for _ in range(COPY_RUNS):
-            shutil.rmtree(save, ignore_errors=True)
-            os.sync()
-            warm(load)
-            runs.append(measure(command)[:4])
-        seconds, cpu, start_seconds, start_cpu = min(runs)
+        seconds, cpu, start_seconds, start_cpu = best_run(command, save, load)[:4]  # measured as the floors
         shutil.rmtree(save)
         os.sync()
         warm(load)
@@ -234,6 +249,29 @@ def main():
               f"{seconds / copy_seconds:.1f}x | {floor:.1f} | {seconds / floor:.1f}x | {cpu / seconds:.2f} | "
               f"{start_seconds:.1f} | {(cpu - start_cpu) / (seconds - start_seconds):.2f} | "
               f"{private / 2**30:.2f} GiB | {shared / 2**30:.2f} GiB | {resident / 2**30:.2f} GiB |", flush=True)
+    shutil.rmtree(work / "copy", ignore_errors=True)
+
+
+def scaling_runs(work, convert, keys, counts):
+    """Time each direction with --processes K for every K in `counts` (best of COPY_RUNS, as the conversions),
+    beside cp -r + sync of its source; the speed-up is against the first K given. A direction whose source
+    is another's output (mcore -> HF) needs that one run first, here or earlier."""
+    print("| direction | processes | read GB | seconds | GB/s | time / (cp + sync) | speed-up | CPU s / wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in keys:
+        name, load, save, flags = RUNS[key]
+        load, save = work / load, work / save
+        if not load.exists():
+            print(f"| {name} | | (no source: run its source's direction first) | | | | | |")
+            continue
+        floor, _ = floor_seconds(load, work)
+        size, first = folder_bytes(load), None
+        for count in counts:
+            command = convert + ["--load-dir", str(load), "--save-dir", str(save), "--processes", str(count)] + flags
+            seconds, cpu = best_run(command, save, load)[:2]
+            first = first or seconds
+            print(f"| {name} | {count} | {size / 1e9:.2f} | {seconds:.1f} | {size / 1e9 / seconds:.2f} | "
+                  f"{seconds / floor:.1f}x | {first / seconds:.2f}x | {cpu / seconds:.2f} |", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
 
 
