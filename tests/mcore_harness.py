@@ -181,7 +181,10 @@ def checkpoint_layout(iter_dir, ep=1):
     """Return (tp, pp) read from the mp_rank_* folders, which must form a complete grid.
 
     PP == 1 must use 'mp_rank_TT' and PP > 1 'mp_rank_TT_PPP', as Megatron-LM names them; with `ep` > 1
-    (the folder names alone cannot tell it from PP) each ends in '_EEE' for EP ranks 0 .. ep - 1.
+    (the folder names alone cannot tell it from PP) each ends in '_EEE' for EP ranks 0 .. ep - 1. With
+    expert TP 1 Megatron-LM writes only the files of ranks r < max(tp, ep), TP rank r % tp and EP rank
+    r % ep, so only TP rank t's (t, t % ep) and EP rank e's (e % tp, e) must be there; a rank that reads
+    another file finds it missing then.
     """
     names = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
     if not names:
@@ -210,7 +213,7 @@ def checkpoint_layout(iter_dir, ep=1):
     for t, p in expected:
         for e in range(ep):
             path = rank_file(iter_dir, t, p or 0, pp, e, ep)
-            if not os.path.isfile(path):
+            if (e == t % ep or t == e % tp) and not os.path.isfile(path):
                 raise FileNotFoundError(path)
     return tp, pp
 

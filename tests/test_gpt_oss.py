@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 import transformers
+from megatron.core.parallel_state import RankGenerator
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -134,8 +135,9 @@ def test_mxfp4_at_expert_parallel_2_with_te_names(tmp_path):
     gpt-oss recipe trains: --transformer-impl transformer_engine --moe-grouped-gemm) -> HF: the bf16 model
     transformers dequantizes, bit for bit, config.json as released without quantization_config. megatron-core
     runs the checkpoint as written, at TP 2 x EP 2 with expert TP 1 (TE names mapped to its local spec), and
-    gives that model's logits. It reads mp_rank_00_000 and mp_rank_01_001, as Megatron-LM's ranks would; the
-    way back reads the experts from TP rank 0's files and the rest from EP rank 0's, so every file is used."""
+    gives that model's logits. We write every TP x EP file; Megatron-LM writes only mp_rank_00_000 and
+    mp_rank_01_001 (megatron_lm_rank_folders): cut down to those, the checkpoint comes back the same bits
+    and megatron-core runs it."""
     source, dequantized = tmp_path / "mxfp4", tmp_path / "dequantized"
     megatron, back = tmp_path / "ep2", tmp_path / "back"
     model = write_mxfp4_release(source, dequantized)
@@ -149,9 +151,49 @@ def test_mxfp4_at_expert_parallel_2_with_te_names(tmp_path):
     released = read_config(source)
     released.pop("quantization_config")
     assert read_config(back) == released
+    written = megatron_lm_rank_folders(2, 2)
+    assert len(written) == 2
+    for folder in set(folders) - set(written):
+        shutil.rmtree(iteration / folder)
+    to_hf(megatron, tmp_path / "back_from_two")
+    assert_bit_identical(back, tmp_path / "back_from_two")
     tokens = tokens_for(BASE["vocab_size"])
     logits = mcore_logits(iteration, tokens, te_names=True, ep=2)
     torch.testing.assert_close(logits[..., :BASE["vocab_size"]], hf_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+def megatron_lm_rank_folders(tp, ep):
+    """The folders Megatron-LM writes at TP x EP with expert TP 1 (world TP x EP, PP 1): each rank of
+    data-parallel rank 0 or of expert-data-parallel rank 0 saves (megatron/training/checkpointing.py since
+    core_v0.18; before, the latter only), under its TP and EP rank, as megatron-core's rank generators
+    number them (order tp-cp-ep-dp-pp)."""
+    def rank_in(groups):
+        return {rank: index for group in groups for index, rank in enumerate(group)}
+    dense = RankGenerator(tp=tp, ep=1, dp=ep, pp=1, cp=1, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=1, ep=ep, dp=tp, pp=1, cp=1, order="tp-cp-ep-dp-pp")
+    t, e = rank_in(dense.get_ranks("tp")), rank_in(expert.get_ranks("ep"))
+    dp, expert_dp = rank_in(dense.get_ranks("dp")), rank_in(expert.get_ranks("dp"))
+    return sorted({f"mp_rank_{t[r]:02d}_{e[r]:03d}" for r in range(tp * ep) if dp[r] == 0 or expert_dp[r] == 0})
+
+
+def test_only_the_rank_files_megatron_lm_writes_at_tp_2_ep_4(bf16_tp2, tmp_path):
+    """TP 2 x EP 4 with experts whole cut down to the four files Megatron-LM writes comes back bit-exact (dense
+    shards from mp_rank_00_000 and mp_rank_01_001, experts from all four); one of them missing is one line
+    naming it, and nothing is written."""
+    source, megatron, back, refused = bf16_tp2[0], tmp_path / "mcore", tmp_path / "back", tmp_path / "refused"
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--target-expert-parallel-size", 4)
+    iteration = megatron / "iter_0000001"
+    written = megatron_lm_rank_folders(2, 4)
+    assert len(written) == 4 and len(list(iteration.iterdir())) == 8
+    for folder in sorted(iteration.iterdir()):
+        if folder.name not in written:
+            shutil.rmtree(folder)
+    to_hf(megatron, back)
+    assert_bit_identical(source, back)
+    shutil.rmtree(iteration / written[-1])
+    line = error_line(to_hf(megatron, refused, ok=False))
+    assert f"{iteration / written[-1] / 'model_optim_rng.pt'}: missing rank file" in line
+    assert not (refused / "config.json").exists() and not list(refused.glob("*.safetensors"))
 
 
 def _edited(source, folder, tensors=None, config=None):

@@ -1,5 +1,6 @@
 """Megatron's per-rank checkpoint layout: the tracker file, iteration folders, mp_rank folders."""
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -50,21 +51,37 @@ def first_rank_file(iteration_folder):
     return folders[0] / RANK_FILE
 
 
-def find_rank_files(iteration_folder, tp, pp, ep=1):
-    """{(tp_rank, pp_rank, ep_rank): path} of a TP x PP x EP checkpoint: every rank file is there, and
-    no rank folder outside the grid (a folder name alone cannot say whether _NNN is a PP or EP rank).
-    The grid is walked only as far as the folders go: args may claim TP 10**30."""
+def holders(tp, ep, whole_experts):
+    """(dense, experts): dense(t) is the (TP rank, EP rank) of the file read for dense TP shard t, experts(e)
+    the list of those read for EP rank e's expert TP shards. Experts split like the dense MLP: every TP x EP
+    file. Experts whole (expert TP 1): in megatron-core's rank order (tp-cp-ep-dp-pp, expert TP 1) rank r of
+    a pipeline stage is TP rank r % TP and EP rank r % EP, and Megatron-LM writes from data-parallel rank 0
+    (r < TP) and expert-data-parallel rank 0 (r < EP; before core_v0.18 from the latter only), so its files
+    are (r % TP, r % EP) for r < max(TP, EP): dense shard t is in (t, t % EP), EP rank e's experts in
+    (e % TP, e). Any other file (our saver writes them all) repeats those and is not read."""
+    if whole_experts:
+        return (lambda t: (t, t % ep)), (lambda e: [(e % tp, e)])
+    return (lambda t: (t, 0)), (lambda e: [(t, e) for t in range(tp)])
+
+
+def find_rank_files(iteration_folder, tp, pp, ep=1, whole_experts=False):
+    """{(tp_rank, pp_rank, ep_rank): path} of the rank files `holders` reads from a TP x PP x EP checkpoint:
+    each is there, and no rank folder lies outside the grid (a folder name alone cannot say whether _NNN is
+    a PP or EP rank). The grid is walked only as far as the folders go: args may claim TP 10**30."""
     folder = Path(iteration_folder)
     for entry in _rank_folders(folder):
         require(_in_grid(entry.name, tp, pp, ep), f"{entry}: not a rank of this checkpoint (its args say TP {tp}, PP {pp}, EP {ep})")
         require(entry.is_dir(), f"{entry}: not a folder")
+    dense, experts = holders(tp, ep, whole_experts)
+    wanted = itertools.chain(map(dense, range(tp)), (pair for e in range(ep) for pair in experts(e)))
+    grid = f"TP {tp}, PP {pp}, EP {ep}" + (", expert TP 1" if whole_experts else "")
     found = {}
-    grid = ((t, p, e) for t in range(tp) for p in range(pp) for e in range(ep))
-    for key in grid:  # stops at the first missing one
-        path = folder / rank_dir_name(key[0], key[1], pp, key[2], ep) / RANK_FILE
-        require(path.is_file(), f"{path}: missing rank file (checkpoint has TP {tp}, PP {pp}, EP {ep})", path=path)
-        found[key] = path
-    return found
+    for t, e in wanted:  # stops at the first missing one
+        for p in range(pp):
+            path = folder / rank_dir_name(t, p, pp, e, ep) / RANK_FILE
+            require(path.is_file(), f"{path}: missing rank file (checkpoint has {grid})", path=path)
+            found[t, p, e] = path
+    return dict(sorted(found.items()))
 
 
 def _in_grid(name, tp, pp, ep):

@@ -47,7 +47,8 @@ def load(queue, args):
     require(getattr(margs, "expert_tensor_parallel_size", None) in (None, 1, tp) or not experts,
             f"{first}: expert tensor parallel size {margs.expert_tensor_parallel_size} differs from TP {tp}; "
             "not supported")
-    paths = rank_files.find_rank_files(folder, tp, pp, ep)
+    paths = rank_files.find_rank_files(folder, tp, pp, ep, whole_experts)
+    dense_file, expert_files = rank_files.holders(tp, ep, whole_experts)
     require(paths[0, 0, 0] == first, f"{first}: not the first rank file of TP {tp} x PP {pp} x EP {ep}")
     states = {key: state if key == (0, 0, 0) else torch_file.load(path) for key, path in paths.items()}
     protocol.check_supported(protocol.make_metadata(margs, true_vocab_size=None), str(first))
@@ -71,8 +72,8 @@ def load(queue, args):
             require(chunk in rank_state, f"{paths[t, p, e]}: no {chunk!r} entry")
             models[t, p, e, chunk] = schema.normalize(rank_state[chunk])
 
-    def tensor(t, p, chunk, path, e=0, shape=None):
-        """The tensor at `path` of one rank file, which must have `shape` (None: any size along that axis)."""
+    def tensor(t, p, e, chunk, path, shape=None):
+        """The tensor at `path` of rank file (t, p, e), which must have `shape` (None: any size along that axis)."""
         value = megatron_schema.lookup(models[t, p, e, chunk], path)
         require(torch.is_tensor(value), f"{paths[t, p, e]}: missing tensor {'.'.join(path)}")
         require(value.is_floating_point(), f"{paths[t, p, e]}: {'.'.join(path)} has dtype {value.dtype}, not a weight's")
@@ -95,16 +96,16 @@ def load(queue, args):
     protocol.check_mtp_reader(args, md, str(first))
     mtp_layers = megatron_args.mtp_layers(margs)
 
-    def merged(p, chunk, path, kind, full, old_qkv=False, e=0, whole=False):
+    def merged(p, chunk, path, kind, full, old_qkv=False, files=None):
         """The TP shards of `path` merged (layout.merge), each first checked against the shard shape that
         the tensor's full shape `full` (SwiGLU: one half's) implies: a shard of the wrong shape would
-        otherwise be written into its neighbours' rows or columns. `whole`: every rank holds all of it
-        (rank 0's is read)."""
-        ranks = 1 if whole else tp
-        want = layout.shard_shape(full, kind, ranks)
+        otherwise be written into its neighbours' rows or columns. `files`: the (TP rank, EP rank) of each
+        shard's file (rank_files.holders); the dense shards' unless given."""
+        files = files or [dense_file(t) for t in range(tp)]
+        want = layout.shard_shape(full, kind, len(files))
         if None in want:  # the vocabulary's padded rows: every rank has the first's
-            want = tuple(tensor(0, p, chunk, path, e).shape[0] if w is None else w for w in want)
-        shards = [tensor(t, p, chunk, path, e, want) for t in range(ranks)]
+            want = tuple(tensor(files[0][0], p, files[0][1], chunk, path).shape[0] if w is None else w for w in want)
+        shards = [tensor(t, p, e, chunk, path, want) for t, e in files]
         if old_qkv:
             shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
         return layout.merge(shards, kind)
@@ -113,7 +114,7 @@ def load(queue, args):
         """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
         full = protocol.layer_message_shapes(margs, index)[entry.keys[0]][1:]  # one expert's
         parts = [merged(p, chunk, schema.layer_path(margs.num_layers, index, local, entry.name.format(j)), entry.kind,
-                        full, e=e, whole=whole_experts) for e in range(ep) for j in range(experts // ep)]
+                        full, files=expert_files(e)) for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
             return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
         return torch.stack([layout.tensor_of(part) for part in parts])
