@@ -152,10 +152,12 @@ class _Rank:
         self.on_event, self.cancel = on_event, cancel
         self.stop, self.quit = threading.Event(), threading.Event()
         self.cause = None          # this rank's own cause of a stop (a signal, a lost peer, a cancel)
+        self.sigterm = None        # torchrun's SIGTERM, which may only be its agent passing on a peer's death
         self.published = None      # the job's first cause, once known
         self.committing = False    # rank 0 in finish_share: a stop signal raises (unless too late)
         self.store = self.watcher = self.listen_fd = None
         self.children = {}         # --processes, on rank 0: {rank: process}
+        self.neighbours = {}       # the other ranks on this machine: {rank: pid}, watched beside the heartbeats
         self.pending, self.pending_lock = [], threading.Lock()
         self.deliver_lock = threading.Lock()
         self.publish_lock, self.receive_lock = threading.Lock(), threading.Lock()
@@ -216,8 +218,11 @@ class _Rank:
             self.stop_for(dict(rank=self.launch.rank, message="cancelled", role=None, kind="interrupted",
                                status=orchestrator.EXIT_CANCELLED, path=None))
         for r, process in self.children.items():
-            if process.exitcode not in (None, 0) and not self.stop.is_set():
+            if process.exitcode not in (None, 0) and self.cause is None:
                 self.stop_for(_lost(r, orchestrator._ended(process.exitcode)))
+        for r, pid in self.neighbours.items():
+            if r not in self.children and not _alive(pid) and self.cause is None:
+                self.stop_for(_lost(r, "is gone (its process ended without a word: killed, or out of memory)"))
 
     # -- stopping ---------------------------------------------------------------------------------
     def stop_for(self, cause):
@@ -231,6 +236,10 @@ class _Rank:
                 raise Interrupted(signum)
             return
         if self.published is COMMITTED:
+            return
+        if signum == signal.SIGTERM and not self.launch.local and self.cause is None:
+            self.sigterm = (_cause(self.launch.rank, Interrupted(signum)), time.monotonic())
+            self.stop.set()  # the cause waits a moment: torchrun's agent sends SIGTERM when a peer has died
             return
         self.stop_for(_cause(self.launch.rank, Interrupted(signum)))
 
@@ -259,7 +268,7 @@ class _Rank:
             for r, value in zip(others, values):
                 if value != seen[r][0]:
                     seen[r] = (value, now)
-                elif now - seen[r][1] > STALE_SECONDS and not self.stop.is_set():
+                elif now - seen[r][1] > STALE_SECONDS and self.cause is None:
                     self.stop_for(_lost(r, f"stopped responding (no heartbeat for {STALE_SECONDS:g} s)"))
             self.check_local()
 
@@ -379,8 +388,13 @@ class _Rank:
         store = self.connect(listen_fd=listen_fd)
         self.store = store
         store.add(f"beat/{rank}", 1)  # every beat key exists before anyone watches them
-        store.set(f"here/{rank}", "")
+        store.set(f"here/{rank}", json.dumps([socket.gethostname(), os.getpid()]))
         self.wait_for([f"here/{r}" for r in range(world)])
+        here = socket.gethostname()
+        for r, value in enumerate(store.multi_get([f"here/{r}" for r in range(world)])):
+            host, pid = json.loads(value)
+            if host == here and r != rank:
+                self.neighbours[r] = pid
         store.set_timeout(datetime.timedelta(seconds=OPERATION_SECONDS))
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", store), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_SECONDS))
@@ -403,8 +417,16 @@ class _Rank:
                     status=EXIT_INPUT, path=None, alone=True)
 
     def settle(self):
-        """The job's first cause, after this rank's run stopped: its own, or the one in the store."""
+        """The job's first cause, after this rank's run stopped: its own, or the one in the store. After
+        torchrun's SIGTERM, the peer whose death made the agent send it, if the store or the heartbeats
+        say so within a heartbeat's staleness; else the SIGTERM."""
         try:
+            if self.sigterm is not None and self.cause is None and self.watcher is not None:
+                deadline = self.sigterm[1] + STALE_SECONDS + 2 * BEAT_SECONDS
+                while self.cause is None and self.first_cause() is None and time.monotonic() < deadline:
+                    time.sleep(POLL_SECONDS)
+            if self.sigterm is not None:
+                self.stop_for(self.sigterm[0])
             if self.cause is not None and self.store is not None:
                 return self.publish(self.cause)
             first = self.first_cause()
@@ -464,6 +486,13 @@ class _Rank:
                 os.close(self.listen_fd)
 
     def end_children(self, failed):
+        """--processes, rank 0: wait for the other ranks to end (after a failure each stops on its own, a
+        stopped one once continued), then stop any that has not."""
+        for process in self.children.values() if failed else ():
+            try:
+                os.kill(process.pid, signal.SIGCONT)
+            except OSError:
+                pass
         deadline = time.monotonic() + (GRACE_SECONDS if failed else STALE_SECONDS)
         for process in self.children.values():
             process.join(max(0.0, deadline - time.monotonic()))
@@ -493,6 +522,21 @@ def _local_rank(launch, args, loader, saver, parent, listen_fd):
     except BaseException:
         status = orchestrator.EXIT_INTERNAL
     os._exit(status)
+
+
+def _alive(pid):
+    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
 
 
 def _first_words(error):

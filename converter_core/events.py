@@ -72,9 +72,9 @@ KINDS = {"start": StartEvent, "sent": SentEvent, "written": WrittenEvent, "note"
 class Tracker:
     """Turns one run's raw event dicts into typed events with the job's state. The fraction counts messages
     written by the saver, or sent by the loader for a saver that reports no writes; it never goes back.
-    A job split over `world` ranks (converter_core.distributed) is one job: every rank streams the same
-    messages, so the fraction is all ranks' messages over world times the total, and the bytes are every
-    rank's (events carry their "rank")."""
+    A job split over `world` ranks (converter_core.distributed) is one job: every rank streams every
+    message (writing its own files of it), so the fraction is all ranks' messages over world times the
+    total, and the bytes done are the ranks' mean, each message's bytes counted once (events carry "rank")."""
 
     def __init__(self, world=1):
         self.started = time.monotonic()
@@ -97,7 +97,7 @@ class Tracker:
             if self.total:
                 done = sum(count for count, _ in sides)
                 self.fraction = max(self.fraction, min(1.0, done / (self.total * self.world)))
-            self._job(event, sum(size for _, size in sides))
+            self._job(event, sum(size for _, size in sides) // self.world)
         return event
     def finish(self, save_dir, files, size, seconds):
         """The last event: the whole output is there."""

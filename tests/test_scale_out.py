@@ -27,6 +27,7 @@ from test_cli_and_plugins import plugin_env
 
 LAYERS = 6
 TP_PP = ["--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2]
+TP_PP_KEYWORDS = dict(target_tensor_parallel_size=2, target_pipeline_parallel_size=2)
 SHARDS = ["--max-shard-size", "200KB"]  # six shards of the tiny model
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -36,6 +37,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 GATED_SAVER = '''
 import importlib, os
 from converter_core import share as sharing
+from converter_core.errors import ConversionError
 
 BASE = importlib.import_module("converter_plugins.saver_" + os.environ["GATED_SAVER"])
 add_arguments, finish_share = BASE.add_arguments, BASE.finish_share
@@ -56,6 +58,8 @@ class Gated:
 def save_checkpoint(queue, args):
     share = sharing.of(args)
     held = share is not None and share.rank == int(os.environ["GATE_RANK"])
+    if held and os.environ.get("GATE_FAILS"):
+        raise ConversionError(os.environ["GATE_FAILS"])
     BASE.save_checkpoint(Gated(queue) if held else queue, args)
 '''
 PLAIN_SAVER = '''
@@ -69,12 +73,10 @@ def source(tmp_path_factory):
     conversions to sharded HF and to torch_dist: the references every split run must equal."""
     folder = tmp_path_factory.mktemp("scale")
     make_hf_model(folder / "hf", num_hidden_layers=LAYERS)
-    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", folder / "hf", "--save-dir", folder / "mcore",
-            *TP_PP)
-    convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", folder / "mcore", "--save-dir",
-            folder / "sharded", *SHARDS)
-    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", folder / "hf", "--save-dir", folder / "dist",
-            "--ckpt-format", "torch_dist", *TP_PP)
+    converter_core.convert("llama_hf", "mcore", folder / "hf", folder / "mcore", **TP_PP_KEYWORDS)
+    converter_core.convert("mcore", "llama_hf", folder / "mcore", folder / "sharded", max_shard_size="200KB")
+    converter_core.convert("llama_hf", "mcore", folder / "hf", folder / "dist", ckpt_format="torch_dist",
+                           **TP_PP_KEYWORDS)
     assert len(list((folder / "sharded").glob("*.safetensors"))) == 6
     return folder
 
@@ -153,16 +155,18 @@ def test_two_torchrun_launchers_rendezvous_on_localhost(tmp_path, source):
     assert_same_files(source / "sharded", tmp_path / "out")
 
 
-@pytest.mark.parametrize("processes", [1, 2, 3])
-def test_processes_flag(tmp_path, source, processes):
-    """--processes K: sharded HF, and torch_dist, each equal to one process's; one summary."""
-    process = convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", source / "mcore",
-                      "--save-dir", tmp_path / "hf", *SHARDS, "--processes", processes)
-    assert process.stdout.count(f"wrote {tmp_path / 'hf'}:") == 1 and not process.stderr.strip(), process
-    assert_same_files(source / "sharded", tmp_path / "hf")
-    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source / "hf", "--save-dir", tmp_path / "dist",
-            "--ckpt-format", "torch_dist", *TP_PP, "--processes", processes)
-    assert_same_dist(source / "dist", tmp_path / "dist")
+@pytest.mark.parametrize("processes, formats", [(1, ["torch_dist"]), (2, ["hf", "torch_dist"]), (3, ["hf"])])
+def test_processes_flag(tmp_path, source, processes, formats):
+    """--processes K: sharded HF and torch_dist, each equal to one process's; one summary."""
+    if "hf" in formats:
+        process = convert("--loader", "mcore", "--saver", "llama_hf", "--load-dir", source / "mcore",
+                          "--save-dir", tmp_path / "hf", *SHARDS, "--processes", processes)
+        assert process.stdout.count(f"wrote {tmp_path / 'hf'}:") == 1 and not process.stderr.strip(), process
+        assert_same_files(source / "sharded", tmp_path / "hf")
+    if "torch_dist" in formats:
+        convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source / "hf", "--save-dir",
+                tmp_path / "dist", "--ckpt-format", "torch_dist", *TP_PP, "--processes", processes)
+        assert_same_dist(source / "dist", tmp_path / "dist")
 
 
 @pytest.mark.parametrize("processes", [2, 3])
@@ -180,6 +184,8 @@ def test_api_processes(tmp_path, source, processes):
     assert {event.rank for event in events if event.event == "written"} == set(range(processes))
     fractions = [event.fraction for event in events if event.event in ("sent", "written")]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and 0 < fractions[0] < 1 / processes
+    written = [event for event in events if event.event == "written"]
+    assert written[-1].bytes_done == sum(event.bytes for event in written if event.rank == 0)  # each message once
     assert events[-1].bytes == result.bytes
 
 
@@ -235,7 +241,7 @@ def assert_all_gone_and_rerun(tmp_path, launcher, victims, source, stop):
     target = tmp_path / "out"
     assert not target.exists() or not any(target.iterdir()), list(target.rglob("*"))
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
-    convert("--loader", "llama_hf", "--saver", "mcore", "--load-dir", source / "hf", "--save-dir", target, *TP_PP)
+    converter_core.convert("llama_hf", "mcore", source / "hf", target, **TP_PP_KEYWORDS)  # the rerun
     assert_same_files(source / "mcore", target)
     return err
 
@@ -250,6 +256,16 @@ def test_a_rank_killed_mid_run_stops_every_rank(tmp_path, source):
     lines = [line for line in err.splitlines() if line.startswith("converter_core: error:")]
     assert lines == ["converter_core: error: rank 1 was killed by signal 9"], err
     assert "Traceback" not in err
+
+
+def test_a_rank_that_fails_is_named_with_its_cause(tmp_path, source):
+    env = plugin_env(tmp_path, saver_gated=GATED_SAVER)
+    env.update(GATED_SAVER="llama_hf", GATE="", GATE_RANK="2", GATE_FAILS="/disk: cannot write (No space left on device)")
+    process = convert("--loader", "mcore", "--saver", "gated", "--load-dir", source / "mcore", "--save-dir",
+                      tmp_path / "out", *SHARDS, "--processes", 3, ok=False, env=env)
+    assert error_line(process) == ("converter_core: error: rank 2 failed: saver failed: /disk: cannot write "
+                                   "(No space left on device)") and process.returncode == 1
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
 def test_sigterm_to_torchrun_stops_every_rank(tmp_path, source):
