@@ -204,10 +204,15 @@ class _Rank:
                 error.quiet = False
         return error
 
-    def wait_for(self, keys):
-        """Until every key is in the store; a stop, a cause in the store or a local rank ending ends the wait."""
+    def wait_for(self, keys, seconds=None):
+        """Until every key is in the store; a stop, a cause in the store or a local rank ending ends the
+        wait, and so do `seconds` (then the first rank whose key is missing is lost)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
         while not self.store.check(keys):
             self.check_local()
+            if deadline is not None and time.monotonic() > deadline and self.cause is None:
+                missing = next(key for key in keys if not self.store.check([key]))
+                self.stop_for(_lost(int(missing.rpartition("/")[2]), f"never arrived (waited {seconds:g} s)"))
             if self.stop.wait(POLL_SECONDS) or self.store.check(["abort"]):
                 raise _Stopped()
 
@@ -389,7 +394,7 @@ class _Rank:
         self.store = store
         store.add(f"beat/{rank}", 1)  # every beat key exists before anyone watches them
         store.set(f"here/{rank}", json.dumps([socket.gethostname(), os.getpid()]))
-        self.wait_for([f"here/{r}" for r in range(world)])
+        self.wait_for([f"here/{r}" for r in range(world)], MEET_SECONDS)
         here = socket.gethostname()
         for r, value in enumerate(store.multi_get([f"here/{r}" for r in range(world)])):
             host, pid = json.loads(value)
