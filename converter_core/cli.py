@@ -7,7 +7,7 @@ import signal
 import sys
 
 from converter_core import __version__, api, distributed, flags, plugins, protocol, report
-from converter_core.errors import EXIT_INPUT, ConversionError
+from converter_core.errors import EXIT_INPUT, ConversionError, Interrupted
 from converter_core.options import UsageError, _Parser, base_parser
 
 
@@ -88,6 +88,10 @@ def main(argv=None):
                               **rank}), flush=True)
         print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status
+    except Interrupted as stop:  # before the job started: torchrun stopping its other ranks, rank 0 says why
+        if launch is None or launch.rank == 0:
+            raise
+        status = 128 + stop.signum
     sys.exit(status)
 
 
