@@ -103,15 +103,17 @@ def tp2pp2(source):
     return target
 
 
-def test_assignment_is_balanced_whole_and_deterministic():
+def test_assignment_is_runs_of_neighbours_balanced_by_bytes():
     units = [("a", 10), ("b", 5), ("c", 5), ("d", 3), ("e", 1)]
-    assert owners(units, 3) == [["a"], ["b", "d"], ["c", "e"]]
     assert owners(units, 1) == [["a", "b", "c", "d", "e"]]
-    assert owners(units, 7)[5:] == [[], []]
-    assert Share(1, 3, "abcd1234", "x").mine(units) == ["b", "d"]
-    for world in (2, 3, 4):
-        given = owners(units, world)
-        assert sorted(key for keys in given for key in keys) == [key for key, _ in units]
+    assert owners(units, 2) == [["a"], ["b", "c", "d", "e"]]  # 10 and 14: "a", "b" would be 15
+    assert owners(units, 3) == [["a"], ["b", "c"], ["d", "e"]]
+    assert owners(units, 7) == [["a"], ["b"], ["c"], ["d"], ["e"], [], []]  # a rank for each, then none
+    assert Share(1, 3, "abcd1234", "x").mine(units) == ["b", "c"]
+    assert owners([], 2) == [[], []]
+    for world in range(1, 9):  # every unit once, in order; no run larger than it must be
+        given = owners([(str(i), size) for i, size in enumerate([7, 1, 1, 9, 2, 2, 2, 8, 3, 1])], world)
+        assert [key for keys in given for key in keys] == [str(i) for i in range(10)] and len(given) == world
 
 
 @pytest.mark.parametrize("world", [2, 3])
