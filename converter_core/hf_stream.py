@@ -126,19 +126,21 @@ def load(queue, args, families):
     def read(name):
         return weights.get(name).to(torch.float32 if name in float32 else dtype)
 
-    def layer(index):
+    def layer(name, index):
+        if sharing.skipped(args, name):  # no file of this rank's saver holds it: nothing read or computed
+            return protocol.placeholder(margs, index, dtype)
         tensors = {name: read(name) for name in shapes if family.layer_index(name) == index and name not in copies}
         return hf_family.layer_to_message(tensors, index, margs, family)
 
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": read(family.embedding)}
         for index in range(margs.num_layers):
-            yield protocol.layer_name(index), layer(index)
+            yield protocol.layer_name(index), layer(protocol.layer_name(index), index)
         yield protocol.FINAL_NORM, {key: read(name) for key, name in family.final_norm_names().items()}
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
         for depth in range(mtp):
-            yield protocol.mtp_layer_name(depth), layer(margs.num_layers + depth)
+            yield protocol.mtp_layer_name(depth), layer(protocol.mtp_layer_name(depth), margs.num_layers + depth)
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, decoder, folder))
     protocol.check_mtp_reader(args, md, str(config_path))
@@ -227,6 +229,16 @@ def save(queue, args, families, folds=()):
             writer.write(name, tensor, pool.submit)
 
         copies = family.mtp.copies(margs, family) if family.mtp else {}
+        layers = {protocol.layer_name(index): index for index in range(md.num_layers)}
+        layers.update((protocol.mtp_layer_name(depth), md.num_layers + depth)
+                      for depth in range(megatron_args.mtp_layers(margs)))
+
+        def needs(index):
+            """Whether a shard this rank writes holds a tensor of layer `index`."""
+            prefix = family.layer_prefix(index)
+            return any(writer.owns(name) for name in shapes if name.startswith(prefix))
+
+        sharing.announce_skipped(args, [name for name, index in layers.items() if not needs(index)])
 
         def write_shared(table, tensor, factor):
             """The model's embeddings or output layer (`table`), then the MTP layers' copies of it."""
@@ -246,8 +258,8 @@ def save(queue, args, families, folds=()):
 
         def put_layer(name, index):
             message = receiver.get(name, protocol.layer_message_shapes(margs, index))
-            prefix = family.layer_prefix(index)
-            needed = any(writer.owns(name) for name in shapes if name.startswith(prefix))
+            needed = needs(index)
+            sharing.check_not_skipped(message, needed, where)
             for key, factor in (fold.layer.items() if fold and needed else ()):
                 message[key] = layout.tensor_of(message[key]).float() * factor
             for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items():

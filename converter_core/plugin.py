@@ -24,6 +24,7 @@ from converter_core.megatron.keys import (COLUMN, MOE as MOE_LAYERS, REPLICATED,
                                           register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
 from converter_core.output import StagedFolder, write_atomically
+from converter_core.share import write_pieces
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
                                      send_model, stall_timeout)
@@ -44,7 +45,7 @@ __all__ = [
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
     # a saver split over ranks (converter_core.share): its plugin's finish_share(args, pieces) calls one of these
-    "finish_hf_share", "finish_megatron_share",
+    "finish_hf_share", "finish_megatron_share", "write_pieces",
     # message keys a plugin adds
     "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key",
     "register_dimension",

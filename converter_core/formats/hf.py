@@ -4,8 +4,10 @@ safetensors writing planned up front so every tensor is written straight to its 
 import collections
 import json
 import os
+import warnings
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -26,7 +28,7 @@ class HFWeights:
     def __init__(self, folder):
         self.folder = Path(folder)
         require_folder(self.folder)
-        self._open, self._keys = {}, {}
+        self._open, self._keys, self._mapped = {}, {}, {}
         present = [name for name in WEIGHT_FILES if os.path.lexists(self.folder / name)]
         require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})", path=self.folder)
         first = self.folder / present[0]
@@ -68,6 +70,26 @@ class HFWeights:
     def __contains__(self, name):
         return name in self.file_of
 
+    def _view(self, path, name):
+        """Tensor `name` of safetensors file `path` as a view of one read-only mapping of the file, made
+        without touching its pages: safetensors' get_tensor reads a tensor's first page, which the kernel's
+        readahead turns into megabytes, so a rank of a job (converter_core.share) that never writes most
+        tensors would read much of them anyway. The header was checked by safe_open."""
+        if path not in self._mapped:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            self._mapped[path] = (8 + length, header, numpy.memmap(path, dtype=numpy.uint8, mode="r"))
+        start, header, mapped = self._mapped[path]
+        entry = header[name]
+        dtype, shape = _DTYPES_BY_NAME[entry["dtype"]], tuple(entry["shape"])
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory: nothing writes through it
+            return torch.frombuffer(mapped[begin:end], dtype=torch.uint8).view(dtype).view(shape)
+
     def names(self):
         return list(self.file_of)
 
@@ -102,6 +124,9 @@ class HFWeights:
         """Tensor `name` as stored, whatever its dtype: for a format that decodes it (formats/fp8.py)."""
         handle = self._holding(name)
         try:
+            if not isinstance(handle, _BinFile):
+                return self._view(self.file_of[name], name) if handle.get_slice(name).get_dtype() in _DTYPES_BY_NAME \
+                    else handle.get_tensor(name)
             return handle.get_tensor(name)
         except ConversionError:
             raise
@@ -123,6 +148,26 @@ class DecodedWeights:
 
     def __contains__(self, name):
         return name in self.file_of
+
+    def _view(self, path, name):
+        """Tensor `name` of safetensors file `path` as a view of one read-only mapping of the file, made
+        without touching its pages: safetensors' get_tensor reads a tensor's first page, which the kernel's
+        readahead turns into megabytes, so a rank of a job (converter_core.share) that never writes most
+        tensors would read much of them anyway. The header was checked by safe_open."""
+        if path not in self._mapped:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            self._mapped[path] = (8 + length, header, numpy.memmap(path, dtype=numpy.uint8, mode="r"))
+        start, header, mapped = self._mapped[path]
+        entry = header[name]
+        dtype, shape = _DTYPES_BY_NAME[entry["dtype"]], tuple(entry["shape"])
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory: nothing writes through it
+            return torch.frombuffer(mapped[begin:end], dtype=torch.uint8).view(dtype).view(shape)
 
     def names(self):
         return list(self.file_of)

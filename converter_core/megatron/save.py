@@ -90,6 +90,9 @@ def save(queue, args, schema, ckpt_format="torch"):
 
     sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep, getattr(args, "workers", 1),
                               sharing.of(args))
+    layers = [(protocol.layer_name(index), index, index // per_stage) for index in range(md.num_layers)]
+    layers += [(protocol.mtp_layer_name(depth), md.num_layers + depth, last) for depth in range(mtp_layers)]
+    sharing.announce_skipped(args, [name for name, index, stage in layers if not sink.needs_layer(index, stage)])
     try:
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
@@ -114,6 +117,7 @@ def save(queue, args, schema, ckpt_format="torch"):
             """Receive message `name`, layer `index` of the model (local index `local` on pipeline `stage`)."""
             message = receiver.get(name, protocol.layer_message_shapes(margs, index))
             needed = sink.needs_layer(index, stage)  # else only its shapes and dtypes reach the sink
+            sharing.check_not_skipped(message, needed, where)
             for entry in schema.entries(naming, index):
                 tensors = [_stored(message.pop(key), protocol.stored_dtype(key, dtype), needed) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]

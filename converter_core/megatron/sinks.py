@@ -140,7 +140,10 @@ class RankFilesSink(Sink):
                 stages[min(index // (args.num_layers // pp), pp - 1)] += layer_bytes(args, index, ep)
             stages[0] += vocab_bytes(args)
             stages[-1] += vocab_bytes(args) if megatron_args.untied(args) or pp > 1 else 0
-            mine = set(share.mine([(name, stages[p] // tp) for (t, p, e), name in self.names.items()]))
+            # stage by stage, the TP ranks of one EP rank together: a run of files then reads a stretch of
+            # layers whole (a row-parallel weight's TP shards interleave on every page)
+            order = sorted(self.names, key=lambda rank: (rank[1], rank[2], rank[0]))
+            mine = set(share.mine([(self.names[t, p, e], stages[p] // tp) for t, p, e in order]))
         self.files, self.models = {}, {}
         for rank, name in self.names.items():
             if name in mine:
@@ -242,14 +245,16 @@ class TorchDistSink(Sink):
         self.writer = torch_dist.DistWriter(self.staged.path, share.rank if share else 0)
         self.mine = None  # every unit
         if share is not None:  # units: each layer, and each tensor outside the layers (any other: rank 0's)
-            layers = [(f"layer {index}", layer_bytes(args, index))
-                      for index in range(args.num_layers + megatron_args.mtp_layers(args))]
-            outside = [(".".join(schema.word_embeddings), vocab_bytes(args))]
-            outside += [(".".join(schema.output_layer), vocab_bytes(args))] if megatron_args.untied(args) else []
-            outside += [(".".join(schema.final_norm(key)), args.hidden_size * args.params_dtype.itemsize)
-                        for key in megatron_schema.final_norm_keys(args)]
-            self.units = {key for key, _ in layers + outside}
-            self.mine = set(share.mine(layers + outside))
+            def layers(indices):
+                return [(f"layer {index}", layer_bytes(args, index)) for index in indices]
+
+            units = [(".".join(schema.word_embeddings), vocab_bytes(args))] + layers(range(args.num_layers))
+            units += [(".".join(schema.final_norm(key)), args.hidden_size * args.params_dtype.itemsize)
+                      for key in megatron_schema.final_norm_keys(args)]
+            units += [(".".join(schema.output_layer), vocab_bytes(args))] if megatron_args.untied(args) else []
+            units += layers(range(args.num_layers, args.num_layers + megatron_args.mtp_layers(args)))
+            self.units = {key for key, _ in units}  # in the stream's order
+            self.mine = set(share.mine(units))
 
     def _mine(self, unit):
         if self.mine is None:
