@@ -93,12 +93,15 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False, t
     if world == 1:
         orchestrator.run(args, loader, saver, on_event=on_event, cancel=cancel, handle_signals=handle_signals)
         return 0
-    if not callable(getattr(saver, "finish_share", None)):
-        raise ConversionError(f"saver {args.saver} cannot be split over ranks (it has no finish_share); "
-                              "run it in one process", role="arguments")
-    if handle_signals and threading.current_thread() is not threading.main_thread():
-        raise ConversionError("handle_signals=True needs the main thread (Python runs signal handlers only there)",
-                              role="arguments")
+    try:
+        if not callable(getattr(saver, "finish_share", None)):
+            raise ConversionError(f"saver {args.saver} cannot be split over ranks (it has no finish_share); "
+                                  "run it in one process", role="arguments")
+        if handle_signals and threading.current_thread() is not threading.main_thread():
+            raise ConversionError("handle_signals=True needs the main thread (Python runs signal handlers only "
+                                  "there)", role="arguments")
+    except ConversionError as error:
+        raise early_failure(error, torchrun) from None
     launch = torchrun_launch() if torchrun else None
     if launch is None:
         _Rank(args, loader, saver, None, on_event, cancel).run_local(world, handle_signals)
@@ -155,7 +158,7 @@ class _Rank:
         self.sigterm = None        # torchrun's SIGTERM, which may only be its agent passing on a peer's death
         self.published = None      # the job's first cause, once known
         self.committing = False    # rank 0 in finish_share: a stop signal raises (unless too late)
-        self.store = self.watcher = self.listen_fd = None
+        self.store = self.watcher = self.receiver = self.listen_fd = None
         self.children = {}         # --processes, on rank 0: {rank: process}
         self.neighbours = {}       # the other ranks on this machine: {rank: pid}, watched beside the heartbeats
         self.pending, self.pending_lock = [], threading.Lock()
@@ -236,11 +239,11 @@ class _Rank:
         self.stop.set()
 
     def on_signal(self, signum, frame):
+        if self.published is COMMITTED:
+            return
         if self.committing:
             if not output.defer_signal(signum):  # too late once the commit is claimed: the job completes
                 raise Interrupted(signum)
-            return
-        if self.published is COMMITTED:
             return
         if signum == signal.SIGTERM and not self.launch.local and self.cause is None:
             self.sigterm = (_cause(self.launch.rank, Interrupted(signum)), time.monotonic())
@@ -259,9 +262,7 @@ class _Rank:
             try:
                 store.add(f"beat/{rank}", 1)
                 self.flush(store)
-                if rank == 0:
-                    self.receive(store)
-                if self.cause is not None:
+                if self.cause is not None and not self.committing:  # a failed commit says its own cause
                     self.publish(self.cause, store)
                 if store.check(["abort"]):
                     self.stop_for(None)
@@ -292,6 +293,16 @@ class _Rank:
             if self.pending:
                 store.queue_push("events", json.dumps(self.pending, default=str))
                 self.pending = []
+
+    def receiving(self):
+        """Rank 0's thread for the other ranks' events: apart from the heartbeats, so that a slow
+        `on_event` (a display whose reader lags) never makes rank 0 look lost."""
+        store = self.store.clone()
+        try:
+            while not self.quit.wait(BEAT_SECONDS / 2):
+                self.receive(store)
+        except dist.DistError:
+            pass  # the watcher says so
 
     def receive(self, store):
         """Rank 0: the other ranks' events, in the order each sent them."""
@@ -337,6 +348,10 @@ class _Rank:
                 job = plan[0]["job"]
                 self.watcher = threading.Thread(target=self.watch, name="converter_core ranks", daemon=True)
                 self.watcher.start()
+                if rank == 0:
+                    self.receiver = threading.Thread(target=self.receiving, name="converter_core rank events",
+                                                     daemon=True)
+                    self.receiver.start()
                 pieces_folder = tempfile.mkdtemp(prefix="converter_core-pieces-")
                 args = argparse.Namespace(**vars(self.args))
                 args.share = sharing.Share(rank, world, job, os.path.join(pieces_folder, "pieces.json"))
@@ -351,7 +366,6 @@ class _Rank:
                     self.receive(self.store)
                     self.commit(args, every)
                     self.store.set("outcome", "committed")
-                    self.published = COMMITTED
                     self.wait_a_moment_for([f"left/{r}" for r in range(1, world)])
                 else:
                     self.wait_for(["outcome"])
@@ -364,16 +378,17 @@ class _Rank:
                 if not self.stop.is_set():
                     self.stop_for(self.unreachable(error))
             except (Exception, Interrupted) as error:  # its own run or a saver's finish_share failed
-                if self.published is COMMITTED:
-                    return
                 if not self.stop.is_set():
                     self.stop_for(_cause(rank, error))
+            if self.published is COMMITTED:  # what failed after the commit (a rank leaving) changes nothing
+                return
             self.stop.set()
             raise self.job_error(self.settle())
         finally:
             self.quit.set()
-            if self.watcher is not None:
-                self.watcher.join()
+            for thread in (self.watcher, self.receiver):
+                if thread is not None:
+                    thread.join()
             failed = self.published is not COMMITTED
             if failed and job is not None:
                 output.remove_job_staging(self.args.save_dir, job)
@@ -444,16 +459,18 @@ class _Rank:
     def commit(self, args, pieces):
         """Rank 0, every rank's saver done: the saver's finish_share writes the rest and commits. A stop
         signal raises in it until the commit is claimed (then the job completes); a cancel before it counts."""
-        if self.stop.is_set():
-            raise _Stopped()
-        gate = mp.get_context(orchestrator.START_METHOD).Value("b", output.RUNNING)
-        output.set_owner(None, gate)
-        self.committing = True
+        self.committing = True  # from here the watcher publishes no cause: this thread says the outcome
         try:
-            self.saver.finish_share(args, pieces)
+            if self.stop.is_set():
+                raise _Stopped()
+            output.set_owner(None, mp.get_context(orchestrator.START_METHOD).Value("b", output.RUNNING))
+            try:
+                self.saver.finish_share(args, pieces)
+                self.published = COMMITTED
+            finally:
+                output.set_owner(None, None)
         finally:
             self.committing = False
-            output.set_owner(None, None)
 
     def wait_a_moment_for(self, keys):
         """Rank 0 after the commit: the others have read it before the store (ours, under --processes) goes."""
