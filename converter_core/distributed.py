@@ -229,7 +229,7 @@ class _Rank:
             if process.exitcode not in (None, 0) and self.cause is None:
                 self.stop_for(_lost(r, orchestrator._ended(process.exitcode)))
         for r, pid in self.neighbours.items():
-            if r not in self.children and not _alive(pid) and self.cause is None:
+            if not _alive(pid) and self.cause is None:
                 self.stop_for(_lost(r, "is gone (its process ended without a word: killed, or out of memory)"))
 
     # -- stopping ---------------------------------------------------------------------------------
@@ -379,6 +379,7 @@ class _Rank:
                     self.stop_for(self.unreachable(error))
             except (Exception, Interrupted) as error:  # its own run or a saver's finish_share failed
                 if not self.stop.is_set():
+                    self.check_local()  # a rank here that died first (its staged files gone with it) is the cause
                     self.stop_for(_cause(rank, error))
             if self.published is COMMITTED:  # what failed after the commit (a rank leaving) changes nothing
                 return
@@ -413,7 +414,7 @@ class _Rank:
         here = socket.gethostname()
         for r, value in enumerate(store.multi_get([f"here/{r}" for r in range(world)])):
             host, pid = json.loads(value)
-            if host == here and r != rank:
+            if host == here and r != rank and not self.launch.local:  # --processes: rank 0 sees its children end
                 self.neighbours[r] = pid
         store.set_timeout(datetime.timedelta(seconds=OPERATION_SECONDS))
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", store), rank=rank, world_size=world,
@@ -487,6 +488,7 @@ class _Rank:
         self.launch = Launch(0, world, "127.0.0.1", listener.getsockname()[1], prefix=LOCAL_PREFIX, local=True)
         self.listen_fd = listener.detach()  # bound before the ranks start, so no other process can take the port
         context = mp.get_context(orchestrator.START_METHOD)
+        inherited = self.listen_fd if context.get_start_method() == "fork" else None  # the child closes it
         sys.stdout.flush()  # nothing buffered is printed twice by a forked rank
         sys.stderr.flush()
         try:
@@ -495,7 +497,7 @@ class _Rank:
                     self.children[rank] = context.Process(
                         target=_local_rank, name=f"converter_core rank {rank}",
                         args=(dataclasses.replace(self.launch, rank=rank), self.args, self.loader.__name__,
-                              self.saver.__name__, os.getpid(), self.listen_fd))
+                              self.saver.__name__, os.getpid(), inherited))
                     self.children[rank].start()
             except (OSError, RuntimeError, MemoryError) as error:
                 self.children.pop(rank, None)
@@ -527,10 +529,8 @@ def _local_rank(launch, args, loader, saver, parent, listen_fd):
     prints nothing (rank 0 reports the job) and exits with the job's status."""
     import importlib
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    if listen_fd is not None:
         os.close(listen_fd)  # inherited under fork: only rank 0 may hold the store's socket
-    except OSError:
-        pass
     orchestrator._die_with_parent(parent)
     modules = [importlib.import_module(name) for name in (loader, saver)]
     rank = _Rank(args, modules[0], modules[1], launch, None, None)
