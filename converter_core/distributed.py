@@ -359,9 +359,10 @@ class _Rank:
                 self.flush(self.store)  # this rank's last events reach rank 0 before it counts as finished
                 self.store.set(f"finished/{rank}", "")
                 self.wait_for([f"finished/{r}" for r in range(world)])
-                pieces = [sharing.read_pieces(args.share.pieces_file) if os.path.exists(args.share.pieces_file) else None]
+                path = args.share.pieces_file
                 every = [None] * world if rank == 0 else None
-                self.collective(dist.gather_object, pieces[0], every, dst=0)
+                self.collective(dist.gather_object, sharing.read_pieces(path) if os.path.exists(path) else None,
+                                every, dst=0)
                 if rank == 0:
                     self.receive(self.store)
                     self.commit(args, every)

@@ -94,8 +94,8 @@ def assert_same_dist(expected, got):
     """torch_dist: the same tracker, common and metadata files, the same DCP metadata entries (every key's
     size, dtype and chunks), and the same tensors (the number of data files follows the writers)."""
     expected, got = Path(expected), Path(got)
-    assert (expected / "latest_checkpointed_iteration.txt").read_text() == (got / "latest_checkpointed_iteration.txt").read_text()
-    iteration = (expected / "latest_checkpointed_iteration.txt").read_text().strip()
+    iteration = (expected / "latest_checkpointed_iteration.txt").read_text()
+    assert (got / "latest_checkpointed_iteration.txt").read_text() == iteration
     a, b = expected / f"iter_{int(iteration):07d}", got / f"iter_{int(iteration):07d}"
     for name in ("common.pt", "metadata.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -260,7 +260,8 @@ def test_a_rank_killed_mid_run_stops_every_rank(tmp_path, source):
 
 def test_a_rank_that_fails_is_named_with_its_cause(tmp_path, source):
     env = plugin_env(tmp_path, saver_gated=GATED_SAVER)
-    env.update(GATED_SAVER="llama_hf", GATE="", GATE_RANK="2", GATE_FAILS="/disk: cannot write (No space left on device)")
+    env.update(GATED_SAVER="llama_hf", GATE="", GATE_RANK="2",
+               GATE_FAILS="/disk: cannot write (No space left on device)")
     process = convert("--loader", "mcore", "--saver", "gated", "--load-dir", source / "mcore", "--save-dir",
                       tmp_path / "out", *SHARDS, "--processes", 3, ok=False, env=env)
     assert error_line(process) == ("converter_core: error: rank 2 failed: saver failed: /disk: cannot write "
