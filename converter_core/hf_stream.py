@@ -260,9 +260,12 @@ def save(queue, args, families, folds=()):
             message = receiver.get(name, protocol.layer_message_shapes(margs, index))
             needed = needs(index)
             sharing.check_not_skipped(message, needed, where)
+            if not needed:  # in another rank's shards: checked there, neither mapped nor scaled here
+                for key in [key for key in message if key != "name"]:
+                    del message[key]
             for key, factor in (fold.layer.items() if fold and needed else ()):
                 message[key] = layout.tensor_of(message[key]).float() * factor
-            for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
+            for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items() if needed else ():
                 write(hf_name, tensor)
             receiver.check_consumed(message)
 

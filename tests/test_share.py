@@ -19,7 +19,7 @@ import transformers
 from converter_core import options, orchestrator, output
 from converter_core.errors import ConversionError
 from converter_core.formats import torch_dist
-from converter_core.share import Share, owners, read_pieces
+from converter_core.share import SKIPPED, Share, check_not_skipped, owners, read_pieces
 from helpers import BASE, make_hf_model, randomize
 
 ITERATION = "iter_0000001"
@@ -220,3 +220,14 @@ def test_pieces_are_json(source, tmp_path):
     assert json.loads(json.dumps(pieces)) == pieces
     assert pieces[1]["dist"]["state"] is None and pieces[0]["dist"]["state"]  # declarations: rank 0's only
     assert torch_dist.DistReader(tmp_path / "dist" / ITERATION).shape("embedding.word_embeddings.weight")[1] == 64
+
+
+def test_a_placeholder_is_refused_where_it_is_needed():
+    """The loader sends a layer its rank's saver said it does not need as a placeholder (no data); a saver
+    that does need it refuses it in one line instead of writing it."""
+    placeholder = {"name": "transformer layer 3", SKIPPED: True}
+    with pytest.raises(ConversionError, match="the loader skipped transformer layer 3, which this rank writes"):
+        check_not_skipped(dict(placeholder), True, "saver (out)")
+    message = dict(placeholder)
+    check_not_skipped(message, False, "saver (out)")
+    assert message == {"name": "transformer layer 3"}

@@ -260,7 +260,8 @@ class PlannedSafetensors:
         self._total += offset
         for name, *_ in entries:
             self.weight_map[name] = file
-            self.pending.add(name)
+            if mine:
+                self.pending.add(name)
         if not mine:
             self.elsewhere.update(name for name, *_ in entries)
             return
@@ -293,10 +294,9 @@ class PlannedSafetensors:
         """Write tensor `name`; with `run`, the writing is a job handed to run(name, job): each tensor has
         its planned place (pwrite), so the tensors of one shard may be written by several threads."""
         require(name in self.weight_map, f"{self.folder}: tensor {name} is not part of the planned output")
-        require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         if name in self.elsewhere:
-            self.pending.discard(name)
-            return  # another rank's shard
+            return  # in another rank's shard: that rank checks it arrives once
+        require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         file, offset, dtype, shape = self.where[name]
         parts = tensor if isinstance(tensor, tuple) else (tensor,)
         got = (parts[0].dtype, layout.rows_shape(parts))

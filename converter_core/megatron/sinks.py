@@ -55,6 +55,7 @@ def layer_bytes(args, index, ep=1):
 
 
 def vocab_bytes(args):
+    """The bytes of one vocabulary table, as layer_bytes (from the args: the table has not arrived yet)."""
     rows = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0
     return rows * args.hidden_size * args.params_dtype.itemsize
 
