@@ -2,6 +2,7 @@
 
     import converter_core
     result = converter_core.convert("llama_hf", "mcore", "./hf", "./mcore", target_tensor_parallel_size=2)
+    converter_core.convert("hf", "mcore", "./big", "./big-mcore", processes=8)  # 8 ranks, the same output
     converter_core.detect("./mcore")      # format, family, TP/PP/EP/VP, dtype, sizes, parameters, plugins
     converter_core.detect("org/name")     # a Hugging Face Hub id (or org/name@revision), from its cache
     converter_core.supported()            # the support matrix, from the installed plugins

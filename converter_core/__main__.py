@@ -25,7 +25,8 @@ def program():
     try:
         status = _run()
     except Interrupted as stop:  # before a conversion started (the conversion reports its own)
-        print(f"converter_core: error: interrupted by {stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+            print(f"converter_core: error: interrupted by {stop}", file=sys.stderr)  # torchrun: rank 0 says why
         status = 128 + stop.signum
     sys.stdout.flush()
     sys.stderr.flush()

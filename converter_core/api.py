@@ -8,8 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from converter_core import dry_run as planning, events, hf_family, hf_stream, hub, options as option_parsing
-from converter_core import orchestrator, plugins, protocol
+from converter_core import distributed, dry_run as planning, events, hf_family, hf_stream, hub
+from converter_core import options as option_parsing, plugins, protocol
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import hf, rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -32,7 +32,8 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
             saver_transformer_impl: str = None, true_vocab_size: int = None, tokenizer_model: str = None,
             hf_reference_dir: str = None, hf_model_type: str = None, max_shard_size: str = None,
             workers: int = None, max_queue_size: int = None, stall_timeout: float = None, checking: bool = None,
-            plugin_options: dict = None, progress=None, cancel=None, handle_signals=False, dry_run: bool = False,
+            processes: int = None, plugin_options: dict = None, progress=None, cancel=None, handle_signals=False,
+            dry_run: bool = False,
             **options):
     """Convert `load_dir` with the `loader` plugin into `save_dir` with the `saver` plugin.
 
@@ -50,6 +51,10 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
       hf_model_type: the HF family an HF saver writes; max_shard_size: e.g. "5GB", an HF saver's shards
       workers: writer threads per saver; max_queue_size: messages in flight; stall_timeout: seconds
         a side may wait on the other (0: forever); checking=False skips the message checks
+      processes: ranks the conversion is split over on this machine (default 1), the same engine as
+        torchrun's (docs/scale-out.md): the calling process is rank 0, so progress, cancel and
+        handle_signals work as with one; the output is the same whatever the number. (convert() never
+        joins a torchrun world: a script torchrun started may call it on one rank.)
     `progress(event)` receives each event in the caller's process, in order (converter_core.events): a dict
     that is also a typed object, e.g. StartEvent (messages, layers), SentEvent and WrittenEvent (name, bytes,
     count, total, and the job's fraction, bytes_done, seconds, eta_seconds), NoteEvent, WarningEvent,
@@ -72,7 +77,7 @@ def convert(loader, saver, load_dir, save_dir, *, model_type="GPT",
                  saver_transformer_impl=saver_transformer_impl, true_vocab_size=true_vocab_size,
                  tokenizer_model=tokenizer_model, hf_reference_dir=hf_reference_dir, hf_model_type=hf_model_type,
                  max_shard_size=max_shard_size, workers=workers, max_queue_size=max_queue_size,
-                 stall_timeout=stall_timeout, checking=checking)
+                 stall_timeout=stall_timeout, checking=checking, processes=processes)
     given = {name: value for name, value in named.items() if value is not None}
     if dtype:
         given[dtype] = True  # the loader's --bf16 or --fp16
@@ -106,26 +111,40 @@ def options(loader, saver):
     return option_parsing.option_list(loader, saver)
 
 
-def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False):
-    """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs."""
-    args, loader_module, saver_module = option_parsing.parse(argv, options)
-    args.load_dir = _source(args.load_dir)
-    _side_folders(args)
-    option_parsing.check_folders(args.load_dir, args.save_dir)
+def convert_argv(argv, options=None, *, progress=None, cancel=None, handle_signals=False, torchrun=False):
+    """convert() for a convert.py command line (`argv`, plus keyword `options`); what the CLI runs. With
+    `torchrun` (the command line) a process torchrun started is one rank of its world; only rank 0
+    returns the Result (the others None)."""
+    try:
+        args, loader_module, saver_module = option_parsing.parse(argv, options)
+        args.load_dir = _source(args.load_dir)
+        _side_folders(args)
+        option_parsing.check_folders(args.load_dir, args.save_dir)
+        world = distributed.world_size(args, torchrun)
+        require(not (args.dry_run and world > 1), "--dry-run plans the conversion in one process; run it without "
+                                                  "--processes or torchrun (the files and sizes are the same)")
+    except ConversionError as error:
+        raise distributed.early_failure(error, torchrun) from None
     if args.dry_run:
         return _dry_run(args, loader_module, saver_module, progress, cancel, handle_signals)
-    warnings, tracker = [], events.Tracker()
+    warnings, tracker, said = [], events.Tracker(world), set()
 
-    def on_event(raw):  # called from one relay thread, in order
+    def on_event(raw):  # called from one relay thread at a time, in order
         event = tracker(raw)
+        if world > 1 and event["event"] in ("note", "warning", "saved"):  # every rank's loader says the same
+            if (event["event"], event.get("message")) in said:
+                return
+            said.add((event["event"], event.get("message")))
         if event["event"] == "warning":
             warnings.append(event["message"])
         if progress is not None:
             progress(event)
 
     started = time.monotonic()
-    orchestrator.run(args, loader_module, saver_module, on_event=on_event, cancel=cancel,
-                     handle_signals=handle_signals)
+    rank = distributed.run(args, loader_module, saver_module, on_event=on_event, cancel=cancel,
+                           handle_signals=handle_signals, torchrun=torchrun)
+    if rank != 0:
+        return None
     folder = Path(args.save_dir)
     files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     result = Result(folder, files, sum((folder / f).stat().st_size for f in files), time.monotonic() - started,

@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 
-from converter_core import __version__, api, flags, plugins, protocol, report
-from converter_core.errors import EXIT_INPUT, ConversionError
+from converter_core import __version__, api, distributed, flags, plugins, protocol, report
+from converter_core.errors import EXIT_INPUT, ConversionError, Interrupted
 from converter_core.options import UsageError, _Parser, base_parser
 
 
@@ -29,7 +29,7 @@ class Display:
 
     def _show(self, event):
         kind = event["event"]
-        if kind == "start" and sys.stderr.isatty():
+        if kind == "start" and sys.stderr.isatty() and event.get("rank", 0) == 0:  # one bar for the whole job
             from tqdm import tqdm
             self.bar = tqdm(total=event["messages"], unit="msg", desc="converting", file=sys.stderr)
         elif kind in ("sent", "written"):
@@ -66,22 +66,34 @@ def main(argv=None):
             print(f"{kind}s: {', '.join(plugins.installed(kind))}")
         sys.exit(0)
     display = Display("auto")
+    launch, json_errors = distributed.torchrun_launch(), False
     try:
         known, _ = base_parser(add_help=False, required=False).parse_known_args(argv)
         display.mode = "quiet" if known.quiet else known.progress
-        result = api.convert_argv(argv, progress=display, handle_signals=True)
+        json_errors = display.mode == "json"
+        if launch is not None and launch.rank != 0:  # rank 0 shows the whole job
+            display.mode = "quiet"
+        result = api.convert_argv(argv, progress=display, handle_signals=True, torchrun=True)
         _ignore_stop_signals()
-        _show_plan(result.plan, display)
+        _show_plan(None if result is None else result.plan, display)
         status = 0
     except ConversionError as error:
         _ignore_stop_signals()
         display.close()
+        if getattr(error, "quiet", False):  # another rank says it (converter_core.distributed)
+            sys.exit(error.status)
         if isinstance(error, UsageError):
             sys.stderr.write(error.usage)
-        if display.mode == "json":
-            display({"event": "error", "message": error.line(), "role": error.role, "kind": error.kind})
+        if json_errors:
+            rank = {"rank": error.rank} if getattr(error, "rank", None) is not None else {}
+            print(json.dumps({"event": "error", "message": error.line(), "role": error.role, "kind": error.kind,
+                              **rank}), flush=True)
         print(f"converter_core: error: {error.line()}", file=sys.stderr, flush=True)
         status = error.status
+    except Interrupted as stop:  # before the job started: torchrun stopping its other ranks, rank 0 says why
+        if launch is None or launch.rank == 0:
+            raise
+        status = 128 + stop.signum
     sys.exit(status)
 
 

@@ -8,7 +8,8 @@ import time
 
 
 class Event(dict):
-    """Any event: `event` names its kind. Fields read as attributes too; a missing one is an AttributeError."""
+    """Any event: `event` names its kind. Fields read as attributes too; a missing one is an AttributeError.
+    In a job split over ranks (processes=, torchrun) every event also says which `rank` sent it."""
     event: str
 
     def __getattr__(self, name):
@@ -70,12 +71,15 @@ KINDS = {"start": StartEvent, "sent": SentEvent, "written": WrittenEvent, "note"
 
 class Tracker:
     """Turns one run's raw event dicts into typed events with the job's state. The fraction counts messages
-    written by the saver, or sent by the loader for a saver that reports no writes; it never goes back."""
+    written by the saver, or sent by the loader for a saver that reports no writes; it never goes back.
+    A job split over `world` ranks (converter_core.distributed) is one job: every rank streams every
+    message (writing its own files of it), so the fraction is all ranks' messages over world times the
+    total, and the bytes done are the ranks' mean, each message's bytes counted once (events carry "rank")."""
 
-    def __init__(self):
+    def __init__(self, world=1):
         self.started = time.monotonic()
-        self.done = {"sent": 0, "written": 0}
-        self.bytes = {"sent": 0, "written": 0}
+        self.world = world
+        self.ranks = {}  # {rank: {"sent": [count, bytes], "written": [count, bytes]}}
         self.total = None
         self.fraction = 0.0
 
@@ -85,15 +89,16 @@ class Tracker:
         if kind == "start":
             self.total = raw.get("messages")
         if kind in ("sent", "written"):
-            self.done[kind] = raw.get("count") or self.done[kind] + 1
-            self.bytes[kind] += raw.get("bytes") or 0
+            counts = self.ranks.setdefault(raw.get("rank", 0), {"sent": [0, 0], "written": [0, 0]})[kind]
+            counts[0] = raw.get("count") or counts[0] + 1
+            counts[1] += raw.get("bytes") or 0
             self.total = raw.get("total") or self.total
-            side = "written" if self.done["written"] else "sent"
+            sides = [rank["written"] if rank["written"][0] else rank["sent"] for rank in self.ranks.values()]
             if self.total:
-                self.fraction = max(self.fraction, min(1.0, self.done[side] / self.total))
-            self._job(event, self.bytes[side])
+                done = sum(count for count, _ in sides)
+                self.fraction = max(self.fraction, min(1.0, done / (self.total * self.world)))
+            self._job(event, sum(size for _, size in sides) // self.world)
         return event
-
     def finish(self, save_dir, files, size, seconds):
         """The last event: the whole output is there."""
         self.fraction = 1.0

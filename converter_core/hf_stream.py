@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from converter_core import dry_run, flags, hf_family, layout, protocol, vocab, workers
+from converter_core import dry_run, flags, hf_family, layout, protocol, share as sharing, vocab, workers
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import fp8, hf, mxfp4
 from converter_core.megatron import args as megatron_args
@@ -126,19 +126,21 @@ def load(queue, args, families):
     def read(name):
         return weights.get(name).to(torch.float32 if name in float32 else dtype)
 
-    def layer(index):
+    def layer(name, index):
+        if sharing.skipped(args, name):  # no file of this rank's saver holds it: nothing read or computed
+            return protocol.placeholder(margs, index, dtype)
         tensors = {name: read(name) for name in shapes if family.layer_index(name) == index and name not in copies}
         return hf_family.layer_to_message(tensors, index, margs, family)
 
     def messages():
         yield protocol.EMBEDDINGS, {"word embeddings": read(family.embedding)}
         for index in range(margs.num_layers):
-            yield protocol.layer_name(index), layer(index)
+            yield protocol.layer_name(index), layer(protocol.layer_name(index), index)
         yield protocol.FINAL_NORM, {key: read(name) for key, name in family.final_norm_names().items()}
         if untied:
             yield protocol.OUTPUT_LAYER, {"weight": read(family.output_layer)}
         for depth in range(mtp):
-            yield protocol.mtp_layer_name(depth), layer(margs.num_layers + depth)
+            yield protocol.mtp_layer_name(depth), layer(protocol.mtp_layer_name(depth), margs.num_layers + depth)
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, decoder, folder))
     protocol.check_mtp_reader(args, md, str(config_path))
@@ -207,24 +209,36 @@ def save(queue, args, families, folds=()):
     hidden = margs.hidden_size
     final_norm = family.final_norm_names()
     code_folder, code_files = remote_code_source(args, margs, config, where)
-    staged = StagedFolder(args.save_dir)
+    share = sharing.of(args)
+    staged = StagedFolder(args.save_dir, job=share and share.job)
     pool = workers.Workers(getattr(args, "workers", 1))
     try:
         def stored(name):
             return torch.float32 if name in float32 else dtype
 
         writer = hf.PlannedSafetensors(staged.path, [(n, stored(n), s) for n, s in shapes.items()],
-                                       args.max_shard_size)
+                                       args.max_shard_size, share=share)
 
         def write(name, tensor, factor=1):
-            """`tensor` may be a tuple of row blocks, or Columns: written as they are unless scaled or converted."""
-            scaled = fold and factor != 1
-            if scaled or (tensor[0] if isinstance(tensor, tuple) else tensor).dtype != stored(name):
+            """`tensor` may be a tuple of row blocks, or Columns: written as they are unless scaled or converted
+            (only for a shard this rank writes)."""
+            scaled = fold and factor != 1 and writer.owns(name)
+            if scaled or writer.owns(name) and (tensor[0] if isinstance(tensor, tuple) else tensor).dtype != stored(name):
                 whole = layout.assemble(tensor) if isinstance(tensor, tuple) else layout.tensor_of(tensor)
                 tensor = (whole.float() * factor if scaled else whole).to(stored(name))
             writer.write(name, tensor, pool.submit)
 
         copies = family.mtp.copies(margs, family) if family.mtp else {}
+        layers = {protocol.layer_name(index): index for index in range(md.num_layers)}
+        layers.update((protocol.mtp_layer_name(depth), md.num_layers + depth)
+                      for depth in range(megatron_args.mtp_layers(margs)))
+
+        def needs(index):
+            """Whether a shard this rank writes holds a tensor of layer `index`."""
+            prefix = family.layer_prefix(index)
+            return any(writer.owns(name) for name in shapes if name.startswith(prefix))
+
+        sharing.announce_skipped(args, [name for name, index in layers.items() if not needs(index)])
 
         def write_shared(table, tensor, factor):
             """The model's embeddings or output layer (`table`), then the MTP layers' copies of it."""
@@ -244,9 +258,14 @@ def save(queue, args, families, folds=()):
 
         def put_layer(name, index):
             message = receiver.get(name, protocol.layer_message_shapes(margs, index))
-            for key, factor in (fold.layer.items() if fold else ()):
+            needed = needs(index)
+            sharing.check_not_skipped(message, needed, where)
+            if not needed:  # in another rank's shards: checked there, neither mapped nor scaled here
+                for key in [key for key in message if key != "name"]:
+                    del message[key]
+            for key, factor in (fold.layer.items() if fold and needed else ()):
                 message[key] = layout.tensor_of(message[key]).float() * factor
-            for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items():
+            for hf_name, tensor in hf_family.message_to_layer(message, index, margs, family).items() if needed else ():
                 write(hf_name, tensor)
             receiver.check_consumed(message)
 
@@ -264,16 +283,12 @@ def save(queue, args, families, folds=()):
             put_layer(protocol.mtp_layer_name(depth), md.num_layers + depth)
         receiver.done()
         pool.finish()
-        writer.finish()
-        copy_side_files(args, staged.path)
-        for name in code_files:
-            (staged.path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(code_folder / name, staged.path / name)
-        write_json(staged.path / hf.CONFIG, config)
-        generation = generation_config(family.decoder_config(config))
-        if generation and not (staged.path / "generation_config.json").exists():
-            write_json(staged.path / "generation_config.json", generation)
-        staged.commit()
+        pieces = dict(writer.finish(), config=config, generation=generation_config(family.decoder_config(config)),
+                      code=[str(code_folder), code_files] if code_files else None)
+        if share is None:
+            finish_output(args, staged, [pieces])
+        else:
+            sharing.write_pieces(share, pieces)
     except BaseException:
         try:
             pool.abandon()
@@ -282,7 +297,31 @@ def save(queue, args, families, folds=()):
         raise
     if fold:
         protocol.report("note", message=fold.note)
-    protocol.report("saved", message=f"saved {len(writer.files)} safetensors file(s) to {args.save_dir}")
+    files = f"{len(writer.own_files)} of {len(writer.files)}" if share else len(writer.files)
+    protocol.report("saved", message=f"{'wrote' if share else 'saved'} {files} safetensors file(s) to {args.save_dir}")
+
+
+def finish_output(args, staged, pieces):
+    """What is left once every rank's shards are written (`pieces`: each rank's, from PlannedSafetensors.finish
+    and save above): the index (written by PlannedSafetensors in a run of one process), the reference's and tokenizer's
+    files, remote code, config.json and generation_config.json; then the folder is committed."""
+    if sharing.of(args):
+        hf.write_index(staged.path, pieces)
+    first = pieces[0]
+    copy_side_files(args, staged.path)
+    code_folder, code_files = first["code"] or (None, [])
+    for name in code_files:
+        (staged.path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(code_folder) / name, staged.path / name)
+    write_json(staged.path / hf.CONFIG, first["config"])
+    if first["generation"] and not (staged.path / "generation_config.json").exists():
+        write_json(staged.path / "generation_config.json", first["generation"])
+    staged.commit()
+
+
+def finish_share(args, pieces):
+    """Finish a job whose ranks each wrote their shards (converter_core.share): on rank 0, after all succeeded."""
+    finish_output(args, StagedFolder(args.save_dir, job=args.share.job), pieces)
 
 
 def folding(args, family, families, folds, where):

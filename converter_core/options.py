@@ -39,6 +39,11 @@ def base_parser(add_help=True, required=True):
     parser.add_argument("--workers", type=flags.positive_int, default=workers.default_count(),
                         help="threads each of our savers writes with (default: the CPUs, at most "
                              f"{workers.MAX_DEFAULT_WORKERS}); 1 writes inline. The output is the same either way")
+    parser.add_argument("--processes", type=flags.positive_int, default=1,
+                        help="ranks this machine splits the conversion over, each a loader and saver pair writing "
+                             "its own output files (docs/scale-out.md). Default 1: one pair already moves about "
+                             "1 GB/s on one or two cores; more pay where cores and disk bandwidth are free. Under "
+                             "torchrun leave it out: torchrun starts the ranks")
     parser.add_argument("--max-queue-size", type=flags.queue_size, default=2,
                         help="messages (one per layer) in flight between loader and saver, 0 for no limit; "
                              "convert.py's default is 50, ours 2 so memory stays at a few layers")

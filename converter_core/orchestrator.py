@@ -192,7 +192,7 @@ def run(args, loader, saver, on_event=None, cancel=None, handle_signals=False, s
 
     `second_loader` ((args, loader module)): verify's second stream, a loader process of role "second
     loader" on a queue of its own; the saver then gets the queues as a tuple (first, second). With no
-    args.save_dir (None) nothing is locked or staged.
+    args.save_dir (None) nothing is locked or staged; with args.share (a rank of a split job) nothing is locked.
 
     `on_event(dict)` gets every progress event of both sides, in the parent, in order of arrival;
     `cancel` (a threading.Event) stops the run within a fraction of a second. With `handle_signals`
@@ -219,7 +219,10 @@ def _run(args, loader, saver, on_event, cancel, handle_signals, second_loader=No
 
 
 def _locked_run(args, loader, saver, on_event, cancel, second_loader=None):
-    lock = output.SaveDirLock(args.save_dir) if args.save_dir is not None else None
+    # One rank of a split job (args.share) locks nothing: rank 0's engine holds the lock for the whole
+    # job and removes the job's staging itself (converter_core.distributed).
+    locking = args.save_dir is not None and not getattr(args, "share", None)
+    lock = output.SaveDirLock(args.save_dir) if locking else None
     _release_freed_tensors()
     context = mp.get_context(START_METHOD)
     try:

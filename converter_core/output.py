@@ -183,9 +183,11 @@ def signals_deferred():
 
 
 class StagedFolder:
-    """A folder built under a unique hidden name next to `target` and renamed onto it by commit()."""
+    """A folder built under a unique hidden name next to `target` and renamed onto it by commit().
+    With `job` (a Share's job id) the name is the job's, `.{target name}.partial-{job}`, the same on every
+    rank of the job, and whichever rank comes first creates it."""
 
-    def __init__(self, target, must_be_new=True):
+    def __init__(self, target, must_be_new=True, job=None):
         self.target = Path(os.path.abspath(target))  # "." has no name to stage beside
         require(not self.target.is_symlink(), f"{self.target}: is a symbolic link; choose a real --save-dir")
         require(not self.target.exists() or self.target.is_dir(), f"{self.target}: exists and is not a folder")
@@ -195,8 +197,12 @@ class StagedFolder:
         self.target = Path(dry_run.mirror(self.target))  # checked above; a dry run stages in its scratch mirror
         self.created_parents = _created_parents(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        _chmod_as_umask(self.path, 0o777)
+        if job is None:
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+            _chmod_as_umask(self.path, 0o777)
+        else:
+            self.path = self.target.parent / f".{self.target.name}.partial-{_job_id(job)}"
+            self.path.mkdir(exist_ok=True)  # the modes a plain mkdir gives, as for mkdtemp's above
 
     def commit(self):
         """Make the output appear, once all of it is on disk, unless the run is no longer wanted."""
@@ -247,6 +253,30 @@ def remove_dead_staging(save_dir):
                 else:
                     Path(entry.path).unlink(missing_ok=True)
             removed.append(entry.path)
+    return removed
+
+
+def _job_id(job):
+    require(isinstance(job, str) and re.fullmatch(r"[a-z0-9]{8}", job), f"job id {job!r}: not 8 of [a-z0-9]")
+    return job
+
+
+def remove_job_staging(save_dir, job):
+    """Remove what job `job` (a Share's) staged for `save_dir` and did not commit: the HF folder staged beside
+    it and Megatron's iteration folders staged inside it. Every rank calls it when the job fails, after its
+    own saver stopped. Returns the paths removed."""
+    target = Path(os.path.abspath(save_dir))
+    suffix = f".partial-{_job_id(job)}"
+    candidates = [target.parent / f".{target.name}{suffix}"]
+    if target.is_dir() and not target.is_symlink():
+        candidates += [target / entry.name for entry in os.scandir(target)
+                       if re.fullmatch(r"\.iter_[0-9]{7}" + re.escape(suffix), entry.name)]
+    removed = []
+    for path in candidates:
+        if path.is_dir() and not path.is_symlink():
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
     return removed
 
 

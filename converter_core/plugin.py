@@ -25,6 +25,7 @@ from converter_core.megatron.keys import (COLUMN, MOE as MOE_LAYERS, REPLICATED,
                                           register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
 from converter_core.output import StagedFolder, write_atomically
+from converter_core.share import write_pieces
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
                                      send_model, stall_timeout)
@@ -47,6 +48,8 @@ __all__ = [
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
     "add_megatron_loader_arguments", "load_megatron", "add_megatron_saver_arguments", "save_megatron", "FORMATS",
+    # a saver split over ranks (converter_core.share): its plugin's finish_share(args, pieces) calls one of these
+    "finish_hf_share", "finish_megatron_share", "write_pieces",
     # message keys a plugin adds
     "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key",
     "register_dimension",
@@ -117,6 +120,19 @@ def load_megatron(queue, args):
 def add_megatron_saver_arguments(parser, title, default_impl="transformer_engine"):
     """convert.py's Megatron saver flags (--target-tensor-parallel-size, --target-pipeline-parallel-size, --saver-transformer-impl, ...)."""
     megatron_save.add_saver_arguments(parser, title, default_impl)
+
+
+def finish_hf_share(args, pieces):
+    """save_hf's finish for a job split over ranks: rank 0, once every rank wrote its shards (`pieces`: each
+    rank's, indexed by rank), writes the index, config.json and the side files and commits. A saver
+    plugin built on save_hf defines `finish_share(args, pieces)` as a call of this."""
+    hf_stream.finish_share(args, pieces)
+
+
+def finish_megatron_share(args, pieces):
+    """save_megatron's finish for a job split over ranks, as finish_hf_share: torch_dist's .metadata, the
+    commit, the tracker last."""
+    megatron_save.finish_share(args, pieces)
 
 
 def save_megatron(queue, args, fmt):

@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from converter_core import layout
+from converter_core import layout, share
 from converter_core.errors import ConversionError, Interrupted, require
 from converter_core.formats import torch_file
 from converter_core.megatron import args as megatron_args, keys as message_keys
@@ -292,6 +292,15 @@ LAYER_KEYS = message_keys.DESCRIPTIONS
 # Built-in message tensors that stay float32 whatever the model's dtype; stored_dtype knows registered ones too.
 FLOAT32_KEYS = tuple(key.name for key in message_keys.BUILT_IN if key.dtype == torch.float32)
 stored_dtype = message_keys.stored_dtype
+
+
+def placeholder(args, index, dtype):
+    """Layer `index`'s message as a loader sends it to a rank whose saver does not need it (share.skipped):
+    every key with its shape and dtype, no data (one element, expanded), marked share.SKIPPED."""
+    message = {key: torch.zeros((), dtype=stored_dtype(key, dtype)).expand(shape)
+               for key, shape in layer_message_shapes(args, index).items()}
+    message[share.SKIPPED] = True
+    return message
 
 
 def layer_message_shapes(args, index=0):

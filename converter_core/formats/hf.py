@@ -4,8 +4,10 @@ safetensors writing planned up front so every tensor is written straight to its 
 import collections
 import json
 import os
+import warnings
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -26,7 +28,7 @@ class HFWeights:
     def __init__(self, folder):
         self.folder = Path(folder)
         require_folder(self.folder)
-        self._open, self._keys = {}, {}
+        self._open, self._keys, self._mapped = {}, {}, {}
         present = [name for name in WEIGHT_FILES if os.path.lexists(self.folder / name)]
         require(present, f"{self.folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})", path=self.folder)
         first = self.folder / present[0]
@@ -68,6 +70,26 @@ class HFWeights:
     def __contains__(self, name):
         return name in self.file_of
 
+    def _view(self, path, name):
+        """Tensor `name` of safetensors file `path` as a view of one read-only mapping of the file, made
+        without touching its pages: safetensors' get_tensor reads a tensor's first page, which the kernel's
+        readahead turns into megabytes, so a rank of a job (converter_core.share) that never writes most
+        tensors would read much of them anyway. The header was checked by safe_open."""
+        if path not in self._mapped:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            self._mapped[path] = (8 + length, header, numpy.memmap(path, dtype=numpy.uint8, mode="r"))
+        start, header, mapped = self._mapped[path]
+        entry = header[name]
+        dtype, shape = _DTYPES_BY_NAME[entry["dtype"]], tuple(entry["shape"])
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory: nothing writes through it
+            return torch.frombuffer(mapped[begin:end], dtype=torch.uint8).view(dtype).view(shape)
+
     def names(self):
         return list(self.file_of)
 
@@ -104,6 +126,9 @@ class HFWeights:
             return dry_run.meta(self.shape(name), self.stored_dtype(name))
         handle = self._holding(name)
         try:
+            if not isinstance(handle, _BinFile):
+                return self._view(self.file_of[name], name) if handle.get_slice(name).get_dtype() in _DTYPES_BY_NAME \
+                    else handle.get_tensor(name)
             return handle.get_tensor(name)
         except ConversionError:
             raise
@@ -125,6 +150,26 @@ class DecodedWeights:
 
     def __contains__(self, name):
         return name in self.file_of
+
+    def _view(self, path, name):
+        """Tensor `name` of safetensors file `path` as a view of one read-only mapping of the file, made
+        without touching its pages: safetensors' get_tensor reads a tensor's first page, which the kernel's
+        readahead turns into megabytes, so a rank of a job (converter_core.share) that never writes most
+        tensors would read much of them anyway. The header was checked by safe_open."""
+        if path not in self._mapped:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            self._mapped[path] = (8 + length, header, numpy.memmap(path, dtype=numpy.uint8, mode="r"))
+        start, header, mapped = self._mapped[path]
+        entry = header[name]
+        dtype, shape = _DTYPES_BY_NAME[entry["dtype"]], tuple(entry["shape"])
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only memory: nothing writes through it
+            return torch.frombuffer(mapped[begin:end], dtype=torch.uint8).view(dtype).view(shape)
 
     def names(self):
         return list(self.file_of)
@@ -182,8 +227,10 @@ class PlannedSafetensors:
 
     OPEN_FILES = 8
 
-    def __init__(self, folder, plan, max_shard_bytes, prefix="model"):
-        self.folder = Path(folder)
+    def __init__(self, folder, plan, max_shard_bytes, prefix="model", share=None):
+        """`share` (a converter_core.share.Share): write only the shards it gives this rank, and leave the
+        index to whoever finishes the job (write_index with every rank's pieces)."""
+        self.folder, self.share = Path(folder), share
         shards, current, size = [], [], 0
         for name, dtype, shape in plan:
             nbytes = _nbytes(dtype, shape)
@@ -197,19 +244,31 @@ class PlannedSafetensors:
         count = len(shards)
         self.files = [f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors"
                       for i in range(count)]
-        self.where = {}       # name -> (file, absolute offset, dtype, shape)
+        units = [(file, sum(entry[3] for entry in entries)) for file, entries in zip(self.files, shards)]
+        mine = set(self.files if share is None else share.mine(units))
+        self.where = {}       # name -> (file, absolute offset, dtype, shape), for the shards written here
+        self.elsewhere = set()  # names in other ranks' shards
         self.pending = set()
         self.weight_map = {}
         self._fds = collections.OrderedDict()  # file -> fd, least recently used first
         self._total = 0
         for file, entries in zip(self.files, shards):
-            self._create_shard(file, entries)
+            self._create_shard(file, entries, file in mine)
+        self.own_files = [file for file in self.files if file in mine]
 
-    def _create_shard(self, file, entries):
+    def _create_shard(self, file, entries, mine=True):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape, nbytes in entries:
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
+        self._total += offset
+        for name, *_ in entries:
+            self.weight_map[name] = file
+            if mine:
+                self.pending.add(name)
+        if not mine:
+            self.elsewhere.update(name for name, *_ in entries)
+            return
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         start = 8 + len(encoded)
@@ -219,9 +278,10 @@ class PlannedSafetensors:
             os.ftruncate(fd, start + offset)
         for name, dtype, shape, nbytes in entries:
             self.where[name] = (file, start + header[name]["data_offsets"][0], dtype, tuple(shape))
-            self.pending.add(name)
-            self.weight_map[name] = file
-        self._total += offset
+
+    def owns(self, name):
+        """Whether tensor `name` goes into a shard this writer writes (always, without a share)."""
+        return name not in self.elsewhere
 
     def _fd(self, file, create=False):
         """An open descriptor of `file`, reusing or evicting from the small LRU of open shards."""
@@ -237,7 +297,9 @@ class PlannedSafetensors:
     def write(self, name, tensor, run=None):  # `tensor`: a tensor, or a tuple of row blocks to concatenate
         """Write tensor `name`; with `run`, the writing is a job handed to run(name, job): each tensor has
         its planned place (pwrite), so the tensors of one shard may be written by several threads."""
-        require(name in self.where, f"{self.folder}: tensor {name} is not part of the planned output")
+        require(name in self.weight_map, f"{self.folder}: tensor {name} is not part of the planned output")
+        if name in self.elsewhere:
+            return  # in another rank's shard: that rank checks it arrives once
         require(name in self.pending, f"{self.folder}: tensor {name} arrived twice")
         file, offset, dtype, shape = self.where[name]
         parts = tensor if isinstance(tensor, tuple) else (tensor,)
@@ -258,26 +320,42 @@ class PlannedSafetensors:
                 os.close(fd)
 
     def finish(self):
+        """Check that every tensor arrived, put this writer's shards on disk and return its pieces (JSON):
+        the shards it wrote and the index. Without a share, the index is written too (write_index)."""
         require(not self.pending, f"{self.folder}: output incomplete, never received {sorted(self.pending)[:3]}")
         self.close()
-        for file in self.files:  # fsync syncs the file, whichever descriptor wrote it
+        for file in self.own_files:  # fsync syncs the file, whichever descriptor wrote it
             with output.writing(self.folder / file):
                 fd = os.open(self.folder / file, os.O_WRONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": self.weight_map}
-            with output.writing(self.folder / "model.safetensors.index.json"):
-                with open(self.folder / "model.safetensors.index.json", "w") as handle:
-                    json.dump(index, handle, indent=2, sort_keys=True)
-                    handle.write("\n")
+        first = self.share is None or self.share.rank == 0  # the index is the same on every rank: rank 0's is used
+        pieces = {"files": self.own_files, "all_files": self.files,
+                  "index": {"metadata": {"total_size": self._total}, "weight_map": self.weight_map} if first else None}
+        if self.share is None:
+            write_index(self.folder, [pieces])
+        return pieces
 
     def close(self):
         """Close the open shards (finish() does; a caller abandoning the output may too)."""
         while self._fds:
             os.close(self._fds.popitem()[1])
+
+
+def write_index(folder, pieces):
+    """Check that the shards of every rank's pieces are the planned ones, each written once and present,
+    then write the index (when there is more than one shard)."""
+    planned, written = pieces[0]["all_files"], sorted(file for piece in pieces for file in piece["files"])
+    require(written == sorted(planned), f"{folder}: the ranks wrote shards {written[:4]}, not the planned {planned[:4]}")
+    for file in planned:
+        require((Path(folder) / file).is_file(), f"{Path(folder) / file}: missing (a rank wrote it elsewhere?)")
+    if len(planned) > 1:
+        with output.writing(Path(folder) / "model.safetensors.index.json"):
+            with open(Path(folder) / "model.safetensors.index.json", "w") as handle:
+                json.dump(pieces[0]["index"], handle, indent=2, sort_keys=True)
+                handle.write("\n")
 
 
 def _nbytes(dtype, shape):

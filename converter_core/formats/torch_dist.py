@@ -31,7 +31,6 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 DCP_METADATA = ".metadata"
 COMMON = "common.pt"
-DATA_FILE = "__0_0.distcp"
 
 
 class _DcpObject:
@@ -393,67 +392,128 @@ def read_common(folder):
 
 
 class DistWriter:
-    """A torch_dist iteration folder written chunk by chunk; finish() writes .metadata, common.pt and
-    metadata.json, which is what makes it a checkpoint."""
+    """A torch_dist iteration folder written chunk by chunk into this writer's data file `__<rank>_0.distcp`
+    (DCP's name for rank `rank`'s). Every writer of a job sees every chunk in the same order, declares every
+    tensor and object, and writes only the chunks the caller says are its own (`mine`); pieces() is what it
+    wrote, and write_metadata turns every writer's pieces into `.metadata`, which is what makes the folder a
+    checkpoint. One writer alone: finish() does all of it."""
 
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.path = self.folder / DATA_FILE
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    def __init__(self, folder, rank=0):
+        self.folder, self.rank = Path(folder), rank
+        self.name = f"__{rank}_0.distcp"
+        self.path = self.folder / self.name
+        self.fd = None  # opened on the first chunk of its own: a writer given none leaves no file
         self.end = 0  # the data file's bytes laid out so far
-        self.state = {}
-        self.storage = {}
+        self.state = []  # [key, dtype, shape] of each tensor, [key] of each object, in the order declared
+        self.dtypes = {}
+        self.written = []  # [sequence, key, offsets, sizes, offset, length] (offsets, sizes None: an object)
+        self.sequence = 0  # chunks and objects seen, own or not: their order in .metadata
 
     def declare(self, key, dtype, shape):
-        self.state[key] = _TensorStorageMetadata(properties=_TensorProperties(dtype=dtype), size=torch.Size(shape), chunks=[])
+        self.state.append([key, str(dtype).removeprefix("torch."), list(shape)])
+        self.dtypes[key] = dtype
 
-    def write_chunk(self, key, parts, offsets):
+    def _data_fd(self):
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        return self.fd
+
+    def _lay_out(self, key, offsets, sizes, length):
+        """Record a chunk or object of our own of `length` bytes, placed at the data file's end."""
+        self.written.append([self.sequence, key, offsets, sizes, self.end, length])
+        self.end += length
+
+    def write_chunk(self, key, parts, offsets, mine=True):
         """Lay out the chunk of `key` at `offsets`: the rows of `parts` (a tensor, or a tuple whose rows are
         concatenated as written, e.g. SwiGLU's W and V), with leading axes of size 1 for the offsets
         beyond its own dimensions. Returns the job that writes it, the bytes torch.save would write, from
-        the views; its place is fixed, so jobs may run on any thread, in any order."""
+        the views; its place is fixed, so jobs may run on any thread, in any order. Not `mine`: another
+        writer's chunk, only counted (returns None)."""
+        self.sequence += 1
+        if not mine:
+            return None
         parts = parts if isinstance(parts, tuple) else (parts,)
-        meta = self.state[key]
-        require(parts[0].dtype == meta.properties.dtype, f"{key}: chunk dtype {parts[0].dtype} is not {meta.properties.dtype}")
+        require(parts[0].dtype == self.dtypes[key], f"{key}: chunk dtype {parts[0].dtype} is not {self.dtypes[key]}")
         rows = layout.rows_shape(parts)
         shape = (1,) * (len(offsets) - len(rows)) + rows
-        length, job = torch_file.StreamingTorchFile(self.path, self.fd, self.end).save_tensor(parts, shape)
-        offsets = torch.Size(offsets)
-        meta.chunks.append(_ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(shape)))
-        index = _MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))
-        self.storage[index] = _StorageInfo(relative_path=DATA_FILE, offset=self.end, length=length)
-        self.end += length
+        length, job = torch_file.StreamingTorchFile(self.path, self._data_fd(), self.end).save_tensor(parts, shape)
+        self._lay_out(key, list(offsets), list(shape), length)
         return job
 
-    def write_object(self, key, value):
+    def write_object(self, key, value, mine=True):
         """Lay out a Megatron ShardedObject: torch.save of its value (small), stored as bytes. Returns the
-        job that writes it."""
-        self.state[key] = _BytesStorageMetadata()
+        job that writes it (None when not `mine`)."""
+        self.state.append([key])
+        self.sequence += 1
+        if not mine:
+            return None
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        data, start = buffer.getvalue(), self.end
-        self.storage[_MetadataIndex(fqn=key, index=None)] = _StorageInfo(relative_path=DATA_FILE, offset=start,
-                                                                          length=len(data))
-        self.end += len(data)
-        return lambda: workers.write_all(self.fd, [data], start)
+        data, start, fd = buffer.getvalue(), self.end, self._data_fd()
+        self._lay_out(key, None, None, len(data))
+        return lambda: workers.write_all(fd, [data], start)
+
+    def pieces(self):
+        """What write_metadata needs from this writer: its file and chunks, and (the same in every writer of a
+        job) the declared tensors and objects."""
+        return {"file": self.name if self.written else None, "bytes": self.end,
+                "state": self.state if self.rank == 0 else None, "written": self.written}
+
+    def close(self):
+        """Put the data file on disk and close it; returns pieces()."""
+        if self.fd is not None:
+            os.fsync(self.fd)
+        self.abandon()
+        return self.pieces()
 
     def finish(self, common):
-        for key, meta in self.state.items():
-            if isinstance(meta, _TensorStorageMetadata):
-                covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
-                require(covered == meta.size.numel(), f"{self.folder}: {key} was not written completely")
-        os.fsync(self.fd)
-        self.abandon()
-        metadata = _Metadata(state_dict_metadata=self.state, planner_data=None, storage_data=self.storage,
-                             storage_meta=_StorageMeta(checkpoint_id=None, save_id=None, load_id=None, modules=[]),
-                             version="1.0.0")
-        with open(self.folder / DCP_METADATA, "wb") as handle:
-            _MetadataPickler(handle, protocol=pickle.DEFAULT_PROTOCOL).dump(metadata)
-        torch_file.save(self.folder / COMMON, common)
-        (self.folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
+        """A writer alone: close, then write common.pt, metadata.json and .metadata."""
+        pieces = self.close()
+        write_common(self.folder, common)
+        write_metadata(self.folder, [pieces])
 
     def abandon(self):
-        """Close the data file (finish() does; a saver giving up does too)."""
+        """Close the data file (close() does; a saver giving up does too)."""
         if self.fd is not None:
             os.close(self.fd)
         self.fd = None
+
+
+def write_common(folder, common):
+    torch_file.save(Path(folder) / COMMON, common)
+    (Path(folder) / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+def write_metadata(folder, pieces):
+    """`.metadata` from every writer's pieces (the first's declarations; chunks and objects in the order the
+    writers saw them, so any number of writers give the same entries), once every tensor is covered."""
+    folder = Path(folder)
+    state, tensors = {}, {}
+    for row in pieces[0]["state"]:
+        if len(row) == 1:
+            state[row[0]] = _BytesStorageMetadata()
+        else:
+            meta = _TensorStorageMetadata(properties=_TensorProperties(dtype=getattr(torch, row[1])),
+                                          size=torch.Size(row[2]), chunks=[])
+            state[row[0]] = tensors[row[0]] = meta
+    storage = {}
+    for piece in pieces:
+        if piece["file"] is not None:
+            path = folder / piece["file"]
+            require(path.is_file() and path.stat().st_size >= piece["bytes"], f"{path}: missing or cut short")
+    entries = sorted((entry + [piece["file"]] for piece in pieces for entry in piece["written"]), key=lambda e: e[0])
+    for _, key, offsets, sizes, start, length, file in entries:
+        info = _StorageInfo(relative_path=file, offset=start, length=length)
+        if sizes is None:
+            storage[_MetadataIndex(fqn=key, index=None)] = info
+            continue
+        tensors[key].chunks.append(_ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+        storage[_MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))] = info
+    for key, meta in tensors.items():
+        covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
+        require(covered == meta.size.numel(), f"{folder}: {key} was not written completely")
+    metadata = _Metadata(state_dict_metadata=state, planner_data=None, storage_data=storage,
+                         storage_meta=_StorageMeta(checkpoint_id=None, save_id=None, load_id=None, modules=[]),
+                         version="1.0.0")
+    with open(folder / DCP_METADATA, "wb") as handle:
+        _MetadataPickler(handle, protocol=pickle.DEFAULT_PROTOCOL).dump(metadata)

@@ -3,10 +3,13 @@ and hands each tensor in the schema's names to the sink of the output format (si
 
 import argparse
 
-from converter_core import flags, layout, protocol
+import torch
+
+from converter_core import flags, layout, protocol, share as sharing
 from converter_core.errors import require
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
 from converter_core.megatron.schema import final_norm_keys
+from converter_core.megatron import sinks
 from converter_core.megatron.sinks import SINKS
 
 
@@ -85,7 +88,11 @@ def save(queue, args, schema, ckpt_format="torch"):
         naming = megatron_args.plain_copy(margs)
         naming.moe_grouped_gemm = False
 
-    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep, getattr(args, "workers", 1))
+    sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep, getattr(args, "workers", 1),
+                              sharing.of(args))
+    layers = [(protocol.layer_name(index), index, index // per_stage) for index in range(md.num_layers)]
+    layers += [(protocol.mtp_layer_name(depth), md.num_layers + depth, last) for depth in range(mtp_layers)]
+    sharing.announce_skipped(args, [name for name, index, stage in layers if not sink.needs_layer(index, stage)])
     try:
         message = receiver.get(protocol.EMBEDDINGS, {"word embeddings": (None, margs.hidden_size)})
         table = message.pop("word embeddings")
@@ -109,8 +116,10 @@ def save(queue, args, schema, ckpt_format="torch"):
         def put_layer(name, index, stage, local):
             """Receive message `name`, layer `index` of the model (local index `local` on pipeline `stage`)."""
             message = receiver.get(name, protocol.layer_message_shapes(margs, index))
+            needed = sink.needs_layer(index, stage)  # else only its shapes and dtypes reach the sink
+            sharing.check_not_skipped(message, needed, where)
             for entry in schema.entries(naming, index):
-                tensors = [message.pop(key).to(protocol.stored_dtype(key, dtype)) for key in entry.keys]
+                tensors = [_stored(message.pop(key), protocol.stored_dtype(key, dtype), needed) for key in entry.keys]
                 value = tuple(tensors) if entry.kind == layout.SWIGLU else tensors[0]
                 sink.put_layer(index, stage, local, entry.name, value, entry.kind, entry.experts)
             for key, value in schema.layer_values(naming, index, experts // ep if sink.per_rank else experts).items():
@@ -140,5 +149,17 @@ def save(queue, args, schema, ckpt_format="torch"):
     except BaseException:
         sink.abandon()
         raise
-    protocol.report("saved", message=f"saved TP {tp} x PP {pp}{f' x EP {ep}' if ep > 1 else ''} checkpoint to "
-                                     f"{args.save_dir}")
+    protocol.report("saved", message=f"{'wrote its files of' if sharing.of(args) else 'saved'} TP {tp} x PP {pp}"
+                                     f"{f' x EP {ep}' if ep > 1 else ''} checkpoint to {args.save_dir}")
+
+
+def _stored(tensor, dtype, needed):
+    """`tensor` in `dtype`; for a layer in no file of this rank's, a tensor with its shape and no data (nothing
+    is read or converted)."""
+    return tensor.to(dtype) if needed else torch.empty(tensor.shape, dtype=dtype, device="meta")
+
+
+def finish_share(args, pieces):
+    """Finish a job whose ranks each wrote their files (converter_core.share): on rank 0, after all succeeded."""
+    staged = sinks.staged_iteration(args.save_dir, pieces[0]["iteration"], args.share)
+    sinks.finish_output(args.save_dir, staged, pieces)

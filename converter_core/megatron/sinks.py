@@ -2,37 +2,88 @@
 so the saver splits and names tensors once for every format."""
 
 import abc
+import math
 import re
 from pathlib import Path
 
 import torch
 
-from converter_core import layout, output, workers
+from converter_core import layout, output, protocol, share as sharing, workers
 from converter_core.errors import require
 from converter_core.formats import rank_files, torch_dist, torch_file
-from converter_core.megatron import args as megatron_args, schema as megatron_schema
+from converter_core.megatron import args as megatron_args, keys as message_keys, schema as megatron_schema
 from converter_core.megatron.keys import MTP_TRANSFORMER_LAYER
 from converter_core.output import StagedFolder
 
 CHECKPOINT_VERSION = 3.0
 
 
-def _staged_iteration(save_dir, iteration):
+def staged_iteration(save_dir, iteration, share=None):
+    """The iteration folder's staging: the run's own, or with a Share the job's (every rank's and the finisher's)."""
     final = Path(save_dir) / rank_files.iteration_dir_name(iteration)
     require(not final.exists(), f"{final}: already exists; choose another --save-dir")
-    return StagedFolder(final)
+    return StagedFolder(final, job=share and share.job)
+
+
+def finish_output(save_dir, staged, pieces):
+    """Once every rank's files are written (`pieces`: each rank's, from a sink's finish): torch_dist's
+    .metadata from every rank's chunks, or a check that every rank file is there; then the commit, and the
+    tracker last. A run of one process calls it with its own pieces; a job's finisher with every rank's."""
+    first = pieces[0]
+    if first["format"] == "torch_dist":
+        with output.writing(staged.path):
+            torch_dist.write_metadata(staged.path, [piece["dist"] for piece in pieces])
+    else:
+        written = sorted(name for piece in pieces for name in piece["files"])
+        require(written == sorted(first["all_files"]),
+                f"{staged.path}: the ranks wrote {written[:4]}, not the planned rank files {first['all_files'][:4]}")
+        for name in written:
+            path = staged.path / name / rank_files.RANK_FILE
+            require(path.is_file(), f"{path}: missing (a rank wrote it elsewhere?)")
+    staged.commit()
+    rank_files.write_tracker(save_dir, first["iteration"])
+
+
+def layer_bytes(args, index, ep=1):
+    """The bytes of layer `index` in one EP rank's files, all TP ranks together (experts divided over EP):
+    what a Share balances files by, the same on every rank."""
+    total = 0
+    for key in message_keys.layer_keys(args, index):
+        size = math.prod(key.size(args)) * protocol.stored_dtype(key.name, args.params_dtype).itemsize
+        total += size // ep if key.experts else size
+    return total
+
+
+def vocab_bytes(args):
+    """The bytes of one vocabulary table, as layer_bytes (from the args: the table has not arrived yet)."""
+    rows = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0
+    return rows * args.hidden_size * args.params_dtype.itemsize
 
 
 class Sink(abc.ABC):
     """What the saver calls on a sink, in this order: built as
-    `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count)` (`args`: the output's Megatron
-    args), then the put_* methods as the stream's tensors arrive, then finish(args) once, or abandon() on
-    any failure. `stage` is a pipeline rank, `path` a tuple of dict keys in `schema`'s names, `kind` a
-    layout TP rule; tensors are full (unsplit): splitting them for TP / EP is the sink's job."""
+    `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count, share)` (`args`: the output's Megatron
+    args; `share`: a converter_core.share.Share or None), then the put_* methods as the stream's tensors
+    arrive, then finish(args) once, or abandon() on any failure. `stage` is a pipeline rank, `path` a tuple
+    of dict keys in `schema`'s names, `kind` a layout TP rule; tensors are full (unsplit): splitting them for
+    TP / EP is the sink's job. With a share the sink writes only its rank's files, and finish() hands its
+    pieces over (share.write_pieces) instead of committing; finish_output commits."""
 
     # One file per rank: a tied output layer then needs its own copy on the last stage, and expert
     # numbers are local to an EP rank.
     per_rank = True
+
+    def needs_layer(self, index, stage):
+        """Whether layer `index` (on pipeline `stage`) goes into a file of this rank (else the saver skips its
+        conversions)."""
+        return True
+
+    def _finished(self, pieces):
+        """A run of one process commits; a rank of a job hands its pieces to the finisher."""
+        if self.share is None:
+            finish_output(self.save_dir, self.staged, [pieces])
+        else:
+            sharing.write_pieces(self.share, pieces)
 
     @abc.abstractmethod
     def put(self, stage, path, tensor, kind):
@@ -59,7 +110,8 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, args):
-        """Write what is left, commit the staged output and write the tracker last."""
+        """Write what is left of this rank's files; then commit the staged output and write the tracker last
+        (_finished)."""
 
     @abc.abstractmethod
     def abandon(self):
@@ -73,21 +125,36 @@ class RankFilesSink(Sink):
 
     per_rank = True
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
-        self.save_dir, self.schema = Path(save_dir), schema
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None):
+        self.save_dir, self.schema, self.share = Path(save_dir), schema, share
         self.workers = workers.Workers(workers_count)
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.num_layers = args.num_layers
         self.whole_experts = getattr(args, "expert_tensor_parallel_size", None) == 1
-        self.staged = _staged_iteration(save_dir, iteration)
+        self.staged = staged_iteration(save_dir, iteration, share)
+        self.names = {(t, p, e): rank_files.rank_dir_name(t, p, pp, e, ep)
+                      for t in range(tp) for p in range(pp) for e in range(ep)}
+        mine = set(self.names.values())
+        if share is not None:  # files balanced by their estimated bytes: every TP x EP file of a stage alike
+            stages = [0] * pp
+            for index in range(args.num_layers + megatron_args.mtp_layers(args)):
+                stages[min(index // (args.num_layers // pp), pp - 1)] += layer_bytes(args, index, ep)
+            stages[0] += vocab_bytes(args)
+            stages[-1] += vocab_bytes(args) if megatron_args.untied(args) or pp > 1 else 0
+            # stage by stage, the TP ranks of one EP rank together: a run of files then reads a stretch of
+            # layers whole (a row-parallel weight's TP shards interleave on every page)
+            order = sorted(self.names, key=lambda rank: (rank[1], rank[2], rank[0]))
+            mine = set(share.mine([(self.names[t, p, e], stages[p] // tp) for t, p, e in order]))
         self.files, self.models = {}, {}
-        for t in range(tp):
-            for p in range(pp):
-                for e in range(ep):
-                    folder = self.staged.path / rank_files.rank_dir_name(t, p, pp, e, ep)
-                    folder.mkdir()
-                    self.files[t, p, e] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
-                    self.models[t, p, e] = {}
+        for rank, name in self.names.items():
+            if name in mine:
+                folder = self.staged.path / name
+                folder.mkdir()
+                self.files[rank] = torch_file.StreamingTorchFile(folder / rank_files.RANK_FILE)
+                self.models[rank] = {}
+
+    def needs_layer(self, index, stage):
+        return any(p == stage for _, p, _ in self.files)
 
     def put(self, stage, path, tensor, kind, ep_ranks=None, whole=False):
         """`whole`: every TP rank holds the whole tensor, split by `kind` as if TP were 1 (experts when the
@@ -95,18 +162,22 @@ class RankFilesSink(Sink):
         shards = layout.shard_parts(tensor, kind, 1) * self.tp if whole else layout.shard_parts(tensor, kind, self.tp)
         for t, shard in enumerate(shards):  # assembled by the writer
             for e in range(self.ep) if ep_ranks is None else ep_ranks:
-                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
+                if (t, stage, e) in self.files:
+                    megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
     def put_vocab(self, stage, path, table, rows):
         """A vocabulary table resized to `rows` and split over TP, one slice per rank as it is written:
         the resized table itself is never built (layout.vocab_shard_parts)."""
         for t, shard in enumerate(layout.vocab_shard_parts(table, rows, self.tp)):
             for e in range(self.ep):
-                megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
+                if (t, stage, e) in self.files:
+                    megatron_schema.place(self.models[t, stage, e], path, self._write((t, stage, e), shard))
 
     def put_value(self, stage, path, value):
         for t in range(self.tp):
             for e in range(self.ep):
+                if (t, stage, e) not in self.files:
+                    continue
                 stored = self._write((t, stage, e), value) if torch.is_tensor(value) else value
                 megatron_schema.place(self.models[t, stage, e], path, stored)
 
@@ -136,8 +207,8 @@ class RankFilesSink(Sink):
             with output.writing(file.path):
                 file.close({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
                             "model": self.models[rank], "num_floating_point_operations_so_far": 0})
-        self.staged.commit()
-        rank_files.write_tracker(self.save_dir, self.iteration)
+        self._finished({"format": "torch", "iteration": self.iteration, "all_files": list(self.names.values()),
+                        "files": [self.names[rank] for rank in self.files]})
 
     def abandon(self):
         try:
@@ -162,26 +233,49 @@ class TorchDistSink(Sink):
 
     per_rank = False
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
+        self.share = share
         self.workers = workers.Workers(workers_count)
         kinds = megatron_args.moe_layers(args)
         self.per_layer_keys = any(kinds) and not all(kinds)
         self.experts = args.num_experts or 0
         # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
         self.local_renames = schema.impl == megatron_schema.LOCAL and not args.multi_latent_attention
-        self.staged = _staged_iteration(save_dir, iteration)
-        self.writer = torch_dist.DistWriter(self.staged.path)
+        self.staged = staged_iteration(save_dir, iteration, share)
+        self.writer = torch_dist.DistWriter(self.staged.path, share.rank if share else 0)
+        self.mine = None  # every unit
+        if share is not None:  # units: each layer, and each tensor outside the layers (any other: rank 0's)
+            def layers(indices):
+                return [(f"layer {index}", layer_bytes(args, index)) for index in indices]
+
+            units = [(".".join(schema.word_embeddings), vocab_bytes(args))] + layers(range(args.num_layers))
+            units += [(".".join(schema.final_norm(key)), args.hidden_size * args.params_dtype.itemsize)
+                      for key in megatron_schema.final_norm_keys(args)]
+            units += [(".".join(schema.output_layer), vocab_bytes(args))] if megatron_args.untied(args) else []
+            units += layers(range(args.num_layers, args.num_layers + megatron_args.mtp_layers(args)))
+            self.units = {key for key, _ in units}  # in the stream's order
+            self.mine = set(share.mine(units))
+
+    def _mine(self, unit):
+        if self.mine is None:
+            return True
+        return unit in self.mine if unit in self.units else self.share.rank == 0
+
+    def needs_layer(self, index, stage):
+        return self._mine(f"layer {index}")
 
     def _submit(self, job):
-        """A job writing a chunk laid out in the data file: its place is fixed, so any worker may run it."""
-        self.workers.submit(object(), lambda: _writing(self.writer.path, job))
+        """A job writing a chunk laid out in the data file: its place is fixed, so any worker may run it.
+        None: another rank's chunk."""
+        if job is not None:
+            self.workers.submit(object(), lambda: _writing(self.writer.path, job))
 
     def put(self, stage, path, tensor, kind, shape=None):
         """One whole tensor as one chunk; `tensor` may be a tuple of parts (rows concatenated, of `shape`)."""
         key, shape = ".".join(path), shape or tuple(tensor.shape)
         self.writer.declare(key, (tensor[0] if isinstance(tensor, tuple) else tensor).dtype, shape)
-        self._submit(self.writer.write_chunk(key, tensor, (0,) * len(shape)))
+        self._submit(self.writer.write_chunk(key, tensor, (0,) * len(shape), self._mine(key)))
 
     def put_vocab(self, stage, path, table, rows):
         """One padded chunk, written from the table and its repeated last row (never a padded copy)."""
@@ -208,8 +302,9 @@ class TorchDistSink(Sink):
         if not lead or index == 0:
             self.writer.declare(key, first.dtype, (*lead, *shape))
         chunks = [((e,), tuple(half[e] for half in halves)) for e in range(shape[0])] if experts else [((), halves)]
+        mine = self._mine(f"layer {index}")
         for expert, parts in chunks:
-            self._submit(self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim()))
+            self._submit(self.writer.write_chunk(key, parts, offset + expert + (0,) * parts[0].dim(), mine))
 
     def put_layer_value(self, index, stage, local, name, value):
         module = name.removesuffix("._extra_state")
@@ -223,17 +318,19 @@ class TorchDistSink(Sink):
             lead, offset = lead + (self.experts,), offset + (int(expert.group(1)),)
         shard = f"shard_{'.'.join(map(str, offset or (0,)))}_{'.'.join(map(str, lead or (1,)))}"
         name = f"{key}/{shard}"  # one string object for both entries: the pickled metadata shares it
-        self._submit(self.writer.write_object(name, [value]))
+        self._submit(self.writer.write_object(name, [value], self._mine(f"layer {index}")))
 
     def finish(self, args):
+        """This rank's data file; common.pt and metadata.json from rank 0 (.metadata: finish_output)."""
         self.workers.finish()
         with output.writing(self.staged.path):
-            self.writer.finish({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
-                                "num_floating_point_operations_so_far": 0,
-                                "content_metadata": {"singleton_local_shards": False,
-                                                     "chained_optim_avoid_prefix": True}})
-        self.staged.commit()
-        rank_files.write_tracker(self.save_dir, self.iteration)
+            pieces = self.writer.close()
+            if self.share is None or self.share.rank == 0:
+                torch_dist.write_common(self.staged.path, {
+                    "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": self.iteration,
+                    "num_floating_point_operations_so_far": 0,
+                    "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}})
+        self._finished({"format": "torch_dist", "iteration": self.iteration, "dist": pieces})
 
     def abandon(self):
         try:

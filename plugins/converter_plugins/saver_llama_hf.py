@@ -15,3 +15,8 @@ def add_arguments(parser):
 
 def save_checkpoint(queue, args):
     plugin.save_hf(queue, args, FAMILIES, folds=minicpm.FOLDS)
+
+
+def finish_share(args, pieces):
+    """Finish a job split over ranks, once each rank wrote its own files (docs/plugins.md)."""
+    plugin.finish_hf_share(args, pieces)

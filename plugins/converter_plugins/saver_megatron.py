@@ -12,3 +12,8 @@ def add_arguments(parser):
 
 def save_checkpoint(queue, args):
     plugin.save_megatron(queue, args, "legacy")
+
+
+def finish_share(args, pieces):
+    """Finish a job split over ranks, once each rank wrote its own files (docs/plugins.md)."""
+    plugin.finish_megatron_share(args, pieces)
