@@ -286,6 +286,27 @@ def is_moe_layer(args, index):
     return moe_layers(args)[min(index, args.num_layers - 1)]
 
 
+def linear_attention_layers(args):
+    """Per layer, whether it is a linear-attention layer (experimental_attention_variant "gated_delta_net"):
+    Megatron-LM's linear_attention_freq, an int N (softmax attention on every Nth layer, linear attention on
+    the others) or a 0/1 list with one entry per layer (1: linear attention)."""
+    if getattr(args, "experimental_attention_variant", None) != "gated_delta_net":
+        return (False,) * args.num_layers
+    frequency = getattr(args, "linear_attention_freq", None)
+    if isinstance(frequency, int) and not isinstance(frequency, bool) and frequency >= 1:
+        return tuple((i + 1) % frequency != 0 for i in range(args.num_layers))
+    require(isinstance(frequency, (list, tuple)) and len(frequency) == args.num_layers
+            and all(v in (0, 1) for v in frequency),
+            f"linear_attention_freq {frequency!r:.60} is neither a positive int nor a 0/1 list of {args.num_layers} "
+            "entries")
+    return tuple(bool(v) for v in frequency)
+
+
+def is_linear_attention_layer(args, index):
+    """Whether layer `index` is a linear-attention layer; multi-token-prediction layers never are."""
+    return index < args.num_layers and linear_attention_layers(args)[index]
+
+
 def expert_ffn_size(args):
     return getattr(args, "moe_ffn_hidden_size", None) or ffn_size(args)
 

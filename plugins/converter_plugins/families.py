@@ -3,7 +3,7 @@
 import dataclasses
 
 from converter_core import plugin
-from converter_plugins import gpt_oss, minicpm
+from converter_plugins import gpt_oss, minicpm, qwen3_next
 
 # loader_llama_mistral.py's --model-size choices (Megatron-LM, last version 2026-03), accepted by the HF loaders.
 MODEL_SIZES = ("llama2-7B", "llama2-13B", "llama2-70B", "llama2-7Bf", "llama2-13Bf", "llama2-70Bf", "llama3", "mistral",
@@ -113,9 +113,10 @@ LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE
     for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, MINICPM, MINICPM3))
 
 GPT_OSS = dataclasses.replace(gpt_oss.GPT_OSS, notes=gpt_oss.GPT_OSS.notes + (NOT_YET,))
+QWEN3_NEXT = dataclasses.replace(qwen3_next.QWEN3_NEXT, notes=qwen3_next.QWEN3_NEXT.notes + (FP8, NOT_YET))
 
 LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
 ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE,
-                                    MINICPM, MINICPM3, GPT_OSS)
+                                    MINICPM, MINICPM3, GPT_OSS, QWEN3_NEXT)
