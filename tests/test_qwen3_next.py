@@ -122,6 +122,24 @@ def test_megatron_args_and_deltanet_shards(tp2):
                            hf["model.layers.0.mlp.shared_expert_gate.weight"])
 
 
+def test_a_megatron_made_checkpoint_writes_the_same_model(tp2, tmp_path):
+    """Without the source's config.json in the args (a checkpoint Megatron-LM trained), the HF saver writes
+    config.json from the args alone: transformers builds the same model from it (head_dim, layer_types, the
+    DeltaNet sizes and the shared expert are all said), with the same tensors."""
+    source, megatron, _, model = tp2
+    made, back = tmp_path / "mcore", tmp_path / "back"
+    shutil.copytree(megatron, made)
+    for path in made.glob("iter_0000001/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["args"].hf_config_json
+        torch.save(state, path)
+    to_hf(made, back)
+    assert_bit_identical(source, back)
+    tokens = tokens_for(BASE["vocab_size"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    assert torch.equal(hf_logits(loaded, tokens), hf_logits(model.eval(), tokens))
+
+
 def _edited(source, folder, tensors=None, config=None):
     """A copy of the HF folder `source` with its tensors and config.json changed by the functions given."""
     shutil.copytree(source, folder)

@@ -246,6 +246,7 @@ class Qwen3NextParts(plugin.Feature):
         if "layer_types" in config or interval is None:
             config["layer_types"] = types
         config.update({key: getattr(args, key) for key in LINEAR_SIZES})
+        config["head_dim"] = args.kv_channels  # transformers' default (256) is not hidden / heads
         config["shared_expert_intermediate_size"] = args.moe_shared_expert_intermediate_size
 
     def problems(self, args, family):
