@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from helpers import BASE, assert_bit_identical, error_line, hf_logits, randomize, read_config, read_safetensors_folder, tokens_for
 from mcore_harness import mcore_logits
 from test_bad_input import assert_no_checkpoint
-from test_moe import to_hf, to_mcore
+from test_moe import make_model, to_hf, to_mcore
 
 QWEN3_NEXT = dict(BASE, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=16,
                   linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
@@ -177,3 +177,14 @@ def test_deltanet_tensor_of_the_wrong_shape_is_refused(tp2, tmp_path):
     source = _edited(tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:-2]}))
     line = _refused(source, tmp_path / "out")
     assert name in line and f"[6, {BASE['hidden_size']}]" in line and f"[8, {BASE['hidden_size']}]" in line
+
+
+def test_tensor_parallel_must_divide_the_deltanet_key_heads(tmp_path):
+    """in_proj, conv1d, A_log and dt_bias are split by DeltaNet heads: a TP size that does not divide them is
+    one line, not a checkpoint with heads cut in half."""
+    source = tmp_path / "hf"
+    make_model(source, transformers.Qwen3NextConfig(**dict(QWEN3_NEXT, linear_num_key_heads=1,
+                                                           linear_num_value_heads=2)))
+    line = error_line(to_mcore(source, tmp_path / "out", "--target-tensor-parallel-size", 2, ok=False))
+    assert "tensor parallel size 2 does not divide the 1 linear-attention key heads" in line
+    assert_no_checkpoint(tmp_path / "out")

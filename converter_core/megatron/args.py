@@ -154,7 +154,8 @@ COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "m
           "pipeline_model_parallel_size", "expert_model_parallel_size", "num_experts", "moe_router_topk",
           "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
           "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-          "mtp_num_layers")
+          "mtp_num_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+          "linear_num_key_heads", "linear_num_value_heads")
 
 # Switches and names the converter branches on: when given, a bool and a string (a truthy "False" or a
 # number in their place would silently choose a layout).
@@ -331,6 +332,9 @@ def check_tensor_parallel(args, tp, where):
         sizes.append(("expert ffn hidden size", expert_ffn_size(args)))
         if getattr(args, "moe_shared_expert_intermediate_size", None):
             sizes.append(("shared expert ffn hidden size", args.moe_shared_expert_intermediate_size))
+    if any(linear_attention_layers(args)):  # in_proj, conv1d, A_log and dt_bias split by key / value heads
+        sizes += [("linear-attention key heads", args.linear_num_key_heads),
+                  ("linear-attention value heads", args.linear_num_value_heads)]
     if getattr(args, "multi_latent_attention", False) and getattr(args, "transformer_impl", None) == "local":
         # the local spec splits the latent down projections over TP too (TransformerEngine's keeps them whole)
         sizes.append(("kv latent and rope rows", args.kv_lora_rank + args.qk_pos_emb_head_dim))
