@@ -25,7 +25,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from helpers import BASE, assert_bit_identical, error_line, hf_logits, randomize, read_config, read_safetensors_folder, tokens_for
+from helpers import (BASE, assert_bit_identical, error_line, hf_logits, make_hf_model, randomize, read_config,
+                     read_safetensors_folder, tokens_for)
 from mcore_harness import mcore_logits
 from test_bad_input import assert_no_checkpoint
 from test_moe import make_model, to_hf, to_mcore
@@ -188,3 +189,19 @@ def test_tensor_parallel_must_divide_the_deltanet_key_heads(tmp_path):
     line = error_line(to_mcore(source, tmp_path / "out", "--target-tensor-parallel-size", 2, ok=False))
     assert "tensor parallel size 2 does not divide the 1 linear-attention key heads" in line
     assert_no_checkpoint(tmp_path / "out")
+
+
+def test_zero_centred_norms_are_refused_by_a_family_with_plain_ones(tmp_path):
+    """Norm(zero_centred=...) is the norm feature that holds layernorm_zero_centered_gamma: a Llama checkpoint
+    whose args say its norm weights are stored minus one has no Llama form, said in one line."""
+    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    make_hf_model(source)
+    to_mcore(source, megatron)
+    for path in megatron.glob("iter_0000001/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["args"].hf_config_json  # a Megatron-LM run with --apply-layernorm-1p
+        state["args"].layernorm_zero_centered_gamma = state["args"].apply_layernorm_1p = True
+        torch.save(state, path)
+    line = error_line(to_hf(megatron, back, ok=False))
+    assert "llama: layernorm_zero_centered_gamma True (llama's norms are not zero-centred" in line
+    assert not back.exists()
