@@ -114,8 +114,9 @@ def register_dimension(name, size, meaning=""):
 
 @dataclasses.dataclass(frozen=True)
 class LayerKey:
-    """One key of a layer message and the Megatron parameter that holds it. Two keys on one parameter
-    are SwiGLU's halves (W, then V), both with split SWIGLU. A parameter name with "{}" holds one expert
+    """One key of a layer message and the Megatron parameter that holds it. Several keys on one parameter
+    (SwiGLU's halves W then V; a fused projection's parts, in table order) all have split SWIGLU: each is split
+    over TP on its own and rank r holds its slices one after another. A parameter name with "{}" holds one expert
     (the number local to its expert-parallel rank); the message then holds every expert stacked."""
 
     name: str               # the message key

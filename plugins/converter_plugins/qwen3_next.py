@@ -150,7 +150,8 @@ class Channels(plugin.Kind):
 
 class ZeroCentred(plugin.Kind):
     """A plain norm weight w in Hugging Face, stored zero-centred (w - 1) in Megatron. Exact both ways for
-    weights in [0.5, 2] (w - 1 is then representable, Sterbenz), where trained norm scales lie."""
+    weights in [0.5, 2] (w - 1 is then representable, Sterbenz); outside, w - 1 rounds to the model's dtype
+    as Megatron-Core's own zero-centred weight would."""
 
     def to_megatron(self, row, hf, args, family):
         return {row.key: hf[row.hf] - 1}
