@@ -205,3 +205,19 @@ def test_zero_centred_norms_are_refused_by_a_family_with_plain_ones(tmp_path):
     line = error_line(to_hf(megatron, back, ok=False))
     assert "llama: layernorm_zero_centered_gamma True (llama's norms are not zero-centred" in line
     assert not back.exists()
+
+
+def test_transformer_engine_names_round_trip(tp2, tmp_path):
+    """megatron-core's experimental-attention block spec (TransformerEngine only) fuses a DeltaNet layer's input
+    norm into its in_proj (TELayerNormColumnParallelLinear: in_proj.layer_norm_weight, metainfo
+    fuse_input_layernorm) and a softmax layer's into linear_qkv; the way back reads those names bit-exactly."""
+    source = tp2[0]
+    megatron, back = tmp_path / "te", tmp_path / "back"
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--saver-transformer-impl", "transformer_engine")
+    model = torch.load(megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert "decoder.layers.0.self_attention.in_proj.layer_norm_weight" in model
+    assert "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in model
+    assert not [key for key in model if key.endswith("input_layernorm.weight")]
+    assert "decoder.layers.0.self_attention.core_attention._extra_state" not in model  # GatedDeltaNet has none
+    to_hf(megatron, back)
+    assert_bit_identical(source, back)
