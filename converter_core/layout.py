@@ -14,7 +14,7 @@ from converter_core.errors import ConversionError
 COLUMN = "column"          # split along dim 0 (qkv, fc1 without SwiGLU, embeddings, output layer)
 ROW = "row"                # split along dim 1 (linear_proj, fc2)
 REPLICATED = "replicated"  # same on every rank (norms, row-parallel biases)
-SWIGLU = "swiglu"          # fc1 with SwiGLU: rank r holds [W_r; V_r], not a slice of [W; V]
+SWIGLU = "swiglu"          # parts on one parameter (SwiGLU's fc1): rank r holds [W_r; V_r], not a slice of [W; V]
 
 
 class Rows(tuple):
@@ -184,7 +184,8 @@ def interleave_rope_rows(tensor, block, rope, inverse=False):
 
 def shard_parts(tensor, kind, tp):
     """Per TP rank, the views whose rows make its shard (SwiGLU: [W_r; V_r]); nothing is copied, so a
-    writer can assemble each shard where and when it writes it. For SWIGLU pass the pair (W, V)."""
+    writer can assemble each shard where and when it writes it. For SWIGLU pass the parts ((W, V), or the
+    several parts of a fused projection such as Megatron-Core's gated DeltaNet in_proj)."""
     if kind == REPLICATED:
         return [blocks(tensor)] * tp
     if kind == COLUMN:
@@ -193,8 +194,7 @@ def shard_parts(tensor, kind, tp):
         return [(column_slice(tensor, rank * tensor.shape[1] // tp, (rank + 1) * tensor.shape[1] // tp),)
                 for rank in range(tp)]
     if kind == SWIGLU:
-        w, v = tensor
-        return [w_rows + v_rows for w_rows, v_rows in zip(_split_rows(w, tp), _split_rows(v, tp))]
+        return [sum(rows, ()) for rows in zip(*(_split_rows(part, tp) for part in tensor))]
     raise ValueError(kind)
 
 
@@ -244,9 +244,10 @@ def empty_shared(shape, dtype):
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
-def shard_shape(full, kind, tp):
+def shard_shape(full, kind, tp, parts=None):
     """The shape of each TP rank's shard of a tensor of shape `full` (SWIGLU: of one half, W or V; the
-    shard is [W_r; V_r]). None (a size not known in advance) stays None."""
+    shard is [W_r; V_r]; `parts`: the row counts of its parts when they are not two equal halves). None
+    (a size not known in advance) stays None."""
     def split(size):
         return None if size is None else size // tp
     if kind == REPLICATED:
@@ -256,25 +257,27 @@ def shard_shape(full, kind, tp):
     if kind == ROW:
         return (full[0], split(full[1]), *full[2:])
     if kind == SWIGLU:
-        return (None if full[0] is None else 2 * (full[0] // tp), *full[1:])
+        return (None if full[0] is None else sum(size // tp for size in parts or (full[0], full[0])), *full[1:])
     raise ValueError(kind)
 
 
-def merge(shards, kind):
-    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V). Shards are returned as Rows
+def merge(shards, kind, parts=None):
+    """The full tensor from its tp shards; for SWIGLU returns the pair (W, V) (or the parts whose full row
+    counts are `parts`, when they are not two equal halves). Shards are returned as Rows
     or Columns of them and one shard as it is (views of it for SWIGLU), so nothing is copied: a view of a
     mapped source file crosses the queue as a reference (file_refs)."""
     if kind == REPLICATED:
         return shards[0]
+    if kind == SWIGLU:
+        sizes = [size // len(shards) for size in parts] if parts else [shards[0].shape[0] // 2] * 2
+        split = [torch.split(shard, sizes) for shard in shards]
+        return tuple(split[0]) if len(shards) == 1 else tuple(Rows(pieces) for pieces in zip(*split))
     if len(shards) == 1:
-        return tuple(torch.chunk(shards[0], 2, dim=0)) if kind == SWIGLU else shards[0]
+        return shards[0]
     if kind == COLUMN:
         return Rows(shards)
     if kind == ROW:
         return Columns(shards)
-    if kind == SWIGLU:
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return Rows(h[0] for h in halves), Rows(h[1] for h in halves)
     raise ValueError(kind)
 
 

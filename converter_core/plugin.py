@@ -19,10 +19,11 @@ from converter_core.hf_family import (COPY, DENSE_LAYER, EXPERTS, FUSED_GATE_UP,
                                       rope_settings, shared_experts, stored_config)
 from converter_core.hf_family.family import deprecate_switch
 from converter_core.hf_family.mtp import MTP_PARTS, Mtp
+from converter_core.hf_family.rope import config_value as rope_config_value
 from converter_core.megatron import load as megatron_load, load_flags, save as megatron_save
-from converter_core.megatron.args import complete as complete_args, make_args, plain_copy
-from converter_core.megatron.keys import (COLUMN, MOE as MOE_LAYERS, REPLICATED, ROW, SWIGLU, Condition, LayerKey,
-                                          register_dimension, register_layer_key)
+from converter_core.megatron.args import complete as complete_args, linear_attention_layers, make_args, plain_copy
+from converter_core.megatron.keys import (COLUMN, LINEAR_ATTENTION, MOE as MOE_LAYERS, REPLICATED, ROW, SWIGLU,
+                                          Condition, LayerKey, register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
 from converter_core.output import StagedFolder, write_atomically
 from converter_core.share import write_pieces
@@ -43,7 +44,7 @@ __all__ = [
     "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers",
     # family features
     "Feature", "Norm", "Activation", "Refused", "LLAMA_BIAS_SWITCHES", "Fold", "stored_config", "retargeted",
-    "rope_settings",
+    "rope_settings", "rope_config_value",
     "deprecate_switch",
     # ready-made HF and Megatron loaders and savers
     "add_hf_loader_arguments", "load_hf", "add_hf_saver_arguments", "save_hf",
@@ -51,8 +52,8 @@ __all__ = [
     # a saver split over ranks (converter_core.share): its plugin's finish_share(args, pieces) calls one of these
     "finish_hf_share", "finish_megatron_share", "write_pieces",
     # message keys a plugin adds
-    "LayerKey", "Condition", "MOE_LAYERS", "COLUMN", "ROW", "REPLICATED", "SWIGLU", "register_layer_key",
-    "register_dimension",
+    "LayerKey", "Condition", "MOE_LAYERS", "LINEAR_ATTENTION", "linear_attention_layers", "COLUMN", "ROW",
+    "REPLICATED", "SWIGLU", "register_layer_key", "register_dimension",
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
     "make_metadata", "make_args", "complete_args", "plain_copy", "send", "send_model", "Receiver", "exit_on_failure", "report",

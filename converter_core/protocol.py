@@ -105,8 +105,7 @@ _UNSUPPORTED = {"mtp_use_repeated_layer": "one multi-token-prediction layer repe
                 "heterogeneous_layers_config_path": "heterogeneous layers",
                 "heterogeneous_layers_config_encoded_json": "heterogeneous layers"}
 # Settings a Llama-layout HF config cannot say.
-_NOT_IN_HF = {"apply_layernorm_1p": "apply_layernorm_1p (norm weights stored minus one)",
-              "rotary_interleaved": "interleaved rotary embeddings",
+_NOT_IN_HF = {"rotary_interleaved": "interleaved rotary embeddings",
               "rotary_seq_len_interpolation_factor": "rotary sequence-length interpolation"}
 
 

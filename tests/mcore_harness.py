@@ -25,6 +25,7 @@ parallel state never leaks into the pytest process.
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -549,8 +550,8 @@ def model_choices(args):
     if args.normalization not in ("RMSNorm", "LayerNorm"):
         refuse("normalization", "RMSNorm and LayerNorm only")
     for name in ("apply_layernorm_1p", "layernorm_zero_centered_gamma"):
-        if getattr(args, name, False):
-            refuse(name, "zero-centered norm weights (w + 1) have no local-spec CPU norm in megatron-core 0.16.1")
+        if getattr(args, name, False) and args.normalization != "RMSNorm":  # RMSNorm: ZeroCentredRMSNorm
+            refuse(name, "zero-centered LayerNorm weights (w + 1) have no local-spec CPU norm in megatron-core 0.16.1")
     if getattr(args, "apply_residual_connection_post_layernorm", False):
         refuse("apply_residual_connection_post_layernorm", "pre-norm residuals only")
     if getattr(args, "use_te_activation_func", False):
@@ -638,10 +639,12 @@ def _gpt_model(args, num_layers, pre_process, post_process):
         **minicpm_config_overrides(args),
         **mtp_fields,
         **gpt_oss_fields(args),
+        **hybrid_fields(args, num_layers),
     )
     yarn_settings(config, args)
-    if experts:
+    if experts or config.layernorm_zero_centered_gamma or config.experimental_attention_variant:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+        hybrid_layer_specs(spec, config)
     else:
         spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm,
                                         multi_latent_attention=mla)
@@ -720,6 +723,87 @@ def _experts_whole_on_every_tp_rank(args):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
                                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     return True
+
+
+# Megatron-LM args of Gated DeltaNet hybrids, attention output gates, shared-expert gates and zero-centred
+# norms, passed to TransformerConfig under the same names.
+HYBRID_ARGS = ("experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
+               "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+               "attention_output_gate", "moe_shared_expert_gate", "layernorm_zero_centered_gamma")
+
+
+def hybrid_fields(args, num_layers):
+    """TransformerConfig fields for Qwen3-Next's parts (see HYBRID_ARGS); apply_layernorm_1p is the older name
+    of layernorm_zero_centered_gamma."""
+    fields = {name: getattr(args, name) for name in HYBRID_ARGS if getattr(args, name, None) is not None}
+    if getattr(args, "apply_layernorm_1p", False):
+        fields["layernorm_zero_centered_gamma"] = True
+    if isinstance(fields.get("linear_attention_freq"), tuple):
+        fields["linear_attention_freq"] = list(fields["linear_attention_freq"])
+    if fields.get("experimental_attention_variant") and num_layers != args.num_layers:
+        raise NotImplementedError("harness builds linear-attention hybrids in one pipeline stage only")
+    return fields
+
+
+def hybrid_layer_specs(block, config):
+    """Local-spec stand-ins for what megatron-core 0.16.1 runs only with TransformerEngine and fla (its
+    experimental-attention block spec asserts TransformerEngine): Gated DeltaNet layers built from local
+    linears (ColumnParallelLinear in_proj, RowParallelLinear out_proj) on the layers linear_attention_freq
+    names, with fla's kernels replaced by weight-free torch code (megatron-core's own torch chunked gated-delta
+    rule and an l2norm; its conv1d is torch's nn.Conv1d already when causal_conv1d is absent); with
+    layernorm_zero_centered_gamma every norm becomes ZeroCentredRMSNorm (TENorm's zero_centered_gamma;
+    the local norms refuse it). The parameter names are the local spec's: nothing is added or left out."""
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import get_linear_attention_pattern
+    from megatron.core.ssm import gated_delta_net
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    zero_centred = config.layernorm_zero_centered_gamma
+    if zero_centred and config.normalization != "RMSNorm":
+        raise NotImplementedError("harness: zero-centred norms are RMSNorm only")
+    linear = get_linear_attention_pattern(config) if config.experimental_attention_variant else [0] * config.num_layers
+    if any(linear):
+        if config.experimental_attention_variant != "gated_delta_net":
+            raise NotImplementedError(f"harness: {config.experimental_attention_variant} is not built")
+        gated_delta_net.HAVE_FLA = True
+        gated_delta_net.l2norm = _l2norm
+        gated_delta_net.chunk_gated_delta_rule = gated_delta_net.torch_chunk_gated_delta_rule
+    block.layer_specs = [dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules))
+                         for layer in block.layer_specs]  # the block shares one spec among layers of a kind
+    for layer, is_linear in zip(block.layer_specs, linear):
+        parts = layer.submodules
+        if is_linear:
+            parts.self_attention = ModuleSpec(module=gated_delta_net.GatedDeltaNet, submodules=gated_delta_net.
+                                              GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear,
+                                                                      out_norm=ZeroCentredRMSNorm if zero_centred
+                                                                      else parts.input_layernorm,
+                                                                      out_proj=RowParallelLinear))
+        if zero_centred:
+            parts.input_layernorm = parts.pre_mlp_layernorm = ZeroCentredRMSNorm
+            if config.qk_layernorm and not is_linear:
+                parts.self_attention = dataclasses.replace(parts.self_attention, submodules=dataclasses.replace(
+                    parts.self_attention.submodules, q_layernorm=ZeroCentredRMSNorm, k_layernorm=ZeroCentredRMSNorm))
+    if zero_centred:
+        block.layer_norm = ZeroCentredRMSNorm
+
+
+def _l2norm(x, dim=-1, eps=1e-6):
+    """fla's l2norm: x / sqrt(sum(x^2) + eps) over the last dimension."""
+    return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+
+class ZeroCentredRMSNorm(torch.nn.Module):
+    """RMSNorm whose stored weight is the scale minus one, computed in float32 as TransformerEngine's
+    RMSNorm with zero_centered_gamma: x / rms(x) * (1 + w)."""
+
+    def __init__(self, config, hidden_size, eps=1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1 + self.weight.float())).to(x.dtype)
 
 
 def _cpu_sliding_window_mask(sq, skv, window_size):

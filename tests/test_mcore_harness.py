@@ -333,7 +333,8 @@ def test_model_choices_follow_megatron_lm():
     [
         ({"normalization": "L2Norm"}, NotImplementedError, "normalization"),
         ({"normalization": "LayerNorm", "apply_layernorm_1p": True}, NotImplementedError, "apply_layernorm_1p"),
-        ({"layernorm_zero_centered_gamma": True}, NotImplementedError, "layernorm_zero_centered_gamma"),
+        ({"normalization": "LayerNorm", "layernorm_zero_centered_gamma": True}, NotImplementedError,
+         "layernorm_zero_centered_gamma"),  # zero-centred RMSNorm is built (ZeroCentredRMSNorm)
         ({"use_te_activation_func": True}, NotImplementedError, "use_te_activation_func"),
         ({"apply_residual_connection_post_layernorm": True}, NotImplementedError,
          "apply_residual_connection_post_layernorm"),
@@ -356,7 +357,7 @@ def test_a_refused_checkpoint_is_refused_by_mcore_logits(tp1_untied, tmp_path):
     shutil.copytree(iter_dir, edited)
     path = harness.rank_file(edited, 0, 0, 1)
     checkpoint = read(path)
-    checkpoint["args"].layernorm_zero_centered_gamma = True
+    checkpoint["args"].use_te_activation_func = True
     write(path, checkpoint)
-    with pytest.raises(RuntimeError, match="NotImplementedError: harness cannot build layernorm_zero_centered_gamma"):
+    with pytest.raises(RuntimeError, match="NotImplementedError: harness cannot build use_te_activation_func"):
         harness.mcore_logits(edited, TOKENS)

@@ -117,7 +117,7 @@ class Family:
     def active(self, args, index=0):
         """The layer table rows present in layer `index` of a model with Megatron args `args`."""
         moe = megatron_args.is_moe_layer(args, index)
-        return [row for row in self.layer if row.present(args, moe)]
+        return [row for row in self.layer if row.present(args, moe, index)]
 
     def layer_rows(self, args, index):
         """The rows of layer `index`: a decoder layer's, or for num_layers + i, multi-token-prediction
@@ -238,10 +238,14 @@ def mismatch(family, args):
     for part in (family.norm, family.activation, *family.features):
         parts += part.problems(args, family)
     kinds = megatron_args.moe_layers(args)
-    for index in sorted({kinds.index(kind) for kind in kinds}):  # the first layer of each kind (dense, MoE)
+    linear = megatron_args.linear_attention_layers(args)
+    layer_kinds = list(zip(kinds, linear))
+    for index in sorted({layer_kinds.index(kind) for kind in layer_kinds}):  # the first layer of each kind
         wanted = set(protocol.layer_message_shapes(args, index))
         filled = {key for row in family.active(args, index) for key in row.keys}
-        layer = f"{'MoE' if kinds[index] else 'dense'} layers: " if any(kinds) else ""
+        layer = (f"{'MoE' if kinds[index] else 'dense'} " if any(kinds) else "") + \
+            (f"{'linear' if linear[index] else 'softmax'}-attention " if any(linear) else "")
+        layer = f"{layer}layers: " if layer else ""
         if wanted - filled:
             parts.append(f"{layer}the model's {', '.join(sorted(wanted - filled))} has no tensor in {family.model_type}")
         if filled - wanted:

@@ -65,13 +65,17 @@ def first_key(config, keys):
 @dataclasses.dataclass(frozen=True)
 class Norm(Feature):
     """The norms: RMSNorm or LayerNorm (with biases, the final norm's too); `epsilon`: config keys of the
-    epsilon (the first present is read; a config without one is written with the first)."""
+    epsilon (the first present is read; a config without one is written with the first); `zero_centred`:
+    the stored weights are the scale minus one (x * (1 + w), Gemma's and Qwen3-Next's norms), which is
+    Megatron's layernorm_zero_centered_gamma (the --apply-layernorm-1p flag): the weights copy unchanged."""
     kind: str = "RMSNorm"
     epsilon: tuple = ("rms_norm_eps",)
     default_epsilon: float = 1e-6
+    zero_centred: bool = False
 
     def to_args(self, config, where, family):
-        return {"normalization": self.kind, "norm_epsilon": config.get(first_key(config, self.epsilon), self.default_epsilon)}
+        return {"normalization": self.kind, "norm_epsilon": config.get(first_key(config, self.epsilon), self.default_epsilon),
+                **({"layernorm_zero_centered_gamma": True} if self.zero_centred else {})}
 
     def to_config(self, config, args, family):
         config[first_key(config, self.epsilon)] = args.norm_epsilon
@@ -80,11 +84,23 @@ class Norm(Feature):
         if args.normalization != self.kind:
             return [f"normalization {args.normalization} ({family.model_type} has {self.kind}; a family with "
                     f"{args.normalization} declares norm=Norm({args.normalization!r}, ...))"]
+        if bool(zero_centred(args)) != self.zero_centred:
+            return [f"layernorm_zero_centered_gamma {bool(zero_centred(args))} ({family.model_type}'s norms are "
+                    f"{'' if self.zero_centred else 'not '}zero-centred; a family whose are declares "
+                    "norm=Norm(..., zero_centred=True))"]
         return []
+
+    def settings(self):
+        return {"layernorm_zero_centered_gamma": True} if self.zero_centred else {}
 
     @property
     def bias(self):
         return self.kind == "LayerNorm"
+
+
+def zero_centred(args):
+    """Whether Megatron stores the norm weights minus one (today's name, or the older apply_layernorm_1p)."""
+    return getattr(args, "layernorm_zero_centered_gamma", None) or getattr(args, "apply_layernorm_1p", False)
 
 
 # Hugging Face activation names -> the activation Megatron-Core computes (see megatron_activation).

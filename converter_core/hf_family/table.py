@@ -8,6 +8,7 @@ import torch
 
 from converter_core import layout
 from converter_core.megatron import args as megatron_args
+from converter_core.megatron.keys import Condition
 
 # `when` values that depend on the layer, not the model: rows of MoE layers and of dense (MLP) layers.
 MOE_LAYER, DENSE_LAYER = "moe layer", "dense layer"
@@ -129,7 +130,8 @@ class Tensor:
     """One row of a family's layer table. `hf`: name(s) inside a layer ("self_attn.q_proj.weight");
     `key`: message key(s); `kind`: a Kind (COPY, QKV, ...); `when`: whether the row exists in a layer:
     a Megatron args attribute that must be true ("add_qkv_bias"; "not q_lora_rank": false), MOE_LAYER /
-    DENSE_LAYER, or a function of (args, moe) for anything else."""
+    DENSE_LAYER, a Condition (as message keys use: of the args and the layer index, e.g. plugin.LINEAR_ATTENTION),
+    or a function of (args, moe) for anything else."""
     hf: object
     key: object
     kind: Kind = COPY
@@ -143,11 +145,13 @@ class Tensor:
     def keys(self):
         return (self.key,) if isinstance(self.key, str) else tuple(self.key)
 
-    def present(self, args, moe):
-        """Whether the row exists in a layer (`moe`: it is a MoE layer) of a model with Megatron args `args`."""
+    def present(self, args, moe, index=0):
+        """Whether the row exists in layer `index` (`moe`: it is a MoE layer) of a model with Megatron args `args`."""
         when = self.when
         if when is None:
             return True
+        if isinstance(when, Condition):
+            return when(args, index)
         if callable(when):
             return bool(when(args, moe))
         if when in (MOE_LAYER, DENSE_LAYER):

@@ -154,7 +154,8 @@ COUNTS = ("ffn_hidden_size", "num_query_groups", "kv_channels", "seq_length", "m
           "pipeline_model_parallel_size", "expert_model_parallel_size", "num_experts", "moe_router_topk",
           "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_num_groups",
           "moe_router_group_topk", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-          "mtp_num_layers")
+          "mtp_num_layers", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+          "linear_num_key_heads", "linear_num_value_heads")
 
 # Switches and names the converter branches on: when given, a bool and a string (a truthy "False" or a
 # number in their place would silently choose a layout).
@@ -286,6 +287,27 @@ def is_moe_layer(args, index):
     return moe_layers(args)[min(index, args.num_layers - 1)]
 
 
+def linear_attention_layers(args):
+    """Per layer, whether it is a linear-attention layer (experimental_attention_variant "gated_delta_net"):
+    Megatron-LM's linear_attention_freq, an int N (softmax attention on every Nth layer, linear attention on
+    the others) or a 0/1 list with one entry per layer (1: linear attention)."""
+    if getattr(args, "experimental_attention_variant", None) != "gated_delta_net":
+        return (False,) * args.num_layers
+    frequency = getattr(args, "linear_attention_freq", None)
+    if isinstance(frequency, int) and not isinstance(frequency, bool) and frequency >= 1:
+        return tuple((i + 1) % frequency != 0 for i in range(args.num_layers))
+    require(isinstance(frequency, (list, tuple)) and len(frequency) == args.num_layers
+            and all(v in (0, 1) for v in frequency),
+            f"linear_attention_freq {frequency!r:.60} is neither a positive int nor a 0/1 list of {args.num_layers} "
+            "entries")
+    return tuple(bool(v) for v in frequency)
+
+
+def is_linear_attention_layer(args, index):
+    """Whether layer `index` is a linear-attention layer; multi-token-prediction layers never are."""
+    return index < args.num_layers and linear_attention_layers(args)[index]
+
+
 def expert_ffn_size(args):
     return getattr(args, "moe_ffn_hidden_size", None) or ffn_size(args)
 
@@ -310,6 +332,9 @@ def check_tensor_parallel(args, tp, where):
         sizes.append(("expert ffn hidden size", expert_ffn_size(args)))
         if getattr(args, "moe_shared_expert_intermediate_size", None):
             sizes.append(("shared expert ffn hidden size", args.moe_shared_expert_intermediate_size))
+    if any(linear_attention_layers(args)):  # in_proj, conv1d, A_log and dt_bias split by key / value heads
+        sizes += [("linear-attention key heads", args.linear_num_key_heads),
+                  ("linear-attention value heads", args.linear_num_value_heads)]
     if getattr(args, "multi_latent_attention", False) and getattr(args, "transformer_impl", None) == "local":
         # the local spec splits the latent down projections over TP too (TransformerEngine's keeps them whole)
         sizes.append(("kv latent and rope rows", args.kv_lora_rank + args.qk_pos_emb_head_dim))

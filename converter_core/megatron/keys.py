@@ -67,6 +67,13 @@ DENSE = ~MOE
 MTP = Condition("multi-token-prediction layers", lambda args, index: index >= args.num_layers, "decoder layers")
 QKV_BIAS = Condition("a QKV bias (`add_qkv_bias` or `add_bias_linear`)",
                      lambda args, index: args.add_qkv_bias or args.add_bias_linear)
+# Linear attention (experimental_attention_variant, linear_attention_freq): those layers have no softmax
+# attention's keys; a plugin registers theirs (plugin.LINEAR_ATTENTION). attention_output_gate changes the
+# softmax attention's qkv rows; a plugin registers those too.
+LINEAR_ATTENTION = Condition("linear-attention layers", megatron_args.is_linear_attention_layer,
+                             "softmax-attention layers")
+SOFTMAX = ~LINEAR_ATTENTION
+_UNGATED = ~flag("attention_output_gate")
 
 
 def _query_key_value_rows(args):
@@ -107,8 +114,9 @@ def register_dimension(name, size, meaning=""):
 
 @dataclasses.dataclass(frozen=True)
 class LayerKey:
-    """One key of a layer message and the Megatron parameter that holds it. Two keys on one parameter
-    are SwiGLU's halves (W, then V), both with split SWIGLU. A parameter name with "{}" holds one expert
+    """One key of a layer message and the Megatron parameter that holds it. Several keys on one parameter
+    (SwiGLU's halves W then V; a fused projection's parts, in table order) all have split SWIGLU: each is split
+    over TP on its own and rank r holds its slices one after another. A parameter name with "{}" holds one expert
     (the number local to its expert-parallel rank); the message then holds every expert stacked."""
 
     name: str               # the message key
@@ -156,7 +164,7 @@ class LayerKey:
 
 
 _Q_LORA = MLA & flag("q_lora_rank")
-_QK_NORM = ~MLA & flag("qk_layernorm")  # per-head norms: head_dim wide, the same on every rank
+_QK_NORM = ~MLA & SOFTMAX & flag("qk_layernorm")  # per-head norms: head_dim wide, the same on every rank
 _NO_Q_LORA = MLA & Condition("no `q_lora_rank`", lambda args, index: not args.q_lora_rank)
 _SWIGLU_MLP, _PLAIN_MLP = DENSE & flag("swiglu"), DENSE & Condition("no `swiglu`", lambda args, index: not args.swiglu)
 _MLA_NOTE = "; in TransformerEngine's spec the down projections are whole on every rank (TELinear, duplicated)"
@@ -194,11 +202,13 @@ MTP_AFTER = (
 # The built-in keys, in the order a layer's tensors are written (variants of one key for different
 # layers, e.g. a dense and a MoE "mlp l1 weight", are exclusive).
 BUILT_IN = (
-    LayerKey("input norm weight", ("hidden",), REPLICATED, "input_layernorm.weight", ~MLA, "norm before attention",
+    LayerKey("input norm weight", ("hidden",), REPLICATED, "input_layernorm.weight", ~MLA & SOFTMAX,
+             "norm before attention",
              te="self_attention.linear_qkv.layer_norm_weight", legacy="input_norm.weight"),
     LayerKey("input norm weight", ("hidden",), REPLICATED, "input_layernorm.weight", MLA,
              "norm before attention (a separate module in MLA layers of both specs)"),
-    LayerKey("input norm bias", ("hidden",), REPLICATED, "input_layernorm.bias", ~MLA & LAYER_NORM, "its bias",
+    LayerKey("input norm bias", ("hidden",), REPLICATED, "input_layernorm.bias", ~MLA & SOFTMAX & LAYER_NORM,
+             "its bias",
              te="self_attention.linear_qkv.layer_norm_bias", legacy="input_norm.bias"),
     LayerKey("input norm bias", ("hidden",), REPLICATED, "input_layernorm.bias", MLA & LAYER_NORM, "its bias"),
     LayerKey("q down weight", ("q_lora_rank", "hidden"), COLUMN, "self_attention.linear_q_down_proj.weight", _Q_LORA,
@@ -223,10 +233,11 @@ BUILT_IN = (
              "self_attention.linear_kv_up_proj.weight", MLA,
              "key/value up projection: per head qk_head_dim key rows, then v_head_dim value rows"),
     LayerKey("qkv weight", ("(heads + 2 groups) x head_dim", "hidden"), COLUMN, "self_attention.linear_qkv.weight",
-             ~MLA,
+             ~MLA & SOFTMAX & _UNGATED,
              "query, key, value rows grouped per KV head: per group, heads/groups query heads, then one key head, "
              "then one value head", legacy="self_attention.query_key_value.weight"),
-    LayerKey("qkv bias", ("(heads + 2 groups) x head_dim",), COLUMN, "self_attention.linear_qkv.bias", ~MLA & QKV_BIAS,
+    LayerKey("qkv bias", ("(heads + 2 groups) x head_dim",), COLUMN, "self_attention.linear_qkv.bias",
+             ~MLA & SOFTMAX & _UNGATED & QKV_BIAS,
              "the same rows' biases", legacy="self_attention.query_key_value.bias"),
     LayerKey("q norm weight", ("head_dim",), REPLICATED, "self_attention.q_layernorm.weight", _QK_NORM,
              "per-head query norm"),
@@ -236,11 +247,12 @@ BUILT_IN = (
              "its bias"),
     LayerKey("k norm bias", ("head_dim",), REPLICATED, "self_attention.k_layernorm.bias", _QK_NORM & LAYER_NORM,
              "its bias"),
-    LayerKey("dense weight", ("hidden", "heads x head_dim"), ROW, "self_attention.linear_proj.weight", ~MLA,
+    LayerKey("dense weight", ("hidden", "heads x head_dim"), ROW, "self_attention.linear_proj.weight", ~MLA & SOFTMAX,
              "attention output projection", legacy="self_attention.dense.weight"),
     LayerKey("dense weight", ("hidden", "heads x v_head_dim"), ROW, "self_attention.linear_proj.weight", MLA,
              "attention output projection", legacy="self_attention.dense.weight"),
-    LayerKey("dense bias", ("hidden",), REPLICATED, "self_attention.linear_proj.bias", flag("add_bias_linear"),
+    LayerKey("dense bias", ("hidden",), REPLICATED, "self_attention.linear_proj.bias",
+             SOFTMAX & flag("add_bias_linear"),
              "its bias", legacy="self_attention.dense.bias"),
     LayerKey("post norm weight", ("hidden",), REPLICATED, "pre_mlp_layernorm.weight", DENSE, "norm before the MLP",
              te="mlp.linear_fc1.layer_norm_weight", legacy="post_attention_norm.weight"),

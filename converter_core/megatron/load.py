@@ -13,7 +13,7 @@ from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
 from converter_core.megatron.load_dist import load_dist
 from converter_core.megatron.load_flags import source_metadata
-from converter_core.megatron.schema import final_norm_keys
+from converter_core.megatron.schema import final_norm_keys, part_rows
 
 
 def _old_qkv_to_grouped(shard, version, heads):
@@ -96,19 +96,20 @@ def load(queue, args):
     protocol.check_mtp_reader(args, md, str(first))
     mtp_layers = megatron_args.mtp_layers(margs)
 
-    def merged(p, chunk, path, kind, full, old_qkv=False, files=None):
+    def merged(p, chunk, path, kind, full, old_qkv=False, files=None, parts=None):
         """The TP shards of `path` merged (layout.merge), each first checked against the shard shape that
         the tensor's full shape `full` (SwiGLU: one half's) implies: a shard of the wrong shape would
         otherwise be written into its neighbours' rows or columns. `files`: the (TP rank, EP rank) of each
-        shard's file (rank_files.holders); the dense shards' unless given."""
+        shard's file (rank_files.holders); the dense shards' unless given. `parts`: the rows of each part
+        of a fused parameter (schema.part_rows)."""
         files = files or [dense_file(t) for t in range(tp)]
-        want = layout.shard_shape(full, kind, len(files))
+        want = layout.shard_shape(full, kind, len(files), parts)
         if None in want:  # the vocabulary's padded rows: every rank has the first's
             want = tuple(tensor(files[0][0], p, files[0][1], chunk, path).shape[0] if w is None else w for w in want)
         shards = [tensor(t, p, e, chunk, path, want) for t, e in files]
         if old_qkv:
             shards = [_old_qkv_to_grouped(s, version, heads_per_rank) for s in shards]
-        return layout.merge(shards, kind)
+        return layout.merge(shards, kind, parts)
 
     def stacked(p, chunk, index, local, entry):
         """One tensor (or SwiGLU pair) per expert, gathered over the EP ranks, stacked in expert order."""
@@ -116,7 +117,7 @@ def load(queue, args):
         parts = [merged(p, chunk, schema.layer_path(margs.num_layers, index, local, entry.name.format(j)), entry.kind,
                         full, files=expert_files(e)) for e in range(ep) for j in range(experts // ep)]
         if entry.kind == layout.SWIGLU:
-            return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(2))
+            return tuple(torch.stack([layout.tensor_of(part[half]) for part in parts]) for half in range(len(entry.keys)))
         return torch.stack([layout.tensor_of(part) for part in parts])
 
     def layer_message(index, p, chunk, local):
@@ -128,8 +129,8 @@ def load(queue, args):
                 value = stacked(p, chunk, index, local, entry)
             else:
                 value = merged(p, chunk, path, entry.kind, layer_shapes[entry.keys[0]],
-                               old_qkv=version < 2.0 and "qkv" in entry.keys[0])
-            for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,)):
+                               old_qkv=version < 2.0 and "qkv" in entry.keys[0], parts=part_rows(entry, layer_shapes))
+            for key, part in zip(entry.keys, value if entry.kind == layout.SWIGLU else (value,), strict=True):
                 require(tuple(part.shape) == layer_shapes[key],
                         f"{paths[0, p, 0]}: {'.'.join(path)} gives {key!r} of shape {list(part.shape)}, "
                         f"the args imply {list(layer_shapes[key])}")

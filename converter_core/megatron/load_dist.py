@@ -27,7 +27,8 @@ def load_dist(queue, args, iteration, folder):
     def expected(entry, index):
         shape = protocol.layer_message_shapes(margs, index)[entry.keys[0]]
         axis = 1 if entry.experts else 0  # SwiGLU's [W; V] rows, after the expert axis
-        return (*shape[:axis], 2 * shape[axis], *shape[axis + 1:]) if entry.kind == layout.SWIGLU else shape
+        rows = sum(protocol.layer_message_shapes(margs, index)[key][axis] for key in entry.keys)
+        return (*shape[:axis], rows, *shape[axis + 1:]) if entry.kind == layout.SWIGLU else shape
 
     def source_of(candidates, index):
         """(key, index along the stacked axis or None) holding an entry of layer `index`: under the
@@ -67,7 +68,8 @@ def load_dist(queue, args, iteration, folder):
         message = {}
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             tensor = reader.read(*source_of(candidates, index))
-            parts = torch.chunk(tensor, 2, dim=int(entry.experts)) if entry.kind == layout.SWIGLU else (tensor,)
+            shapes = protocol.layer_message_shapes(margs, index)
+            parts = torch.split(tensor, [shapes[key][int(entry.experts)] for key in entry.keys], dim=int(entry.experts))
             message.update(zip(entry.keys, parts))
         return message
 

@@ -17,13 +17,24 @@ FORMATS = ("torch", "torch_dist", "legacy")  # per-rank Megatron-Core files, Meg
 FORMAT_LIMITS = {"legacy": {"mtp_num_layers": "legacy Megatron-LM has no multi-token prediction",
                             "multi_latent_attention": "legacy Megatron-LM has no multi-latent attention",
                             "qk_layernorm": "legacy Megatron-LM has no q/k norms",
-                            "num_experts": "legacy mixture-of-experts checkpoints are not written here"}}
+                            "num_experts": "legacy mixture-of-experts checkpoints are not written here",
+                            "experimental_attention_variant": "legacy Megatron-LM has no linear attention"},
+                 "torch_dist": {"experimental_attention_variant": "megatron-core stores a linear-attention layer's "
+                                "fused in_proj and conv1d per part in torch_dist; not written here yet"}}
 
 LOCAL, TRANSFORMER_ENGINE, LEGACY = message_keys.LOCAL, message_keys.TRANSFORMER_ENGINE, message_keys.LEGACY
 
 Entry = collections.namedtuple("Entry", "keys name kind experts", defaults=(False,))
-"""keys: message keys (two for SwiGLU fc1: W then V); name: parameter name inside one layer ("{}" for the
-local expert number); kind: TP rule; experts: the message holds one tensor per expert, stacked."""
+"""keys: message keys (two for SwiGLU fc1: W then V; more for a fused projection's parts); name: parameter
+name inside one layer ("{}" for the local expert number); kind: TP rule; experts: the message holds one
+tensor per expert, stacked."""
+
+
+def part_rows(entry, shapes):
+    """The full row counts of the parts of a parameter holding several keys (layout.SWIGLU), from the layer
+    message's {key: shape}; None for one key or SwiGLU's two equal halves."""
+    rows = [shapes[key][int(entry.experts)] for key in entry.keys]
+    return rows if len(rows) > 2 or len(set(rows)) > 1 else None
 
 
 def layer_entries(args, index=0, spec=LOCAL, grouped=False):
@@ -37,8 +48,9 @@ def layer_entries(args, index=0, spec=LOCAL, grouped=False):
     entries = []
     for name, keys in keys_of.items():
         split = keys[0].tp_split(spec)
-        require(len(keys) == (2 if split == layout.SWIGLU else 1),
-                f"parameter {name} holds message keys {[key.name for key in keys]}: only SwiGLU's W and V share one")
+        require(len(keys) >= 2 if split == layout.SWIGLU else len(keys) == 1,
+                f"parameter {name} holds message keys {[key.name for key in keys]}: only parts split as SwiGLU's W "
+                "and V (each over TP, rank r holding its slice of each) share one")
         entries.append(Entry(tuple(key.name for key in keys), name, split, keys[0].experts))
     return entries
 
@@ -98,14 +110,18 @@ class CoreSchema:
                 mlp += ["mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"]
         else:
             mlp = ["mlp.linear_fc1", "mlp.linear_fc2"]
-        if not getattr(args, "multi_latent_attention", False):
+        linear = megatron_args.is_linear_attention_layer(args, index)
+        if linear:  # gated DeltaNet: no core attention module
+            attention = ["self_attention.in_proj", "self_attention.out_proj"]
+        elif not getattr(args, "multi_latent_attention", False):
             attention = ["self_attention.linear_qkv", "self_attention.linear_proj"]
         elif args.q_lora_rank:
             attention = [f"self_attention.linear_{name}" for name in ("q_down_proj", "q_up_proj", "kv_down_proj",
                                                                        "kv_up_proj", "proj")]
         else:
             attention = [f"self_attention.linear_{name}" for name in ("q_proj", "kv_down_proj", "kv_up_proj", "proj")]
-        modules = (["self_attention.core_attention"] if self.impl == TRANSFORMER_ENGINE else []) + attention + mlp
+        modules = (["self_attention.core_attention"] if self.impl == TRANSFORMER_ENGINE and not linear else []) + \
+            attention + mlp
         if index >= args.num_layers:  # an MTP layer: its projection, and its transformer layer's modules
             modules = ["eh_proj"] + [message_keys.MTP_TRANSFORMER_LAYER + module for module in modules]
         value = torch.empty(0, dtype=torch.uint8) if self.impl == TRANSFORMER_ENGINE else None

@@ -2,6 +2,8 @@
 
 import importlib
 
-# The message keys a built-in family registers (gpt-oss's attention sinks and expert biases) are known to
-# every built-in plugin, the Megatron loaders and savers too: such a checkpoint also converts mcore -> mcore.
-importlib.import_module("converter_plugins.gpt_oss")
+# The message keys a built-in family registers (gpt-oss's attention sinks and expert biases, Qwen3-Next's
+# DeltaNet tensors) are known to every built-in plugin, the Megatron loaders and savers too: such a checkpoint
+# also converts mcore -> mcore.
+for _family in ("gpt_oss", "qwen3_next"):
+    importlib.import_module(f"converter_plugins.{_family}")

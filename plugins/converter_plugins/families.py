@@ -3,7 +3,7 @@
 import dataclasses
 
 from converter_core import plugin
-from converter_plugins import gpt_oss, minicpm
+from converter_plugins import gpt_oss, minicpm, qwen3_next
 
 # loader_llama_mistral.py's --model-size choices (Megatron-LM, last version 2026-03), accepted by the HF loaders.
 MODEL_SIZES = ("llama2-7B", "llama2-13B", "llama2-70B", "llama2-7Bf", "llama2-13Bf", "llama2-70Bf", "llama3", "mistral",
@@ -106,4 +106,4 @@ LLAMA_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2)
 MINICPM_FAMILIES = plugin.by_model_type(MINICPM, MINICPM3)
 # The generic hf plugins' families; for a stream with no HF config, the first that fits is written.
 ALL_FAMILIES = plugin.by_model_type(LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, DEEPSEEK_V3, KIMI_K2, GLM4_MOE,
-                                    MINICPM, MINICPM3, gpt_oss.GPT_OSS)
+                                    MINICPM, MINICPM3, gpt_oss.GPT_OSS, qwen3_next.QWEN3_NEXT)

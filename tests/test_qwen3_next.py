@@ -1,0 +1,223 @@
+"""Qwen3-Next (Qwen3NextForCausalLM) through the generic `hf` plugins: Gated DeltaNet linear attention on most
+layers and gated softmax attention every full_attention_interval-th, zero-centred norms, partial rotary, q/k
+norms, experts with a sigmoid-gated shared expert (and one dense layer, mlp_only_layers). A tiny model made with
+transformers (float32, config.json as Qwen releases it: full_attention_interval, no layer_types) goes to
+megatron-core at TP 2, whose logits equal transformers' within 1e-4, and comes back bit-exact.
+
+megatron-core 0.16.1 runs Gated DeltaNet only with fla's kernels and TransformerEngine, which are not on a
+CPU: tests/mcore_harness.py (hybrid_layer_specs) builds its GatedDeltaNet from local linears, stands in
+megatron-core's own torch chunked gated-delta rule (torch_chunk_gated_delta_rule) for fla's and a torch l2norm
+for fla's, and a zero-centred RMSNorm (x / rms(x) * (1 + w), as TransformerEngine's zero_centered_gamma) for
+every norm, the local norms refusing zero-centred weights. Its conv1d is megatron-core's own nn.Conv1d path.
+None of these holds a weight of its own, and the harness loads every rank file strictly (a weight megatron-core
+would leave unused or unloaded fails). The tolerance stays 1e-4: both sides run the same chunked delta rule in
+float32 on 24 tokens (one chunk), and the largest difference seen is below 1e-5.
+
+The DeltaNet's gated output norm is plain in transformers (w) and zero-centred in megatron-core (stored w - 1):
+exact both ways for weights in [0.5, 2]; the model's are drawn there (helpers.randomize draws norms 1 + 0.3 N(0, 1),
+a few of which would fall below 0.5, where w - 1 rounds)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from helpers import (BASE, assert_bit_identical, error_line, hf_logits, make_hf_model, randomize, read_config,
+                     read_safetensors_folder, tokens_for)
+from mcore_harness import mcore_logits
+from test_bad_input import assert_no_checkpoint
+from test_moe import make_model, to_hf, to_mcore
+
+QWEN3_NEXT = dict(BASE, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=16,
+                  linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                  full_attention_interval=2)
+LAYERS = QWEN3_NEXT["num_hidden_layers"]
+
+
+def released_config(config):
+    """config.json as Qwen releases Qwen3-Next: full_attention_interval instead of layer_types, rope_theta and
+    partial_rotary_factor at the top (transformers writes layer_types and rope_parameters)."""
+    config = dict(config)
+    config.pop("layer_types")
+    rope = config.pop("rope_parameters")
+    return dict(config, full_attention_interval=QWEN3_NEXT["full_attention_interval"], rope_theta=rope["rope_theta"],
+                partial_rotary_factor=rope["partial_rotary_factor"], rope_scaling=None)
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_next")
+    source, megatron, back = folder / "hf", folder / "mcore", folder / "back"
+    torch.manual_seed(0)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(transformers.Qwen3NextConfig(**QWEN3_NEXT)), 0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                parameter.clamp_(0.5, 1.9)
+    model.save_pretrained(source)
+    (source / "config.json").write_text(json.dumps(released_config(read_config(source)), indent=2))
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2)
+    to_hf(megatron, back)
+    return source, megatron, back, model
+
+
+def test_config_as_released_reads_as_the_model(tp2):
+    """transformers reads the released-style config.json as the model it was made from (the reference below)."""
+    source, _, _, model = tp2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    assert [layer.block_type for layer in loaded.model.layers] == ["linear_attention", "full_attention"] * (LAYERS // 2)
+    tokens = tokens_for(BASE["vocab_size"])
+    assert torch.equal(hf_logits(loaded.eval(), tokens), hf_logits(model.eval(), tokens))
+
+
+def test_logits_in_megatron_core(tp2):
+    _, megatron, _, model = tp2
+    tokens = tokens_for(BASE["vocab_size"])
+    logits = mcore_logits(megatron / "iter_0000001", tokens)
+    torch.testing.assert_close(logits[..., :BASE["vocab_size"]], hf_logits(model.eval(), tokens), atol=1e-4, rtol=0)
+
+
+def test_round_trip_is_bit_exact_with_the_released_config(tp2):
+    source, _, back, _ = tp2
+    assert_bit_identical(source, back)
+    assert (back / "config.json").read_text() and read_config(back) == read_config(source)
+
+
+def test_megatron_args_and_deltanet_shards(tp2):
+    """Megatron-LM's own arg names; each TP rank's in_proj is [q_r; k_r; v_r; z_r; beta_r; alpha_r] of the
+    per-key-head-group HF projections, its conv1d [q_r; k_r; v_r]; the gated norm is stored minus one."""
+    source, megatron, _, _ = tp2
+    hf = read_safetensors_folder(source)
+    groups, key_dim, value_dim = QWEN3_NEXT["linear_num_key_heads"], QWEN3_NEXT["linear_key_head_dim"], \
+        QWEN3_NEXT["linear_value_head_dim"]
+    ratio = QWEN3_NEXT["linear_num_value_heads"] // groups
+    qkvz = hf["model.layers.0.linear_attn.in_proj_qkvz.weight"].reshape(groups, -1, BASE["hidden_size"])
+    ba = hf["model.layers.0.linear_attn.in_proj_ba.weight"].reshape(groups, -1, BASE["hidden_size"])
+    q, k, v, z = torch.split(qkvz, [key_dim, key_dim, ratio * value_dim, ratio * value_dim], dim=1)
+    beta, alpha = torch.split(ba, [ratio, ratio], dim=1)
+    conv = hf["model.layers.0.linear_attn.conv1d.weight"]
+    conv_parts = torch.split(conv, [groups * key_dim, groups * key_dim, groups * ratio * value_dim])
+    for rank in range(2):
+        state = torch.load(megatron / "iter_0000001" / f"mp_rank_0{rank}" / "model_optim_rng.pt", weights_only=False)
+        args = state["args"]
+        assert (args.experimental_attention_variant, args.linear_attention_freq, args.attention_output_gate,
+                args.layernorm_zero_centered_gamma, args.moe_shared_expert_gate, args.rotary_percent,
+                args.moe_layer_freq) == ("gated_delta_net", 2, True, True, True, 0.25, [1, 0, 1, 1])
+        assert (args.linear_num_key_heads, args.linear_num_value_heads, args.linear_key_head_dim,
+                args.linear_value_head_dim, args.linear_conv_kernel_dim) == (2, 4, 8, 16, 4)
+        mine = slice(rank, rank + 1)  # one key-head group per rank at TP 2
+        expected = torch.cat([part[mine].flatten(0, 1) for part in (q, k, v, z, beta, alpha)])
+        model = state["model"]
+        assert torch.equal(model["decoder.layers.0.self_attention.in_proj.weight"], expected)
+        assert torch.equal(model["decoder.layers.0.self_attention.conv1d.weight"],
+                           torch.cat([torch.chunk(part, 2)[rank] for part in conv_parts]))
+        assert torch.equal(model["decoder.layers.0.self_attention.out_norm.weight"],
+                           hf["model.layers.0.linear_attn.norm.weight"] - 1)
+        assert torch.equal(model["decoder.layers.0.self_attention.A_log"],
+                           torch.chunk(hf["model.layers.0.linear_attn.A_log"], 2)[rank])
+        assert torch.equal(model["decoder.layers.0.mlp.shared_experts.gate_weight"],
+                           hf["model.layers.0.mlp.shared_expert_gate.weight"])
+
+
+def test_a_megatron_made_checkpoint_writes_the_same_model(tp2, tmp_path):
+    """Without the source's config.json in the args (a checkpoint Megatron-LM trained), the HF saver writes
+    config.json from the args alone: transformers builds the same model from it (head_dim, layer_types, the
+    DeltaNet sizes and the shared expert are all said), with the same tensors."""
+    source, megatron, _, model = tp2
+    made, back = tmp_path / "mcore", tmp_path / "back"
+    shutil.copytree(megatron, made)
+    for path in made.glob("iter_0000001/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["args"].hf_config_json
+        torch.save(state, path)
+    to_hf(made, back)
+    assert_bit_identical(source, back)
+    tokens = tokens_for(BASE["vocab_size"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    assert torch.equal(hf_logits(loaded, tokens), hf_logits(model.eval(), tokens))
+
+
+def _edited(source, folder, tensors=None, config=None):
+    """A copy of the HF folder `source` with its tensors and config.json changed by the functions given."""
+    shutil.copytree(source, folder)
+    if tensors:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        (folder / "config.json").write_text(json.dumps(config(read_config(folder))))
+    return folder
+
+
+def _refused(source, out):
+    line = error_line(to_mcore(source, out, ok=False))
+    assert_no_checkpoint(out)
+    return line
+
+
+def test_layer_types_of_another_length_are_refused(tp2, tmp_path):
+    source = _edited(tp2[0], tmp_path / "hf", config=lambda config: dict(
+        config, layer_types=["linear_attention", "full_attention"] * (LAYERS // 2 - 1)))
+    line = _refused(source, tmp_path / "out")
+    assert "config.json" in line and "layer_types" in line and f"{LAYERS} layers" in line
+
+
+def test_layer_types_against_the_interval_are_refused(tp2, tmp_path):
+    source = _edited(tp2[0], tmp_path / "hf", config=lambda config: dict(
+        config, layer_types=["linear_attention"] * (LAYERS - 1) + ["full_attention"]))
+    line = _refused(source, tmp_path / "out")
+    assert "config.json" in line and "layer_types" in line and "full_attention_interval (2)" in line
+
+
+def test_deltanet_tensor_of_the_wrong_shape_is_refused(tp2, tmp_path):
+    name = "model.layers.2.linear_attn.in_proj_ba.weight"
+    source = _edited(tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:-2]}))
+    line = _refused(source, tmp_path / "out")
+    assert name in line and f"[6, {BASE['hidden_size']}]" in line and f"[8, {BASE['hidden_size']}]" in line
+
+
+def test_tensor_parallel_must_divide_the_deltanet_key_heads(tmp_path):
+    """in_proj, conv1d, A_log and dt_bias are split by DeltaNet heads: a TP size that does not divide them is
+    one line, not a checkpoint with heads cut in half."""
+    source = tmp_path / "hf"
+    make_model(source, transformers.Qwen3NextConfig(**dict(QWEN3_NEXT, linear_num_key_heads=1,
+                                                           linear_num_value_heads=2)))
+    line = error_line(to_mcore(source, tmp_path / "out", "--target-tensor-parallel-size", 2, ok=False))
+    assert "tensor parallel size 2 does not divide the 1 linear-attention key heads" in line
+    assert_no_checkpoint(tmp_path / "out")
+
+
+def test_zero_centred_norms_are_refused_by_a_family_with_plain_ones(tmp_path):
+    """Norm(zero_centred=...) is the norm feature that holds layernorm_zero_centered_gamma: a Llama checkpoint
+    whose args say its norm weights are stored minus one has no Llama form, said in one line."""
+    source, megatron, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
+    make_hf_model(source)
+    to_mcore(source, megatron)
+    for path in megatron.glob("iter_0000001/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["args"].hf_config_json  # a Megatron-LM run with --apply-layernorm-1p
+        state["args"].layernorm_zero_centered_gamma = state["args"].apply_layernorm_1p = True
+        torch.save(state, path)
+    line = error_line(to_hf(megatron, back, ok=False))
+    assert "llama: layernorm_zero_centered_gamma True (llama's norms are not zero-centred" in line
+    assert not back.exists()
+
+
+def test_transformer_engine_names_round_trip(tp2, tmp_path):
+    """megatron-core's experimental-attention block spec (TransformerEngine only) fuses a DeltaNet layer's input
+    norm into its in_proj (TELayerNormColumnParallelLinear: in_proj.layer_norm_weight, metainfo
+    fuse_input_layernorm) and a softmax layer's into linear_qkv; the way back reads those names bit-exactly."""
+    source = tp2[0]
+    megatron, back = tmp_path / "te", tmp_path / "back"
+    to_mcore(source, megatron, "--target-tensor-parallel-size", 2, "--saver-transformer-impl", "transformer_engine")
+    model = torch.load(megatron / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert "decoder.layers.0.self_attention.in_proj.layer_norm_weight" in model
+    assert "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in model
+    assert not [key for key in model if key.endswith("input_layernorm.weight")]
+    assert "decoder.layers.0.self_attention.core_attention._extra_state" not in model  # GatedDeltaNet has none
+    to_hf(megatron, back)
+    assert_bit_identical(source, back)
