@@ -113,7 +113,7 @@ def markdown():
         lines.append(f"| `{key.name}` | {key.when.text} | {_shape(key)} | {_split(key)} | {dtype} | "
                      f"{_code(key.core)} | {_transformer_engine(key)} | {_code(key.legacy)} | {key.description} |")
     lines += ["", "## Dimensions", "", "| dimension | from the Megatron args |", "|---|---|"]
-    lines += [f"| {name} | {meaning} |" for name, (size, meaning) in message_keys.DIMENSIONS.items()]
+    lines += [f"| {name} | {message_keys.DIMENSIONS[name][1]} |" for name in message_keys.BUILT_IN_DIMENSIONS]
     lines += ["", "## Tensor-parallel splits", "", "| split | meaning |", "|---|---|"]
     lines += [f"| {name} | {meaning} |" for name, meaning in SPLITS.items()]
     return "\n".join(lines) + "\n\n" + REGISTERING

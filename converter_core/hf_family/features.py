@@ -66,7 +66,7 @@ def first_key(config, keys):
 class Norm(Feature):
     """The norms: RMSNorm or LayerNorm (with biases, the final norm's too); `epsilon`: config keys of the
     epsilon (the first present is read; a config without one is written with the first); `zero_centred`:
-    the stored weights are the scale minus one (x * (1 + w), Gemma's and Qwen3-Next's norms), which is
+    the stored weights are the scale minus one (x * (1 + w), as some families store them), which is
     Megatron's layernorm_zero_centered_gamma (the --apply-layernorm-1p flag): the weights copy unchanged."""
     kind: str = "RMSNorm"
     epsilon: tuple = ("rms_norm_eps",)

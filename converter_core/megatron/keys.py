@@ -104,6 +104,7 @@ DIMENSIONS = {
                                            "`qk_head_dim`, `v_head_dim`"),
     "heads x v_head_dim": (lambda args: args.num_attention_heads * args.v_head_dim, "`v_head_dim`"),
 }
+BUILT_IN_DIMENSIONS = tuple(DIMENSIONS)  # the rest are registered by plugins (register_dimension)
 
 
 def register_dimension(name, size, meaning=""):
