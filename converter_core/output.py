@@ -195,6 +195,7 @@ class StagedFolder:
             require(not self.target.exists() or not any(self.target.iterdir()),
                     f"{self.target}: already exists and is not empty; choose a new --save-dir", path=self.target)
         self.target = Path(dry_run.mirror(self.target))  # checked above; a dry run stages in its scratch mirror
+        self.job = job
         self.created_parents = _created_parents(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if job is None:
@@ -217,7 +218,11 @@ class StagedFolder:
 
     def abandon(self):
         """Remove the staged folder, and the folders above it that this run created, if still empty.
-        A stop signal arriving meanwhile waits until that is done, so it cannot leave half a folder."""
+        A stop signal arriving meanwhile waits until that is done, so it cannot leave half a folder.
+        A job's folder holds other ranks' files too: the engine removes it (remove_job_staging) once this
+        rank's side has stopped, so a rank that fails never pulls files from under one still writing."""
+        if self.job is not None:
+            return
         with signals_deferred():
             shutil.rmtree(self.path, ignore_errors=True)
             _remove_if_empty(self.created_parents)
