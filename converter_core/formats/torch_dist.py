@@ -503,15 +503,19 @@ def write_metadata(folder, pieces):
             require(path.is_file() and path.stat().st_size >= piece["bytes"], f"{path}: missing or cut short")
     entries = sorted((entry + [piece["file"]] for piece in pieces for entry in piece["written"]), key=lambda e: e[0])
     for _, key, offsets, sizes, start, length, file in entries:
-        info = _StorageInfo(relative_path=file, offset=start, length=length)
         if sizes is None:
-            storage[_MetadataIndex(fqn=key, index=None)] = info
-            continue
-        tensors[key].chunks.append(_ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
-        storage[_MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))] = info
-    for key, meta in tensors.items():
-        covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
-        require(covered == meta.size.numel(), f"{folder}: {key} was not written completely")
+            index = _MetadataIndex(fqn=key, index=None)
+        else:
+            tensors[key].chunks.append(_ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
+            index = _MetadataIndex(fqn=key, index=None, offset=torch.Size(offsets))
+        require(index not in storage, f"{folder}: {key} at {offsets} was written twice")
+        storage[index] = _StorageInfo(relative_path=file, offset=start, length=length)
+    for key, meta in state.items():
+        if key in tensors:
+            covered = sum(int(torch.Size(c.sizes).numel()) for c in meta.chunks)
+            require(covered == meta.size.numel(), f"{folder}: {key} was not written completely")
+        else:
+            require(_MetadataIndex(fqn=key, index=None) in storage, f"{folder}: {key} was not written")
     metadata = _Metadata(state_dict_metadata=state, planner_data=None, storage_data=storage,
                          storage_meta=_StorageMeta(checkpoint_id=None, save_id=None, load_id=None, modules=[]),
                          version="1.0.0")
