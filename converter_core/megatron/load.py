@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from converter_core import layout, protocol
+from converter_core import layout, protocol, share as sharing
 from converter_core.errors import ConversionError, require
 from converter_core.formats import rank_files, torch_dist, torch_file
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -122,6 +122,9 @@ def load(queue, args):
 
     def layer_message(index, p, chunk, local):
         """Layer `index` (`local` in its stage's `chunk` on pipeline rank `p`; num_layers + i: MTP layer i)."""
+        name = protocol.layer_name(index) if index < margs.num_layers else protocol.mtp_layer_name(index - margs.num_layers)
+        if sharing.skipped(args, name):  # no file of this rank's saver holds it: no shard read or merged
+            return protocol.placeholder(margs, index, md.params_dtype)
         message, layer_shapes = {}, protocol.layer_message_shapes(margs, index)
         for entry in schema.entries(margs, index):
             path = schema.layer_path(margs.num_layers, index, local, entry.name)

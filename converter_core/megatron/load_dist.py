@@ -2,7 +2,7 @@
 
 import torch
 
-from converter_core import layout, protocol
+from converter_core import layout, protocol, share as sharing
 from converter_core.errors import ConversionError, require
 from converter_core.formats import torch_dist
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
@@ -65,6 +65,9 @@ def load_dist(queue, args, iteration, folder):
     protocol.check_mtp_reader(args, md, str(folder / torch_dist.COMMON))
 
     def layer_message(index):
+        name = protocol.layer_name(index) if index < layers else protocol.mtp_layer_name(index - layers)
+        if sharing.skipped(args, name):  # no file of this rank's saver holds it: nothing read
+            return protocol.placeholder(margs, index, md.params_dtype)
         message = {}
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             tensor = reader.read(*source_of(candidates, index))
