@@ -151,26 +151,6 @@ class DecodedWeights:
     def __contains__(self, name):
         return name in self.file_of
 
-    def _view(self, path, name):
-        """Tensor `name` of safetensors file `path` as a view of one read-only mapping of the file, made
-        without touching its pages: safetensors' get_tensor reads a tensor's first page, which the kernel's
-        readahead turns into megabytes, so a rank of a job (converter_core.share) that never writes most
-        tensors would read much of them anyway. The header was checked by safe_open."""
-        if path not in self._mapped:
-            with open(path, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length))
-            self._mapped[path] = (8 + length, header, numpy.memmap(path, dtype=numpy.uint8, mode="r"))
-        start, header, mapped = self._mapped[path]
-        entry = header[name]
-        dtype, shape = _DTYPES_BY_NAME[entry["dtype"]], tuple(entry["shape"])
-        begin, end = (start + offset for offset in entry["data_offsets"])
-        if begin == end:
-            return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only memory: nothing writes through it
-            return torch.frombuffer(mapped[begin:end], dtype=torch.uint8).view(dtype).view(shape)
-
     def names(self):
         return list(self.file_of)
 
