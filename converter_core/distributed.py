@@ -242,7 +242,7 @@ class _Rank:
         if self.published is COMMITTED:
             return
         if self.committing:
-            if not output.defer_signal(signum):  # too late once the commit is claimed: the job completes
+            if not output.defer_signal(signum, self.gate):  # too late once the commit is claimed: the job completes
                 raise Interrupted(signum)
             return
         if signum == signal.SIGTERM and not self.launch.local and self.cause is None:
@@ -461,16 +461,14 @@ class _Rank:
     def commit(self, args, pieces):
         """Rank 0, every rank's saver done: the saver's finish_share writes the rest and commits. A stop
         signal raises in it until the commit is claimed (then the job completes); a cancel before it counts."""
+        self.gate = output.CommitGate(mp.get_context(orchestrator.START_METHOD).Value("b", output.RUNNING))
         self.committing = True  # from here the watcher publishes no cause: this thread says the outcome
         try:
             if self.stop.is_set():
                 raise _Stopped()
-            output.set_owner(None, mp.get_context(orchestrator.START_METHOD).Value("b", output.RUNNING))
-            try:
-                self.saver.finish_share(args, pieces)
-                self.published = COMMITTED
-            finally:
-                output.set_owner(None, None)
+            setattr(args, output.COMMIT_GATE, self.gate)  # claimed by the saver's staged folder and tracker
+            self.saver.finish_share(args, pieces)
+            self.published = COMMITTED
         finally:
             self.committing = False
 

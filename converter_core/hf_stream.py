@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from converter_core import dry_run, flags, hf_family, layout, protocol, share as sharing, vocab, workers
+from converter_core import dry_run, flags, hf_family, layout, output, protocol, share as sharing, vocab, workers
 from converter_core.errors import ConversionError, require, require_folder
 from converter_core.formats import fp8, hf, mxfp4
 from converter_core.megatron import args as megatron_args
-from converter_core.output import StagedFolder
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
@@ -54,6 +53,7 @@ def add_saver_arguments(parser, title):
                        help="largest safetensors shard before splitting with an index (default 50GB, as transformers 5)")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
     protocol.reads_mtp_layers(parser)  # written by a family with Mtp, refused by the others
+    protocol.takes_rows(parser)  # a Megatron source's TP shards are written from their blocks
 
 
 def read_config(folder):
@@ -144,7 +144,7 @@ def load(queue, args, families):
 
     md = protocol.make_metadata(margs, true_vocab_size=loader_vocab_size(args, decoder, folder))
     protocol.check_mtp_reader(args, md, str(config_path))
-    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args), protocol.saver_takes_rows(args))
 
 
 def check_layers(weights, count, config_path, family, mtp=0):
@@ -210,7 +210,7 @@ def save(queue, args, families, folds=()):
     final_norm = family.final_norm_names()
     code_folder, code_files = remote_code_source(args, margs, config, where)
     share = sharing.of(args)
-    staged = StagedFolder(args.save_dir, job=share and share.job)
+    staged = output.StagedFolder(args.save_dir, job=share and share.job, gate=output.commit_gate(args))
     pool = workers.Workers(getattr(args, "workers", 1))
     try:
         def stored(name):
@@ -321,7 +321,7 @@ def finish_output(args, staged, pieces):
 
 def finish_share(args, pieces):
     """Finish a job whose ranks each wrote their shards (converter_core.share): on rank 0, after all succeeded."""
-    finish_output(args, StagedFolder(args.save_dir, job=args.share.job), pieces)
+    finish_output(args, output.StagedFolder(args.save_dir, job=args.share.job, gate=output.commit_gate(args)), pieces)
 
 
 def folding(args, family, families, folds, where):

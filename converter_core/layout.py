@@ -21,8 +21,9 @@ class Rows(tuple):
     """A tensor given as row blocks, views whose concatenation it is. A Megatron loader sends TP shards
     merged along rows this way instead of copying them into fresh shared memory: the blocks view its
     mapped rank files, so they cross the queue as file references (file_refs), and our savers write them
-    where they lie. A process whose saver has not asked for Rows (Megatron's own savers, a plugin's own
-    use of the Receiver) receives the plain tensor, concatenated as it arrives."""
+    where they lie. A saver that has not declared it takes them (protocol.takes_rows: Megatron's own
+    savers, a plugin's own use of the Receiver) receives the plain tensor, concatenated as it arrives
+    (joined_on_arrival, applied by protocol.send)."""
 
     @property
     def shape(self):
@@ -81,23 +82,40 @@ class Columns:
         return _received_columns, (self.blocks,)
 
 
-_rows_accepted = False
-
-
-def accept_rows():
-    """This process's saver takes Rows and Columns: receive them as they were sent."""
-    global _rows_accepted
-    _rows_accepted = True
-
-
 def _received_rows(blocks):
     _check_blocks(blocks, 1, "row")
-    return Rows(blocks) if _rows_accepted else torch.cat(blocks)
+    return Rows(blocks)
 
 
 def _received_columns(blocks):
     _check_blocks(blocks, 0, "column")
-    return Columns(blocks) if _rows_accepted else torch.cat(blocks, dim=1)
+    return Columns(blocks)
+
+
+class _JoinedOnArrival:
+    """Blocks that unpickle as the one tensor they make along `dim` (see joined_on_arrival)."""
+
+    def __init__(self, blocks, dim):
+        self.blocks, self.dim = blocks, dim
+
+    def __reduce__(self):
+        return _joined, (self.blocks, self.dim)
+
+
+def _joined(blocks, dim):
+    _check_blocks(blocks, 1 - dim, "column" if dim else "row")
+    return torch.cat(blocks, dim=dim)
+
+
+def joined_on_arrival(value):
+    """`value` as it should cross a queue to a process that takes only tensors: Rows and Columns are
+    concatenated there, as they are unpickled, from the blocks' file references (concatenated here they
+    would fill fresh shared memory first); anything else is left as it is."""
+    if isinstance(value, Rows):
+        return _JoinedOnArrival(tuple(value), 0)
+    if isinstance(value, Columns):
+        return _JoinedOnArrival(value.blocks, 1)
+    return value
 
 
 def _check_blocks(blocks, keep, what):

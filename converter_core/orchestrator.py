@@ -5,6 +5,7 @@ SIGHUP) or its death stops both children, which remove their staged output. Noth
 
 import ctypes
 import errno
+import functools
 import gc
 import importlib
 import os
@@ -38,22 +39,23 @@ def _raise_interrupted(signum, frame):
         raise Interrupted(signum)
 
 
-def stop_on_signals():
+def stop_on_signals(gate=None):
     """A child side's stop signals (SIGTERM, SIGHUP) raise Interrupted wherever it is, with two exceptions
     that would lose a stop or its cleanup, where the signal is delivered again a moment later instead:
     while an exception is being handled (the side is cleaning up after a failure, e.g. removing its
     staged output: cut short, that would be left behind), and inside a weakref callback or a __del__,
     where Python swallows the exception (printing a traceback) and carries on."""
-    signal.signal(signal.SIGTERM, _stop_side)
-    signal.signal(signal.SIGHUP, _stop_side)
+    handler = functools.partial(_stop_side, gate)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
     sys.unraisablehook = _redeliver_swallowed_stop
 
 
 REDELIVER_SECONDS = 0.05
 
 
-def _stop_side(signum, frame):
-    if output.defer_signal(signum):
+def _stop_side(gate, signum, frame):
+    if output.defer_signal(signum, gate):
         return
     if sys.exc_info()[1] is not None:
         redeliver(signum)
@@ -101,7 +103,7 @@ def _describe(error):
 
 def _die_with_parent(parent_pid):
     """Linux: the kernel sends SIGTERM when the parent dies (even by SIGKILL); elsewhere the staged
-    output still refuses to commit once the parent is gone (output.still_wanted)."""
+    output still refuses to commit once the parent is gone (output.CommitGate.still_wanted)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -131,8 +133,9 @@ def _run_side(role, plugin_modules, entry, queue, args, reports, events, saver_f
     # collects nothing, as the command line's does).
     gc.freeze()
     gc.enable()
-    stop_on_signals()
-    output.set_owner(parent_pid, gate)
+    gate = output.CommitGate(gate.value, parent_pid)
+    setattr(args, output.COMMIT_GATE, gate)  # the saver's StagedFolder and write_atomically claim it
+    stop_on_signals(gate)
     dry_run.enter(getattr(args, "dry_run_scratch", None))  # inherited under fork; set again for spawn
     _die_with_parent(parent_pid)
     _release_freed_tensors()  # inherited under fork; set again for spawn
@@ -235,7 +238,7 @@ def _locked_run(args, loader, saver, on_event, cancel, second_loader=None):
         if lock is not None:
             lock.release()
         raise _cannot_start(error) from None
-    processes, gate, said = {}, context.Value("b", output.RUNNING), {}
+    processes, gate, said = {}, output.CommitGate(context.Value("b", output.RUNNING)), {}
     stop_signals = [number for number in STOP_SIGNALS if signal.getsignal(number) is _raise_interrupted]
     failure = (None, "did not finish", EXIT_INTERNAL)
     try:
@@ -332,10 +335,10 @@ def _start_and_supervise(context, args, loader, saver, reports, said, events, pr
     stall = getattr(args, "stall_timeout", None) or None
     try:
         failure = _supervise(sides, saver_finished, cancel, stall)
-        if failure and failure[1] == "cancelled" and not output.withdraw(gate):
+        if failure and failure[1] == "cancelled" and not gate.withdraw():
             failure = _supervise(sides, saver_finished, None, stall)
     except Interrupted:
-        if output.withdraw(gate):
+        if gate.withdraw():
             raise
         for number in STOP_SIGNALS:
             if signal.getsignal(number) is _raise_interrupted:

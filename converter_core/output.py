@@ -14,41 +14,54 @@ from pathlib import Path
 from converter_core import dry_run, file_refs
 from converter_core.errors import ConversionError, Interrupted, require
 
-# The pid of the process that asked for the output; a child whose parent has gone does not commit.
-_owner_pid = None
-# The run's commit gate, shared with the parent (a multiprocessing Value): RUNNING until the saver claims
-# it to commit or the parent withdraws the run (cancel, stop signal), whichever comes first, so a run
-# is either committed or cancelled, never both.
-_commit_gate = None
 RUNNING, COMMITTING, WITHDRAWN = 0, 1, 2
 
 
-def set_owner(pid, gate=None):
-    global _owner_pid, _commit_gate
-    _owner_pid, _commit_gate = pid, gate
+class CommitGate:
+    """A run's commit gate, which the orchestrator puts on its saver's args (commit_gate(args)): a
+    multiprocessing Value shared with the process that asked for the output, RUNNING until the saver
+    claims it to commit or the owner withdraws the run (cancel, stop signal), whichever comes first, so a
+    run is either committed or cancelled, never both. `owner_pid`: the parent the saver's process must
+    still have when it commits (None: any); a child whose parent has gone does not commit."""
+
+    def __init__(self, value, owner_pid=None):
+        self.value, self.owner_pid = value, owner_pid
+
+    def still_wanted(self):
+        return self.owner_pid is None or os.getppid() == self.owner_pid
+
+    def claim(self, target):
+        """Called right before the output appears: from here on the run completes even if it is cancelled."""
+        require(self.still_wanted(), f"{target}: the run was cancelled; output not committed")
+        with self.value.get_lock():
+            require(self.value.value != WITHDRAWN, f"{target}: the run was cancelled; output not committed")
+            self.value.value = COMMITTING
+
+    def withdraw(self):
+        """The owner's side: True if the run is withdrawn (nothing will be committed), False if the saver
+        is already committing it."""
+        with self.value.get_lock():
+            if self.value.value == COMMITTING:
+                return False
+            self.value.value = WITHDRAWN
+            return True
+
+    def committing(self):
+        return self.value.get_obj().value == COMMITTING  # without the lock: a signal handler may ask inside claim
 
 
-def still_wanted():
-    return _owner_pid is None or os.getppid() == _owner_pid
+COMMIT_GATE = "commit_gate"  # the args attribute the orchestrator sets on a side's args
 
 
-def claim_commit(target):
-    """Called right before the output appears: from here on the run completes even if it is cancelled."""
-    require(still_wanted(), f"{target}: the run was cancelled; output not committed")
-    if _commit_gate is not None:
-        with _commit_gate.get_lock():
-            require(_commit_gate.value != WITHDRAWN, f"{target}: the run was cancelled; output not committed")
-            _commit_gate.value = COMMITTING
+def commit_gate(args):
+    """The run's CommitGate from a saver's args, for StagedFolder and write_atomically (None outside an
+    orchestrated run: nothing to race with)."""
+    return getattr(args, COMMIT_GATE, None)
 
 
-def withdraw(gate):
-    """The parent's side of the gate: True if the run is withdrawn (nothing will be committed), False if
-    the saver is already committing it."""
-    with gate.get_lock():
-        if gate.value == COMMITTING:
-            return False
-        gate.value = WITHDRAWN
-        return True
+def _claim(gate, target):
+    if gate is not None:
+        gate.claim(target)
 
 
 def fsync_path(path):
@@ -108,9 +121,10 @@ def _chmod_as_umask(path, mode):
     os.chmod(path, mode & ~umask)
 
 
-def write_atomically(path, text):
+def write_atomically(path, text, gate=None):
     """Replace `path` in one step by a file holding `text`. The temporary file is created exclusively
-    under a fresh name (a planted file or symlink is never followed) and is on disk before the rename."""
+    under a fresh name (a planted file or symlink is never followed) and is on disk before the rename.
+    `gate`: the run's commit_gate(args), claimed before the rename."""
     path = Path(dry_run.mirror(path))  # a dry run writes its scratch mirror only
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -119,7 +133,7 @@ def write_atomically(path, text):
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        claim_commit(path)
+        _claim(gate, path)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -159,11 +173,11 @@ def _write_failure(path, error):
 _deferred_signals = None
 
 
-def defer_signal(signum):
+def defer_signal(signum, gate=None):
     """True if a cleanup is running and `signum` was parked until it ends, or if the run is committing
-    its output, when a stop comes too late and is dropped (the run completes)."""
-    if _commit_gate is not None and _commit_gate.get_obj().value == COMMITTING:
-        return True  # read without the gate's lock: this may run inside claim_commit, which holds it
+    its output through `gate`, when a stop comes too late and is dropped (the run completes)."""
+    if gate is not None and gate.committing():
+        return True
     if _deferred_signals is None:
         return False
     _deferred_signals.append(signum)
@@ -185,9 +199,10 @@ def signals_deferred():
 class StagedFolder:
     """A folder built under a unique hidden name next to `target` and renamed onto it by commit().
     With `job` (a Share's job id) the name is the job's, `.{target name}.partial-{job}`, the same on every
-    rank of the job, and whichever rank comes first creates it."""
+    rank of the job, and whichever rank comes first creates it. `gate`: the run's commit_gate(args),
+    claimed by commit(), so a run cancelled meanwhile never appears."""
 
-    def __init__(self, target, must_be_new=True, job=None):
+    def __init__(self, target, must_be_new=True, job=None, gate=None):
         self.target = Path(os.path.abspath(target))  # "." has no name to stage beside
         require(not self.target.is_symlink(), f"{self.target}: is a symbolic link; choose a real --save-dir")
         require(not self.target.exists() or self.target.is_dir(), f"{self.target}: exists and is not a folder")
@@ -195,7 +210,7 @@ class StagedFolder:
             require(not self.target.exists() or not any(self.target.iterdir()),
                     f"{self.target}: already exists and is not empty; choose a new --save-dir", path=self.target)
         self.target = Path(dry_run.mirror(self.target))  # checked above; a dry run stages in its scratch mirror
-        self.job = job
+        self.job, self.gate = job, gate
         self.created_parents = _created_parents(self.target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         if job is None:
@@ -207,10 +222,10 @@ class StagedFolder:
 
     def commit(self):
         """Make the output appear, once all of it is on disk, unless the run is no longer wanted."""
-        require(still_wanted(), f"{self.target}: the run was cancelled; output not committed")
+        require(self.gate is None or self.gate.still_wanted(), f"{self.target}: the run was cancelled; output not committed")
         fsync_tree(self.path)
         file_refs.check_sources()  # no page of a source cut short was read as zeros into this output
-        claim_commit(self.target)
+        _claim(self.gate, self.target)
         if self.target.exists():
             self.target.rmdir()  # only ever an empty folder here
         os.replace(self.path, self.target)

@@ -25,12 +25,12 @@ from converter_core.megatron.args import complete as complete_args, linear_atten
 from converter_core.megatron.keys import (COLUMN, LINEAR_ATTENTION, MOE as MOE_LAYERS, REPLICATED, ROW, SWIGLU,
                                           Condition, LayerKey, register_dimension, register_layer_key)
 from converter_core.megatron.schema import FORMATS, CoreSchema, LegacySchema
-from converter_core.output import StagedFolder, write_atomically
+from converter_core.output import StagedFolder, commit_gate, write_atomically
 from converter_core.share import write_pieces
 from converter_core.protocol import (DONE, EMBEDDINGS, EXIT, FINAL_NORM, LAYER_KEYS, OUTPUT_LAYER, Receiver,
                                      exit_on_failure, layer_message_shapes, layer_name, make_metadata, report, send,
-                                     send_model, stall_timeout)
-from converter_core.protocol import mtp_layer_name, reads_mtp_layers
+                                     saver_takes_rows, send_model, stall_timeout)
+from converter_core.protocol import mtp_layer_name, reads_mtp_layers, takes_rows
 
 __all__ = [
     # families as data
@@ -41,7 +41,7 @@ __all__ = [
     # multi-latent attention
     "Mla", "MLA_ATTENTION", "MLA_Q", "MLA_KV_DOWN",
     # multi-token prediction
-    "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers",
+    "Mtp", "MTP_PARTS", "mtp_layer_name", "reads_mtp_layers", "takes_rows",
     # family features
     "Feature", "Norm", "Activation", "Refused", "LLAMA_BIAS_SWITCHES", "Fold", "stored_config", "retargeted",
     "rope_settings", "rope_config_value",
@@ -57,9 +57,9 @@ __all__ = [
     # the queue protocol
     "EMBEDDINGS", "FINAL_NORM", "OUTPUT_LAYER", "DONE", "EXIT", "LAYER_KEYS", "layer_name", "layer_message_shapes",
     "make_metadata", "make_args", "complete_args", "plain_copy", "send", "send_model", "Receiver", "exit_on_failure", "report",
-    "stall_timeout",
+    "stall_timeout", "saver_takes_rows",
     # safe readers and staged writers
-    "HFWeights", "read_json", "load_torch_file", "PlannedSafetensors", "StagedFolder", "write_atomically",
+    "HFWeights", "read_json", "load_torch_file", "PlannedSafetensors", "StagedFolder", "commit_gate", "write_atomically",
     # errors
     "ConversionError", "require",
 ]

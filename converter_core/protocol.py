@@ -23,6 +23,7 @@ OUTPUT_LAYER = "output layer"  # untied models only: {"weight": [vocab, hidden]}
 # reads them (reads_mtp_layers), since Megatron's own savers take any message there for a stray one and
 # go on without its weights.
 SAVER_READS_MTP = "saver_reads_mtp"  # the args attribute a saver's declaration sets
+SAVER_TAKES_ROWS = "saver_takes_rows"  # the args attribute takes_rows sets
 DONE = "done"  # the string ending a complete stream
 EXIT = "exit"  # the string a failing loader puts instead, so the saver stops
 EXIT_PUT_SECONDS = 10
@@ -53,6 +54,18 @@ def reads_mtp_layers(parser):
     output layer when md.mtp_num_layers > 0. Without it our loaders refuse a model with multi-token-
     prediction layers instead of sending them to a saver that would drop them."""
     parser.set_defaults(**{SAVER_READS_MTP: True})
+
+
+def takes_rows(parser):
+    """A saver's declaration, in its add_arguments: its Receiver takes layout.Rows and layout.Columns
+    (rows=True), TP shards as a Megatron loader reads them, unconcatenated. Without it a loader's send
+    delivers plain tensors (layout.joined_on_arrival), which any saver, Megatron's own included, reads."""
+    parser.set_defaults(**{SAVER_TAKES_ROWS: True})
+
+
+def saver_takes_rows(args):
+    """What a loader passes to send_model as `rows`: whether the saver declared takes_rows."""
+    return bool(getattr(args, SAVER_TAKES_ROWS, False))
 
 
 def check_mtp_reader(args, md, where):
@@ -194,23 +207,26 @@ def message_count(md):
     return md.num_layers + 2 + bool(md.output_layer) + (getattr(md, "mtp_num_layers", 0) or 0)
 
 
-def send(queue, name, message, count=None, total=None, stall_timeout=None):
+def send(queue, name, message, count=None, total=None, stall_timeout=None, rows=False):
     """Megatron's queue_put: name the message, enqueue, report progress (count of total). `stall_timeout`:
-    seconds to wait for room on the queue before calling the run stalled (None waits forever)."""
+    seconds to wait for room on the queue before calling the run stalled (None waits forever). `rows`:
+    the saver takes Rows and Columns as they are (saver_takes_rows); otherwise each arrives as a tensor."""
     size = message_bytes(message)
+    if not rows:
+        message = {key: layout.joined_on_arrival(value) for key, value in message.items()}
     message["name"] = name
     _put(queue, message, f'"{name}"', stall_timeout)
     report("sent", name=name, bytes=size, count=count, total=total)
 
 
-def send_model(queue, md, messages, stall_timeout=None):
-    """Send metadata, every (name, tensors) pair from `messages` in order, then "done"; `stall_timeout` as
-    for send (a loader passes stall_timeout(args))."""
+def send_model(queue, md, messages, stall_timeout=None, rows=False):
+    """Send metadata, every (name, tensors) pair from `messages` in order, then "done"; `stall_timeout` and
+    `rows` as for send (a loader passes stall_timeout(args) and saver_takes_rows(args))."""
     total = message_count(md)
     report("start", layers=md.num_layers, messages=total)
     _put(queue, md, "the metadata", stall_timeout)
     for count, (name, tensors) in enumerate(messages, 1):
-        send(queue, name, tensors, count, total, stall_timeout)
+        send(queue, name, tensors, count, total, stall_timeout, rows)
     _put(queue, DONE, '"done"', stall_timeout)
 
 
@@ -218,11 +234,11 @@ class Receiver:
     """The saver's end of the queue: Megatron's queue_get and check_message, raising instead of exit()."""
 
     def __init__(self, queue, checking=True, rows=False, stall_timeout=None):
-        """`rows`: the saver takes layout.Rows (row blocks) where a message holds a tensor; otherwise a
-        tensor sent as Rows arrives concatenated. `stall_timeout`: seconds to wait for each message before
-        calling the run stalled (a saver passes stall_timeout(args); None waits forever)."""
-        if rows:
-            layout.accept_rows()
+        """`rows`: the saver takes layout.Rows and layout.Columns where a message holds a tensor (and has
+        declared takes_rows, so that loaders send them); otherwise any that arrive are concatenated.
+        `stall_timeout`: seconds to wait for each message before calling the run stalled (a saver passes
+        stall_timeout(args); None waits forever)."""
+        self.rows = rows
         self.queue = queue
         self.stall_timeout = stall_timeout or None
         self.checking = checking
@@ -266,6 +282,8 @@ class Receiver:
             require(len(got) == len(shape) and all(w is None or w == g for w, g in zip(shape, got)),
                     f'message "{name}": {key!r} has shape {list(got)}, the model args imply {list(shape)}')
         self.received_bytes = message_bytes(message)
+        if not self.rows:
+            message.update({key: layout.tensor_of(value) for key, value in message.items()})
         return message
 
     def done(self):

@@ -106,6 +106,21 @@ def read_config(folder):
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def edited_copy(source, folder, tensors=None, config=None):
+    """A copy of the HF folder `source` (one model.safetensors) with its tensors and config.json changed in
+    place by the functions given."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(source, folder)
+    if tensors:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        (folder / "config.json").write_text(json.dumps(config(read_config(folder))))
+    return folder
+
+
 def write_tokenizer(folder, size):
     """A word-level tokenizer.json of `size` tokens: enough for the converter to count the vocabulary."""
     from tokenizers import Tokenizer, models

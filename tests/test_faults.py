@@ -477,6 +477,46 @@ def recording_fsync_and_rename(monkeypatch):
     return calls
 
 
+# Wraps one of our savers: the run's owner withdraws it (a cancel) just before the saver's staged output
+# would appear, so the commit gate the orchestrator put on the args must refuse it.
+WITHDRAWN_SAVER = '''
+import importlib, os
+from converter_core import output
+
+saver = importlib.import_module("converter_plugins.saver_" + os.environ["WITHDRAWN_SAVER"])
+add_arguments = saver.add_arguments
+commit = output.StagedFolder.commit
+
+def withdrawn_first(folder):
+    assert folder.gate is not None, "staged without the run's commit gate"
+    assert folder.gate.withdraw()
+    commit(folder)
+
+def save_checkpoint(queue, args):
+    output.StagedFolder.commit = withdrawn_first
+    saver.save_checkpoint(queue, args)
+
+def finish_share(args, pieces):
+    output.StagedFolder.commit = withdrawn_first
+    saver.finish_share(args, pieces)
+'''
+
+
+@pytest.mark.parametrize("saver,flags", [("mcore", ()), ("mcore", ("--ckpt-format", "torch_dist")), ("hf", ()),
+                                         ("mcore", ("--processes", "2"))])
+def test_a_run_withdrawn_just_before_its_commit_never_appears(tmp_path, source, saver, flags):
+    """Each saver stages under the run's commit gate (one process, or a job's finisher), so a cancel that
+    wins the race against the commit leaves nothing: one line, nothing complete."""
+    env = plugin_env(tmp_path, saver_withdrawn=WITHDRAWN_SAVER)
+    env["WITHDRAWN_SAVER"] = saver
+    target = tmp_path / "out"
+    process = subprocess.run(command(source, target, "withdrawn", *flags), capture_output=True, text=True,
+                             timeout=240, env=env)
+    line = error_line(process)
+    assert str(target) in line and line.endswith(": the run was cancelled; output not committed"), line
+    assert_nothing_complete(target)
+
+
 def test_staged_output_is_on_disk_before_it_appears(tmp_path, monkeypatch):
     """Every file and folder of a staged output is fsynced before the rename that makes it appear, and the
     folder above it after; a file written atomically (the tracker) is fsynced before its rename too."""

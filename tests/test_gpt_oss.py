@@ -11,15 +11,14 @@ import pytest
 import torch
 import transformers
 from megatron.core.parallel_state import RankGenerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from dist_harness import dist_logits
-from helpers import (BASE, assert_bit_identical, error_line, hf_logits, read_config, read_safetensors_folder,
+from helpers import (BASE, assert_bit_identical, edited_copy, error_line, hf_logits, read_config, read_safetensors_folder,
                      tokens_for)
 from mcore_harness import mcore_logits
-from test_bad_input import assert_no_checkpoint
-from test_moe import assert_mcore_logits, make_model, to_hf, to_mcore
+from test_moe import assert_mcore_logits, make_model, refused_into_mcore, to_hf, to_mcore
 
 # sliding_window 3 so that the 8-token check sees the window; yarn with truncate=false as released
 GPT_OSS = dict(BASE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=3,
@@ -196,35 +195,17 @@ def test_only_the_rank_files_megatron_lm_writes_at_tp_2_ep_4(bf16_tp2, tmp_path)
     assert not (refused / "config.json").exists() and not list(refused.glob("*.safetensors"))
 
 
-def _edited(source, folder, tensors=None, config=None):
-    """A copy of the HF folder `source` with its tensors and config.json changed by the functions given."""
-    shutil.copytree(source, folder)
-    if tensors:
-        state = load_file(folder / "model.safetensors")
-        tensors(state)
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    if config:
-        (folder / "config.json").write_text(json.dumps(config(read_config(folder))))
-    return folder
-
-
-def _refused(source, out):
-    line = error_line(to_mcore(source, out, ok=False))
-    assert_no_checkpoint(out)
-    return line
-
-
 def test_sinks_of_the_wrong_size_are_refused(bf16_tp2, tmp_path):
     name = "model.layers.1.self_attn.sinks"
-    source = _edited(bf16_tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:3]}))
-    line = _refused(source, tmp_path / "out")
+    source = edited_copy(bf16_tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:3]}))
+    line = refused_into_mcore(source, tmp_path / "out")
     assert name in line and "[3]" in line and f"[{GPT_OSS['num_attention_heads']}]" in line
 
 
 def test_layer_types_of_another_length_are_refused(bf16_tp2, tmp_path):
-    source = _edited(bf16_tp2[0], tmp_path / "hf", config=lambda config: dict(
+    source = edited_copy(bf16_tp2[0], tmp_path / "hf", config=lambda config: dict(
         config, layer_types=config["layer_types"][:-1]))
-    line = _refused(source, tmp_path / "out")
+    line = refused_into_mcore(source, tmp_path / "out")
     assert "config.json" in line and "layer_types" in line and f"{GPT_OSS['num_hidden_layers']} layers" in line
 
 
@@ -232,6 +213,6 @@ def test_mxfp4_blocks_without_scales_are_refused(tmp_path):
     release = tmp_path / "mxfp4"
     write_mxfp4_release(release, tmp_path / "dequantized")
     name = "model.layers.2.mlp.experts.down_proj"
-    source = _edited(release, tmp_path / "hf", tensors=lambda state: state.pop(name + "_scales"))
-    line = _refused(source, tmp_path / "out")
+    source = edited_copy(release, tmp_path / "hf", tensors=lambda state: state.pop(name + "_scales"))
+    line = refused_into_mcore(source, tmp_path / "out")
     assert "model.safetensors" in line and f"{name}_blocks without its scales" in line

@@ -1,7 +1,6 @@
 """layout.Rows and layout.Columns: TP shards sent as row or column blocks instead of one concatenated
 tensor. Every rule that takes them must give exactly what it gives for the concatenated tensor, our
-writers must write the same bytes, and a process whose saver has not asked for them must receive the
-plain tensor."""
+writers must write the same bytes, and a saver that has not asked for them must receive the plain tensor."""
 
 import os
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from converter_core import layout, vocab, workers
+from converter_core import layout, protocol, vocab, workers
 
 
 def _rows(*row_counts, columns=6, dtype=torch.bfloat16):
@@ -109,23 +108,29 @@ def test_columns_give_the_same_shards_and_bytes_as_the_tensor(tmp_path):
         assert _written(tmp_path, parts) == expected(torch.cat(parts))
 
 
-def _receive(queue, results, accept):
-    if accept:
-        layout.accept_rows()
-    value = queue.get()
-    got = layout.assemble(tuple(value)) if isinstance(value, tuple) else layout.tensor_of(value)
+def _receive(queue, results, receiver_takes):
+    """A saver's process: reads a message as Megatron's savers do (queue.get), or with our Receiver."""
+    if receiver_takes is None:
+        value = queue.get()["w"]
+    else:
+        value = protocol.Receiver(queue, checking=False, rows=receiver_takes).get("m")["w"]
+    got = layout.tensor_of(value)
     results.put((type(value).__name__, got.dtype, tuple(got.shape), got.view(torch.int16).numpy().tobytes()))
 
 
 @pytest.mark.parametrize("blocks,kind", [(_rows, "Rows"), (_columns, "Columns")])
-def test_blocks_arrive_as_a_tensor_unless_the_receiver_takes_rows(blocks, kind):
+def test_blocks_arrive_as_a_tensor_unless_the_saver_takes_rows(blocks, kind):
+    """Sent for a saver that has not declared takes_rows, blocks arrive as the tensor (concatenated on
+    arrival), whoever reads them; declared, they arrive as they were sent, and a Receiver that does not
+    take them (rows=False) still hands its saver the tensor."""
     value, whole = blocks(3, 5)
     context = mp.get_context("fork")
-    for accept, expected in ((False, "Tensor"), (True, kind)):
+    for sent_as_rows, receiver_takes, expected in ((False, None, "Tensor"), (False, True, "Tensor"),
+                                                   (True, None, kind), (True, True, kind), (True, False, "Tensor")):
         queue, results = context.Queue(), context.Queue()
-        process = context.Process(target=_receive, args=(queue, results, accept))
+        process = context.Process(target=_receive, args=(queue, results, receiver_takes))
         process.start()
-        queue.put(value)
+        protocol.send(queue, "m", {"w": value}, rows=sent_as_rows)
         got = results.get(timeout=60)  # plain values: a tensor's memory would go with the process
         process.join(60)
         assert process.exitcode == 0

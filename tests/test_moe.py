@@ -33,6 +33,14 @@ def to_mcore(source, target, *flags, ok=True):
                    "--saver-transformer-impl", "local", *flags, ok=ok)
 
 
+def refused_into_mcore(source, out):
+    """The one error line of a conversion of `source` into mcore that must be refused, nothing written."""
+    from test_bad_input import assert_no_checkpoint
+    line = error_line(to_mcore(source, out, ok=False))
+    assert_no_checkpoint(out)
+    return line
+
+
 def to_hf(source, target, *flags, ok=True):
     return convert("--loader", "mcore", "--saver", "hf", "--load-dir", source, "--save-dir", target, *flags, ok=ok)
 

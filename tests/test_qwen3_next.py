@@ -23,13 +23,12 @@ import shutil
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
-from helpers import (BASE, assert_bit_identical, error_line, hf_logits, make_hf_model, randomize, read_config,
+from helpers import (BASE, assert_bit_identical, edited_copy, error_line, hf_logits, make_hf_model, randomize, read_config,
                      read_safetensors_folder, tokens_for)
 from mcore_harness import mcore_logits
 from test_bad_input import assert_no_checkpoint
-from test_moe import make_model, to_hf, to_mcore
+from test_moe import make_model, refused_into_mcore, to_hf, to_mcore
 
 QWEN3_NEXT = dict(BASE, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=16,
                   linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
@@ -141,42 +140,24 @@ def test_a_megatron_made_checkpoint_writes_the_same_model(tp2, tmp_path):
     assert torch.equal(hf_logits(loaded, tokens), hf_logits(model.eval(), tokens))
 
 
-def _edited(source, folder, tensors=None, config=None):
-    """A copy of the HF folder `source` with its tensors and config.json changed by the functions given."""
-    shutil.copytree(source, folder)
-    if tensors:
-        state = load_file(folder / "model.safetensors")
-        tensors(state)
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    if config:
-        (folder / "config.json").write_text(json.dumps(config(read_config(folder))))
-    return folder
-
-
-def _refused(source, out):
-    line = error_line(to_mcore(source, out, ok=False))
-    assert_no_checkpoint(out)
-    return line
-
-
 def test_layer_types_of_another_length_are_refused(tp2, tmp_path):
-    source = _edited(tp2[0], tmp_path / "hf", config=lambda config: dict(
+    source = edited_copy(tp2[0], tmp_path / "hf", config=lambda config: dict(
         config, layer_types=["linear_attention", "full_attention"] * (LAYERS // 2 - 1)))
-    line = _refused(source, tmp_path / "out")
+    line = refused_into_mcore(source, tmp_path / "out")
     assert "config.json" in line and "layer_types" in line and f"{LAYERS} layers" in line
 
 
 def test_layer_types_against_the_interval_are_refused(tp2, tmp_path):
-    source = _edited(tp2[0], tmp_path / "hf", config=lambda config: dict(
+    source = edited_copy(tp2[0], tmp_path / "hf", config=lambda config: dict(
         config, layer_types=["linear_attention"] * (LAYERS - 1) + ["full_attention"]))
-    line = _refused(source, tmp_path / "out")
+    line = refused_into_mcore(source, tmp_path / "out")
     assert "config.json" in line and "layer_types" in line and "full_attention_interval (2)" in line
 
 
 def test_deltanet_tensor_of_the_wrong_shape_is_refused(tp2, tmp_path):
     name = "model.layers.2.linear_attn.in_proj_ba.weight"
-    source = _edited(tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:-2]}))
-    line = _refused(source, tmp_path / "out")
+    source = edited_copy(tp2[0], tmp_path / "hf", tensors=lambda state: state.update({name: state[name][:-2]}))
+    line = refused_into_mcore(source, tmp_path / "out")
     assert name in line and f"[6, {BASE['hidden_size']}]" in line and f"[8, {BASE['hidden_size']}]" in line
 
 

@@ -206,6 +206,23 @@ def test_a_saver_that_cannot_be_split_is_refused_before_anything_starts(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_processes_that_cannot_run_are_one_line(tmp_path, source):
+    """--processes 0 (command line and API), and a dry run split over processes: one line, nothing written."""
+    import converter_core
+    common = ["--loader", "llama_hf", "--saver", "mcore", "--load-dir", source / "hf", "--save-dir", tmp_path / "out"]
+    process = convert(*common, "--processes", 0, ok=False)
+    assert error_line(process) == "converter_core: error: argument --processes: must be a positive integer, got '0'"
+    assert process.returncode == 2
+    with pytest.raises(converter_core.ConversionError) as raised:
+        converter_core.convert("llama_hf", "mcore", source / "hf", tmp_path / "out", processes=0)
+    assert str(raised.value) == "argument processes: must be a positive integer, got '0'" and raised.value.status == 2
+    process = convert(*common, "--processes", 2, "--dry-run", ok=False)
+    assert error_line(process) == ("converter_core: error: --dry-run plans the conversion in one process; run it "
+                                   "without --processes or torchrun (the files and sizes are the same)")
+    assert process.returncode == 1
+    assert not (tmp_path / "out").exists()
+
+
 def gated(tmp_path, command, rank, saver="mcore"):
     """Start `command` (a run with --saver gated) whose rank `rank` stops at its first layer; returns the
     launcher process and, once that rank waits there, the pid of that rank's process."""

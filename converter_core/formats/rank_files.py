@@ -97,6 +97,7 @@ def _rank_folders(iteration_folder):
     return sorted(entry for entry in Path(iteration_folder).iterdir() if _RANK_DIR.match(entry.name))
 
 
-def write_tracker(save_dir, iteration):
-    """Written last and atomically: its presence is what marks a checkpoint complete."""
-    output.write_atomically(Path(save_dir) / TRACKER, str(iteration))
+def write_tracker(save_dir, iteration, gate=None):
+    """Written last and atomically: its presence is what marks a checkpoint complete. `gate`: the run's
+    output.commit_gate(args)."""
+    output.write_atomically(Path(save_dir) / TRACKER, str(iteration), gate)

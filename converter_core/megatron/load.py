@@ -156,7 +156,7 @@ def load(queue, args):
         for depth in range(mtp_layers):  # megatron-core keeps them on the last stage
             yield protocol.mtp_layer_name(depth), layer_message(margs.num_layers + depth, p, chunk, None)
 
-    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args), protocol.saver_takes_rows(args))
 
 
 def _tensor_paths(tree, prefix=()):

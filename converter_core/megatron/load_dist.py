@@ -86,4 +86,4 @@ def load_dist(queue, args, iteration, folder):
         for depth in range(mtp_layers):
             yield protocol.mtp_layer_name(depth), layer_message(layers + depth)
 
-    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args))
+    protocol.send_model(queue, md, messages(), protocol.stall_timeout(args), protocol.saver_takes_rows(args))

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from converter_core import flags, layout, protocol, share as sharing
+from converter_core import flags, layout, output, protocol, share as sharing
 from converter_core.errors import require
 from converter_core.megatron import args as megatron_args, schema as megatron_schema
 from converter_core.megatron.schema import final_norm_keys
@@ -29,6 +29,7 @@ def add_saver_arguments(parser, title, default_impl="transformer_engine"):
                        help="parameter names to write: TransformerEngine or the local spec")
     group.add_argument("--megatron-path", type=str, default=None, help="accepted and ignored: Megatron is not needed")
     protocol.reads_mtp_layers(parser)  # written to the last stage, or refused by a format without them
+    protocol.takes_rows(parser)  # TP shards are split, trimmed and written from their blocks
 
 
 def output_args(md, args, tp, pp, schema, ckpt_format, ep=1):
@@ -89,7 +90,7 @@ def save(queue, args, schema, ckpt_format="torch"):
         naming.moe_grouped_gemm = False
 
     sink = SINKS[ckpt_format](args.save_dir, md.iteration, tp, pp, schema, margs, ep, getattr(args, "workers", 1),
-                              sharing.of(args))
+                              sharing.of(args), output.commit_gate(args))
     layers = [(protocol.layer_name(index), index, index // per_stage) for index in range(md.num_layers)]
     layers += [(protocol.mtp_layer_name(depth), md.num_layers + depth, last) for depth in range(mtp_layers)]
     sharing.announce_skipped(args, [name for name, index, stage in layers if not sink.needs_layer(index, stage)])
@@ -161,5 +162,5 @@ def _stored(tensor, dtype, needed):
 
 def finish_share(args, pieces):
     """Finish a job whose ranks each wrote their files (converter_core.share): on rank 0, after all succeeded."""
-    staged = sinks.staged_iteration(args.save_dir, pieces[0]["iteration"], args.share)
+    staged = sinks.staged_iteration(args.save_dir, pieces[0]["iteration"], args.share, output.commit_gate(args))
     sinks.finish_output(args.save_dir, staged, pieces)

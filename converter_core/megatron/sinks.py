@@ -18,11 +18,12 @@ from converter_core.output import StagedFolder
 CHECKPOINT_VERSION = 3.0
 
 
-def staged_iteration(save_dir, iteration, share=None):
-    """The iteration folder's staging: the run's own, or with a Share the job's (every rank's and the finisher's)."""
+def staged_iteration(save_dir, iteration, share=None, gate=None):
+    """The iteration folder's staging: the run's own, or with a Share the job's (every rank's and the finisher's);
+    `gate`: the run's output.commit_gate(args)."""
     final = Path(save_dir) / rank_files.iteration_dir_name(iteration)
     require(not final.exists(), f"{final}: already exists; choose another --save-dir")
-    return StagedFolder(final, job=share and share.job)
+    return StagedFolder(final, job=share and share.job, gate=gate)
 
 
 def finish_output(save_dir, staged, pieces):
@@ -41,7 +42,7 @@ def finish_output(save_dir, staged, pieces):
             path = staged.path / name / rank_files.RANK_FILE
             require(path.is_file(), f"{path}: missing (a rank wrote it elsewhere?)")
     staged.commit()
-    rank_files.write_tracker(save_dir, first["iteration"])
+    rank_files.write_tracker(save_dir, first["iteration"], staged.gate)
 
 
 def layer_bytes(args, index, ep=1):
@@ -62,8 +63,8 @@ def vocab_bytes(args):
 
 class Sink(abc.ABC):
     """What the saver calls on a sink, in this order: built as
-    `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count, share)` (`args`: the output's Megatron
-    args; `share`: a converter_core.share.Share or None), then the put_* methods as the stream's tensors
+    `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count, share, gate)` (`args`: the output's
+    Megatron args; `share`: a converter_core.share.Share or None; `gate`: the run's output.commit_gate), then the put_* methods as the stream's tensors
     arrive, then finish(args) once, or abandon() on any failure. `stage` is a pipeline rank, `path` a tuple
     of dict keys in `schema`'s names, `kind` a layout TP rule; tensors are full (unsplit): splitting them for
     TP / EP is the sink's job. With a share the sink writes only its rank's files, and finish() hands its
@@ -125,13 +126,13 @@ class RankFilesSink(Sink):
 
     per_rank = True
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None, gate=None):
         self.save_dir, self.schema, self.share = Path(save_dir), schema, share
         self.workers = workers.Workers(workers_count)
         self.iteration, self.tp, self.pp, self.ep = iteration, tp, pp, ep
         self.num_layers = args.num_layers
         self.whole_experts = getattr(args, "expert_tensor_parallel_size", None) == 1
-        self.staged = staged_iteration(save_dir, iteration, share)
+        self.staged = staged_iteration(save_dir, iteration, share, gate)
         self.names = {(t, p, e): rank_files.rank_dir_name(t, p, pp, e, ep)
                       for t in range(tp) for p in range(pp) for e in range(ep)}
         mine = set(self.names.values())
@@ -233,7 +234,7 @@ class TorchDistSink(Sink):
 
     per_rank = False
 
-    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None):
+    def __init__(self, save_dir, iteration, tp, pp, schema, args, ep=1, workers_count=1, share=None, gate=None):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
         self.share = share
         self.workers = workers.Workers(workers_count)
@@ -242,7 +243,7 @@ class TorchDistSink(Sink):
         self.experts = args.num_experts or 0
         # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
         self.local_renames = schema.impl == megatron_schema.LOCAL and not args.multi_latent_attention
-        self.staged = staged_iteration(save_dir, iteration, share)
+        self.staged = staged_iteration(save_dir, iteration, share, gate)
         self.writer = torch_dist.DistWriter(self.staged.path, share.rank if share else 0)
         self.mine = None  # every unit
         if share is not None:  # units: each layer, and each tensor outside the layers (any other: rank 0's)
