@@ -20,8 +20,16 @@ class Share:
 
     def mine(self, units):
         """The keys of `units` (an ordered list of (key, size in bytes), the same on every rank) that this
-        rank writes: a run of neighbouring units, the runs balanced by bytes (owners). A rank may get none."""
-        return owners(units, self.world)[self.rank]
+        rank writes: a run of neighbouring units, the runs balanced by bytes (owners). A rank may get none;
+        rank 0 then warns, once, since those ranks only add start-up time."""
+        every = owners(units, self.world)
+        idle = sum(not keys for keys in every)
+        if idle and self.rank == 0:
+            from converter_core import protocol  # protocol imports this module
+            protocol.report("warning", message=f"the output has {len(units)} file(s) for {self.world} ranks: {idle} "
+                            "rank(s) have nothing to write (ranks share whole files; an HF output is split into "
+                            "more with --max-shard-size)")
+        return every[self.rank]
 
 
 def owners(units, world):
