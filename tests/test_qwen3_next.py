@@ -27,6 +27,8 @@ import pytest
 import torch
 import transformers
 
+from converter_core import plugin
+from converter_core.errors import ConversionError
 from helpers import (BASE, assert_bit_identical, convert, edited_copy, error_line, hf_logits, make_hf_model, randomize,
                      read_config, read_safetensors_folder, tokens_for)
 from dist_harness import dist_logits, resave_dist_checkpoint, torch_dist_tensors
@@ -256,3 +258,25 @@ def test_per_rank_files_to_torch_dist_write_the_same_tensors(tp2, dist, tmp_path
     expected, written = torch_dist_tensors(dist[0]), torch_dist_tensors(out / "iter_0000001")
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[key], expected[key]) for key in expected)
+
+
+def test_a_torch_dist_missing_a_part_is_refused(dist, tmp_path):
+    """A torch_dist DeltaNet layer without one of its parts is one line naming the file and the tensor."""
+    import torch.distributed.checkpoint as dcp
+    missing = "decoder.layers.2.self_attention.in_proj.weight.beta"
+    tensors = torch_dist_tensors(dist[0])
+    del tensors[missing]
+    target = tmp_path / "dist" / "iter_0000001"
+    dcp.save(tensors, checkpoint_id=str(target), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(dist[0] / name, target / name)
+    (tmp_path / "dist" / "latest_checkpointed_iteration.txt").write_text("1")
+    line = error_line(to_hf(tmp_path / "dist", tmp_path / "back", ok=False))
+    assert f"{target / '.metadata'}: layer 2: no tensor decoder.layers.self_attention.in_proj.weight.beta" in line
+    assert not (tmp_path / "back").exists()
+
+
+def test_dist_part_is_for_parts_of_a_fused_parameter():
+    with pytest.raises(ConversionError, match="dist_part names a part of a fused parameter"):
+        plugin.register_layer_key(plugin.LayerKey("whole weight", ("hidden",), plugin.COLUMN, "x.weight",
+                                                  dist_part="x"))
