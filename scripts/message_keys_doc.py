@@ -62,7 +62,10 @@ multi-token-prediction layers too, with index `num_layers + i`: such a layer is 
 decoder layer): our savers require it
 (the message's shape check) and write it after the built-in tensors, our loaders read it. `te`,
 `legacy` and `grouped` give other specs' names where they differ; `register_dimension(name, size)`
-adds a dimension sized from the args.
+adds a dimension sized from the args. Keys that are parts of one fused parameter (split `swiglu`, in table
+order) may each name a `dist_part`: torch_dist then holds each part as its own tensor
+`<parameter>.<dist_part>`, rows split over TP on their own, as megatron-core's sharded_state_dict declares
+some fused parameters (GatedDeltaNet's `in_proj.weight.query`, ...); our torch_dist saver and loader follow it.
 
 A key exists in the processes that imported the module registering it, so register it at import time,
 in a module that both your loader and saver plugin modules import. Our orchestrator imports both the

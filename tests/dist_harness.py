@@ -75,6 +75,32 @@ def dist_logits(iter_dir, tokens, tp=1, timeout=DEFAULT_TIMEOUT):
     return _run_ranks(_load_worker, tp, (iter_dir, _tokens(tokens)), timeout)
 
 
+def resave_dist_checkpoint(iter_dir, save_dir, tp=1, timeout=DEFAULT_TIMEOUT):
+    """Load a torch_dist checkpoint strictly into a GPTModel at TP `tp` (as dist_logits) and save it again
+    with megatron-core's own `dist_checkpointing.save`, under the same args and iteration, as
+    `<save_dir>/iter_*` and the tracker. Returns that iteration folder: what megatron-core writes for
+    the same weights, keys, shapes and chunks of its own sharded_state_dict."""
+    iter_dir, save_dir = os.path.abspath(iter_dir), os.path.abspath(save_dir)
+    iteration = int(os.path.basename(iter_dir).removeprefix("iter_"))
+    target = os.path.join(save_dir, f"iter_{iteration:07d}")
+    os.makedirs(target)
+    _run_ranks(_load_worker, tp, (iter_dir, None, target), timeout)
+    with open(os.path.join(save_dir, TRACKER_FILE), "w") as tracker:
+        tracker.write(str(iteration))
+    return target
+
+
+def torch_dist_tensors(iter_dir):
+    """{key: whole tensor} of a torch_dist checkpoint, read with torch's own DCP reader (no objects)."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(os.fspath(iter_dir)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in stored.items() if hasattr(meta, "size")}
+    dcp.load(tensors, checkpoint_id=os.fspath(iter_dir), no_dist=True)
+    return tensors
+
+
 def read_common(iter_dir):
     """common.pt, loaded with weights_only and only the classes Megatron pickles in `args`.
 
@@ -120,33 +146,39 @@ def _sharded_metadata(content_metadata):
 def _save_worker(rank, tp, port, out_path, iter_dir, args, seed, tokens):
     """One TP rank: random model, its logits, then its shards as Megatron-LM's save_checkpoint."""
     with _megatron_cpu(rank, tp, port):
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
         model = _gpt_model(args, args.num_layers, pre_process=True, post_process=True)
         _randomize(model, seed, rank)
         logits = _forward([model], tokens)
-        # Same keys, same order as Megatron-LM's generate_state_dict (no optimizer, no rng).
-        state = {
-            "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": args.iteration,
-            "model": model.sharded_state_dict(metadata=_sharded_metadata(CONTENT_METADATA)),
-            "num_floating_point_operations_so_far": 0,
-        }
-        dist_checkpointing.save(
-            state,
-            iter_dir,
-            sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1),
-            validate_access_integrity=True,
-            content_metadata=dict(CONTENT_METADATA),
-        )
+        _save(model, args, iter_dir)
         if rank == 0:
             torch.save(logits, out_path)
 
 
-def _load_worker(rank, tp, port, out_path, iter_dir, tokens):
-    """One TP rank: model from common.pt args, strict dist load, forward."""
+def _save(model, args, iter_dir):
+    """This rank's shards of `model`, as Megatron-LM's save_checkpoint writes them."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    # Same keys, same order as Megatron-LM's generate_state_dict (no optimizer, no rng).
+    state = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": args.iteration,
+        "model": model.sharded_state_dict(metadata=_sharded_metadata(CONTENT_METADATA)),
+        "num_floating_point_operations_so_far": 0,
+    }
+    dist_checkpointing.save(
+        state,
+        iter_dir,
+        sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1),
+        validate_access_integrity=True,
+        content_metadata=dict(CONTENT_METADATA),
+    )
+
+
+def _load_worker(rank, tp, port, out_path, iter_dir, tokens, save_to=None):
+    """One TP rank: model from common.pt args, strict dist load, forward (`tokens`) or save again (into
+    folder `save_to`)."""
     with _megatron_cpu(rank, tp, port):
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
@@ -169,6 +201,11 @@ def _load_worker(rank, tp, port, out_path, iter_dir, tokens):
             strict=StrictHandling.RAISE_ALL,
         )
         model.load_state_dict(loaded["model"], strict=True)
+        if save_to:
+            _save(model, args, save_to)
+            if rank == 0:
+                torch.save(torch.empty(0), out_path)
+            return
         logits = _forward([model], tokens)
         if rank == 0:
             torch.save(logits, out_path)

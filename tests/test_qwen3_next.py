@@ -2,7 +2,10 @@
 layers and gated softmax attention every full_attention_interval-th, zero-centred norms, partial rotary, q/k
 norms, experts with a sigmoid-gated shared expert (and one dense layer, mlp_only_layers). A tiny model made with
 transformers (float32, config.json as Qwen releases it: full_attention_interval, no layer_types) goes to
-megatron-core at TP 2, whose logits equal transformers' within 1e-4, and comes back bit-exact.
+megatron-core at TP 2, whose logits equal transformers' within 1e-4, and comes back bit-exact; the same as
+torch_dist, where megatron-core (GatedDeltaNet.sharded_state_dict) keeps the DeltaNet's in_proj and conv1d one
+tensor per part, each split over TP on its own: megatron-core loads ours at TP 2 with transformers' logits and
+saves it again, and both ours and its own come back to HF bit-exact.
 
 megatron-core 0.16.1 runs Gated DeltaNet only with fla's kernels and TransformerEngine, which are not on a
 CPU: tests/mcore_harness.py (hybrid_layer_specs) builds its GatedDeltaNet from local linears, stands in
@@ -24,8 +27,11 @@ import pytest
 import torch
 import transformers
 
-from helpers import (BASE, assert_bit_identical, edited_copy, error_line, hf_logits, make_hf_model, randomize, read_config,
-                     read_safetensors_folder, tokens_for)
+from converter_core import plugin
+from converter_core.errors import ConversionError
+from helpers import (BASE, assert_bit_identical, convert, edited_copy, error_line, hf_logits, make_hf_model, randomize,
+                     read_config, read_safetensors_folder, tokens_for)
+from dist_harness import dist_logits, resave_dist_checkpoint, torch_dist_tensors
 from mcore_harness import mcore_logits
 from test_bad_input import assert_no_checkpoint
 from test_moe import make_model, refused_into_mcore, to_hf, to_mcore
@@ -202,3 +208,75 @@ def test_transformer_engine_names_round_trip(tp2, tmp_path):
     assert "decoder.layers.0.self_attention.core_attention._extra_state" not in model  # GatedDeltaNet has none
     to_hf(megatron, back)
     assert_bit_identical(source, back)
+
+
+@pytest.fixture(scope="module")
+def dist(tp2, tmp_path_factory):
+    """The same model as torch_dist (megatron-core stores a DeltaNet's in_proj and conv1d one tensor per part),
+    and back to HF."""
+    folder = tmp_path_factory.mktemp("qwen3_next_dist")
+    megatron, back = folder / "dist", folder / "back"
+    to_mcore(tp2[0], megatron, "--ckpt-format", "torch_dist", "--target-tensor-parallel-size", 2)
+    to_hf(megatron, back)
+    return megatron / "iter_0000001", back
+
+
+def test_torch_dist_logits_in_megatron_core(tp2, dist):
+    """megatron-core loads our torch_dist strictly at TP 2 (each part resharded on its own) and gives
+    transformers' logits."""
+    tokens = tokens_for(BASE["vocab_size"])
+    logits = dist_logits(dist[0], tokens, tp=2)
+    torch.testing.assert_close(logits[..., :BASE["vocab_size"]], hf_logits(tp2[3].eval(), tokens), atol=1e-4, rtol=0)
+
+
+def test_torch_dist_parts_and_round_trip(tp2, dist):
+    """Each DeltaNet layer holds in_proj.weight.<part> and conv1d.weight.<part> (per layer: linear and softmax
+    layers mix), never the fused tensor; the way back is bit-exact."""
+    keys = set(torch_dist_tensors(dist[0]))
+    prefix = "decoder.layers.0.self_attention."
+    assert {prefix + f"in_proj.weight.{part}" for part in ("query", "key", "value", "z", "beta", "alpha")} <= keys
+    assert {prefix + f"conv1d.weight.{part}" for part in ("query", "key", "value")} <= keys
+    assert not [key for key in keys if key.endswith(("in_proj.weight", "conv1d.weight"))]
+    assert_bit_identical(tp2[0], dist[1])
+
+
+def test_a_torch_dist_megatron_core_saved_reads_back(tp2, dist, tmp_path):
+    """megatron-core loads our torch_dist at TP 2 and saves it again with its own dist_checkpointing.save (its
+    sharded_state_dict's keys, shapes and TP chunks); our loader reads that to the same HF, bit-exact."""
+    resaved, back = tmp_path / "resaved", tmp_path / "back"
+    resave_dist_checkpoint(dist[0], resaved, tp=2)
+    to_hf(resaved, back)
+    assert_bit_identical(tp2[0], back)
+
+
+def test_per_rank_files_to_torch_dist_write_the_same_tensors(tp2, dist, tmp_path):
+    """The TP 2 rank files (each rank's in_proj [q_r; k_r; ...] arriving as rank blocks) give torch_dist the same
+    tensors, part by part, as the HF model did."""
+    out = tmp_path / "dist"
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tp2[1], "--save-dir", out, "--ckpt-format",
+            "torch_dist", "--saver-transformer-impl", "local")
+    expected, written = torch_dist_tensors(dist[0]), torch_dist_tensors(out / "iter_0000001")
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[key], expected[key]) for key in expected)
+
+
+def test_a_torch_dist_missing_a_part_is_refused(dist, tmp_path):
+    """A torch_dist DeltaNet layer without one of its parts is one line naming the file and the tensor."""
+    import torch.distributed.checkpoint as dcp
+    missing = "decoder.layers.2.self_attention.in_proj.weight.beta"
+    tensors = torch_dist_tensors(dist[0])
+    del tensors[missing]
+    target = tmp_path / "dist" / "iter_0000001"
+    dcp.save(tensors, checkpoint_id=str(target), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(dist[0] / name, target / name)
+    (tmp_path / "dist" / "latest_checkpointed_iteration.txt").write_text("1")
+    line = error_line(to_hf(tmp_path / "dist", tmp_path / "back", ok=False))
+    assert f"{target / '.metadata'}: layer 2: no tensor decoder.layers.self_attention.in_proj.weight.beta" in line
+    assert not (tmp_path / "back").exists()
+
+
+def test_dist_part_is_for_parts_of_a_fused_parameter():
+    with pytest.raises(ConversionError, match="dist_part names a part of a fused parameter"):
+        plugin.register_layer_key(plugin.LayerKey("whole weight", ("hidden",), plugin.COLUMN, "x.weight",
+                                                  dist_part="x"))

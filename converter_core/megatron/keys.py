@@ -132,6 +132,9 @@ class LayerKey:
     legacy: str = None      # legacy Megatron-LM's name, where it differs from `core`
     dtype: torch.dtype = None  # a dtype the key always has; None: the model's
     mtp_part: bool = False  # a part of a multi-token-prediction layer around its transformer layer
+    # torch_dist: this part of a fused parameter (split SWIGLU) is its own tensor "<parameter>.<dist_part>",
+    # split over TP by rows, as megatron-core's sharded_state_dict declares some fused parameters; None: whole
+    dist_part: str = None
 
     def __post_init__(self):
         if not isinstance(self.when, Condition):  # a plain function of (args, layer index)
@@ -310,6 +313,8 @@ def register_layer_key(key):
     require(key.name not in {built_in.name for built_in in BUILT_IN}, f"{key.name!r} is a built-in message key")
     for split in (key.split, key.te_split or key.split):
         require(split in SPLITS, f"{key.name!r}: split {split!r} is not one of {', '.join(SPLITS)}")
+    require(key.dist_part is None or key.split == SWIGLU,
+            f"{key.name!r}: dist_part names a part of a fused parameter (split {SWIGLU!r})")
     unknown = [dim for dim in key.shape if isinstance(dim, str) and dim not in DIMENSIONS]
     require(not unknown, f"{key.name!r}: unknown dimensions {unknown} (register_dimension adds one)")
     _registered[key.name] = key

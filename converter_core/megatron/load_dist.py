@@ -46,8 +46,8 @@ def load_dist(queue, args, iteration, folder):
     for index in range(layers + mtp_layers):
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             key, position = source_of(candidates, index)
-            require(key in reader, f"{where}: no tensor {' or '.join(candidates)} (the args describe {layers} layers "
-                                   "of this model)")
+            require(key in reader, f"{where}: layer {index}: no tensor {' or '.join(candidates)}, stacked or per "
+                                   f"layer (the args describe {layers} layers of this model)")
             want = ((layers,) if position is not None else ()) + expected(entry, index)
             require(reader.shape(key) == want,
                     f"{where}: {key} has shape {list(reader.shape(key))}, the args in {torch_dist.COMMON} imply {list(want)}")

@@ -18,9 +18,7 @@ FORMAT_LIMITS = {"legacy": {"mtp_num_layers": "legacy Megatron-LM has no multi-t
                             "multi_latent_attention": "legacy Megatron-LM has no multi-latent attention",
                             "qk_layernorm": "legacy Megatron-LM has no q/k norms",
                             "num_experts": "legacy mixture-of-experts checkpoints are not written here",
-                            "experimental_attention_variant": "legacy Megatron-LM has no linear attention"},
-                 "torch_dist": {"experimental_attention_variant": "megatron-core stores a linear-attention layer's "
-                                "fused in_proj and conv1d per part in torch_dist; not written here yet"}}
+                            "experimental_attention_variant": "legacy Megatron-LM has no linear attention"}}
 
 LOCAL, TRANSFORMER_ENGINE, LEGACY = message_keys.LOCAL, message_keys.TRANSFORMER_ENGINE, message_keys.LEGACY
 
@@ -213,11 +211,34 @@ def dist_mtp_key(mtp_index, name, local_spec=False):
     return prefix + message_keys.MTP_TRANSFORMER_LAYER + dist_layer_key(inner, local_spec).removeprefix("decoder.layers.")
 
 
+def dist_parts(args, index, name, spec=LOCAL):
+    """The tensors torch_dist stores parameter `name` of layer `index` (as `spec` names it) as: its entry's
+    [(parameter name + "." + LayerKey.dist_part, message key)] when its keys name parts, else []."""
+    mtp = index >= args.num_layers
+    keys = [key for key in message_keys.layer_keys(args, index)
+            if name in (key.parameter(spec, False, mtp), key.parameter(spec, True, mtp))]
+    named = [key for key in keys if key.dist_part]
+    require(not named or len(named) == len(keys), f"parameter {name}: only some of its keys "
+                                                  f"{[key.name for key in keys]} name a torch_dist part")
+    return [(f"{name}.{key.dist_part}", key.name) for key in named]
+
+
+def _dist_entries(args, index, spec):
+    """layer_entries as torch_dist holds them: a parameter stored as parts is one entry per part (its key,
+    rows split over TP on their own)."""
+    entries = []
+    for entry in layer_entries(args, index, spec):
+        parts = dist_parts(args, index, entry.name, spec)
+        entries += [Entry((key,), name, layout.COLUMN) for name, key in parts] or [entry]
+    return entries
+
+
 def dist_layer_candidates(args, index):
-    """Per local-spec entry of layer `index`, the torch_dist keys it may be under: as a checkpoint of
-    TransformerEngine's spec or of the local spec holds it (they differ for MoE and MLA norms)."""
+    """Per local-spec entry of layer `index` (a part: see dist_parts), the torch_dist keys it may be under:
+    as a checkpoint of TransformerEngine's spec or of the local spec holds it (they differ for MoE and MLA
+    norms)."""
     mla = getattr(args, "multi_latent_attention", False)
-    local, te = layer_entries(args, index), layer_entries(args, index, TRANSFORMER_ENGINE)
+    local, te = _dist_entries(args, index, LOCAL), _dist_entries(args, index, TRANSFORMER_ENGINE)
     if index >= args.num_layers:
         def key(name, local_spec=False):
             return dist_mtp_key(index - args.num_layers, name, local_spec)
@@ -230,7 +251,8 @@ DIST_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_
                             "self_attention.linear_q_proj", "self_attention.linear_q_down_proj",
                             "self_attention.linear_q_up_proj", "self_attention.linear_kv_down_proj",
                             "self_attention.linear_kv_up_proj", "mlp.shared_experts.linear_fc1",
-                            "mlp.shared_experts.linear_fc2", "eh_proj")
+                            "mlp.shared_experts.linear_fc2", "eh_proj", "self_attention.in_proj",
+                            "self_attention.out_proj")
 
 
 def detect(model):

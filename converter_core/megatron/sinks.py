@@ -230,7 +230,8 @@ class TorchDistSink(Sink):
     """A torch_dist iteration folder: full (unsplit) tensors, written as they arrive; Megatron reshards it
     to any TP/PP/EP when loading. As megatron-core's sharded_state_dict lays it out: layers stacked on a
     leading axis, one chunk per layer (per-layer keys `decoder.layers.N.*` instead when MoE and dense
-    layers mix), experts stacked on the next axis under `mlp.experts.experts.*`."""
+    layers, or linear and softmax attention, mix), experts stacked on the next axis under
+    `mlp.experts.experts.*`, a fused parameter whose keys name parts as one tensor per part."""
 
     per_rank = False
 
@@ -238,8 +239,13 @@ class TorchDistSink(Sink):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
         self.share = share
         self.workers = workers.Workers(workers_count)
-        kinds = megatron_args.moe_layers(args)
-        self.per_layer_keys = any(kinds) and not all(kinds)
+        kinds, linear = megatron_args.moe_layers(args), megatron_args.linear_attention_layers(args)
+        # megatron-core stacks layers only where all are alike: one key per layer when MoE and dense layers
+        # mix, or linear_attention_freq is a list or above 1
+        frequency = getattr(args, "linear_attention_freq", None)
+        self.per_layer_keys = (any(kinds) and not all(kinds)) or any(linear) and (
+            isinstance(frequency, (list, tuple)) or frequency > 1)
+        self.args, self.spec = args, schema.impl
         self.experts = args.num_experts or 0
         # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
         self.local_renames = schema.impl == megatron_schema.LOCAL and not args.multi_latent_attention
@@ -295,6 +301,10 @@ class TorchDistSink(Sink):
         return key, (self.num_layers,), (index,)
 
     def put_layer(self, index, stage, local, name, value, kind, experts=False):
+        if kind == layout.SWIGLU and (parts := megatron_schema.dist_parts(self.args, index, name, self.spec)):
+            for (part, _), tensor in zip(parts, value):  # each part its own tensor (LayerKey.dist_part)
+                self.put_layer(index, stage, local, part, tensor, layout.COLUMN)
+            return
         # SwiGLU's [W; V] and Rows are written from their blocks, not built
         halves = tuple(block for half in (value if kind == layout.SWIGLU else (value,)) for block in layout.blocks(half))
         axis, first = int(experts), halves[0]

@@ -8,7 +8,8 @@ attention_output_gate, qk_layernorm, rotary_percent, moe_shared_expert_gate and 
 The DeltaNet tensors: Hugging Face stores the input projection as two tensors grouped per key head
 (in_proj_qkvz: per group q, k, v, z; in_proj_ba: per group beta, alpha), Megatron-Core as one in_proj whose
 rows are [q; k; v; z; beta; alpha], each part split over TP on its own (rank r: [q_r; k_r; v_r; z_r; beta_r;
-alpha_r]), and its conv1d [q; k; v] channels the same way. The gated output norm is a plain RMSNorm in
+alpha_r]), and its conv1d [q; k; v] channels the same way; in torch_dist each part is its own tensor
+(in_proj.weight.query, ..., conv1d.weight.value), as megatron-core's sharded_state_dict declares them. The gated output norm is a plain RMSNorm in
 Hugging Face (weight w) but zero-centred in Megatron-Core like every other norm there (stored w - 1)."""
 
 import dataclasses
@@ -48,16 +49,19 @@ _QK, _V, _HEADS = "linear key heads x key head dim", "linear value heads x value
 IN_PROJ_KEYS = ("linear q weight", "linear k weight", "linear v weight", "linear z weight", "linear beta weight",
                 "linear alpha weight")
 CONV_KEYS = ("linear conv q weight", "linear conv k weight", "linear conv v weight")
+# megatron-core's GatedDeltaNet.sharded_state_dict: torch_dist holds in_proj.weight.<part> and conv1d.weight.<part>
+IN_PROJ_PARTS = ("query", "key", "value", "z", "beta", "alpha")
 KEYS = (
     plugin.LayerKey("linear input norm weight", ("hidden",), plugin.REPLICATED, "input_layernorm.weight", LINEAR,
                     "norm before linear attention", te="self_attention.in_proj.layer_norm_weight"),
-    *(plugin.LayerKey(key, (rows, "hidden"), plugin.SWIGLU, _IN_PROJ, LINEAR, f"DeltaNet input projection: {what}")
-      for key, rows, what in zip(IN_PROJ_KEYS, (_QK, _QK, _V, _V, _HEADS, _HEADS),
-                                 ("queries", "keys", "values", "output gate (z)", "beta (write strength)",
-                                  "alpha (decay, before dt_bias)"))),
+    *(plugin.LayerKey(key, (rows, "hidden"), plugin.SWIGLU, _IN_PROJ, LINEAR, f"DeltaNet input projection: {what}",
+                      dist_part=part)
+      for key, rows, part, what in zip(IN_PROJ_KEYS, (_QK, _QK, _V, _V, _HEADS, _HEADS), IN_PROJ_PARTS,
+                                       ("queries", "keys", "values", "output gate (z)", "beta (write strength)",
+                                        "alpha (decay, before dt_bias)"))),
     *(plugin.LayerKey(key, (rows, 1, "linear conv kernel"), plugin.SWIGLU, _CONV, LINEAR,
-                      f"depthwise causal convolution of the {what} channels")
-      for key, rows, what in zip(CONV_KEYS, (_QK, _QK, _V), ("query", "key", "value"))),
+                      f"depthwise causal convolution of the {part} channels", dist_part=part)
+      for key, rows, part in zip(CONV_KEYS, (_QK, _QK, _V), IN_PROJ_PARTS)),
     plugin.LayerKey("linear A_log", (_HEADS,), plugin.COLUMN, "self_attention.A_log", LINEAR,
                     "log of each value head's decay rate"),
     plugin.LayerKey("linear dt_bias", (_HEADS,), plugin.COLUMN, "self_attention.dt_bias", LINEAR,
@@ -281,5 +285,5 @@ QWEN3_NEXT = plugin.Family(
            "(attention_output_gate) with q/k norms and partial rotary (rotary_percent); zero-centred norms "
            "(layernorm_zero_centered_gamma; the DeltaNet's gated output norm, plain in Hugging Face, is stored minus "
            "one); softmax top-k experts with a sigmoid-gated shared expert (moe_shared_expert_gate)",
-           "torch_dist and legacy Megatron formats refuse it (megatron-core splits in_proj and conv1d per part in "
-           "torch_dist)"))
+           "in torch_dist the DeltaNet's in_proj and conv1d are one tensor per part (in_proj.weight.query, ...), as "
+           "megatron-core stores them; legacy Megatron formats refuse it"))
