@@ -196,6 +196,19 @@ def test_torch_dist_experts_megatron_core_saved(tmp_path):
     assert_bit_identical(tmp_path / "hf", tmp_path / "hf2")
 
 
+def test_torch_dist_of_a_moe_layer_pattern_keys_every_layer(tmp_path):
+    """moe_layer_freq as a list, here all MoE ([1, 1], as Megatron-LM's --moe-layer-freq "([1]*2)"): megatron-core
+    keys every layer of torch_dist on its own then, so a torch_dist we write from such a checkpoint must
+    too; megatron-core loads it strictly, with the logits of the model it saved."""
+    tokens = tokens_for(VOCAB)
+    _, expected = save_dist_checkpoint(tmp_path / "dist", tokens=tokens, tp=2, num_layers=2, num_query_groups=2,
+                                       num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=[1, 1],
+                                       model_type=ModelType.encoder_or_decoder)
+    convert("--loader", "mcore", "--saver", "mcore", "--load-dir", tmp_path / "dist", "--save-dir", tmp_path / "again",
+            "--ckpt-format", "torch_dist", "--saver-transformer-impl", "local")
+    torch.testing.assert_close(dist_logits(tmp_path / "again" / "iter_0000001", tokens, tp=2), expected, atol=1e-4, rtol=0)
+
+
 def test_transformer_engine_names_sequential_and_grouped(tmp_path):
     """TE names: SequentialMLP (local_experts.{j}.linear_fc1.weight) and, with --moe-grouped-gemm,
     TEGroupedMLP (linear_fc1.weight{j}, one extra state per GroupedLinear); MoE layers keep

@@ -226,11 +226,18 @@ def _writing(path, job):
         job()
 
 
+def _layer_pattern(frequency):
+    """megatron-core's rule (TransformerBlock.sharded_state_dict): a layer pattern given as a list (even one
+    whose layers are all alike) or an int above 1 keys every layer of torch_dist on its own; otherwise the
+    layers are stacked on one axis."""
+    return isinstance(frequency, (list, tuple)) or (frequency or 1) > 1
+
+
 class TorchDistSink(Sink):
     """A torch_dist iteration folder: full (unsplit) tensors, written as they arrive; Megatron reshards it
     to any TP/PP/EP when loading. As megatron-core's sharded_state_dict lays it out: layers stacked on a
-    leading axis, one chunk per layer (per-layer keys `decoder.layers.N.*` instead when MoE and dense
-    layers, or linear and softmax attention, mix), experts stacked on the next axis under
+    leading axis, one chunk per layer (per-layer keys `decoder.layers.N.*` instead when moe_layer_freq or
+    linear_attention_freq is a pattern, _layer_pattern), experts stacked on the next axis under
     `mlp.experts.experts.*`, a fused parameter whose keys name parts as one tensor per part."""
 
     per_rank = False
@@ -239,12 +246,8 @@ class TorchDistSink(Sink):
         self.save_dir, self.iteration, self.num_layers = Path(save_dir), iteration, args.num_layers
         self.share = share
         self.workers = workers.Workers(workers_count)
-        kinds, linear = megatron_args.moe_layers(args), megatron_args.linear_attention_layers(args)
-        # megatron-core stacks layers only where all are alike: one key per layer when MoE and dense layers
-        # mix, or linear_attention_freq is a list or above 1
-        frequency = getattr(args, "linear_attention_freq", None)
-        self.per_layer_keys = (any(kinds) and not all(kinds)) or any(linear) and (
-            isinstance(frequency, (list, tuple)) or frequency > 1)
+        self.per_layer_keys = any(_layer_pattern(getattr(args, name, None))
+                                  for name in ("moe_layer_freq", "linear_attention_freq"))
         self.args, self.spec = args, schema.impl
         self.experts = args.num_experts or 0
         # the local spec's keys map renames its norms in torch_dist (not in MLA layers; TE names are kept)
