@@ -26,9 +26,9 @@ class Share:
         idle = sum(not keys for keys in every)
         if idle and self.rank == 0:
             from converter_core import protocol  # protocol imports this module
-            protocol.report("warning", message=f"the output has {len(units)} file(s) for {self.world} ranks: {idle} "
-                            "rank(s) have nothing to write (ranks share whole files; an HF output is split into "
-                            "more with --max-shard-size)")
+            protocol.report("warning", message=f"the output splits into {len(units)} part(s) for {self.world} ranks: "
+                            f"{idle} rank(s) have nothing to write (ranks share whole files, torch_dist whole layers; "
+                            "an HF output is split into more with --max-shard-size)")
         return every[self.rank]
 
 

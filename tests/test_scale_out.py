@@ -193,8 +193,9 @@ def test_more_ranks_than_files(tmp_path, source):
     """TP 1 x PP 1 is one rank file: two of the three ranks own nothing, idle and succeed; one warning says so."""
     assert converter_core.convert("llama_hf", "mcore", source / "hf", tmp_path / "one").warnings == []
     result = converter_core.convert("llama_hf", "mcore", source / "hf", tmp_path / "three", processes=3)
-    assert result.warnings == ["the output has 1 file(s) for 3 ranks: 2 rank(s) have nothing to write (ranks share "
-                               "whole files; an HF output is split into more with --max-shard-size)"]
+    assert result.warnings == ["the output splits into 1 part(s) for 3 ranks: 2 rank(s) have nothing to write (ranks "
+                               "share whole files, torch_dist whole layers; an HF output is split into more with "
+                               "--max-shard-size)"]
     assert len([p for p in (tmp_path / "one").rglob("*") if p.is_file()]) == 2  # the tracker and one rank file
     assert_same_files(tmp_path / "one", tmp_path / "three")
 

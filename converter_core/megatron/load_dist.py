@@ -24,10 +24,11 @@ def load_dist(queue, args, iteration, folder):
     except ConversionError as error:
         raise ConversionError(f"{folder / torch_dist.COMMON}: {error}") from None
 
-    def expected(entry, index):
-        shape = protocol.layer_message_shapes(margs, index)[entry.keys[0]]
+    def expected(entry, shapes):
+        """The shape of `entry`'s tensor, from its layer's message shapes {key: shape}."""
+        shape = shapes[entry.keys[0]]
         axis = 1 if entry.experts else 0  # SwiGLU's [W; V] rows, after the expert axis
-        rows = sum(protocol.layer_message_shapes(margs, index)[key][axis] for key in entry.keys)
+        rows = sum(shapes[key][axis] for key in entry.keys)
         return (*shape[:axis], rows, *shape[axis + 1:]) if entry.kind == layout.SWIGLU else shape
 
     def source_of(candidates, index):
@@ -44,11 +45,12 @@ def load_dist(queue, args, iteration, folder):
 
     mtp_layers = megatron_args.mtp_layers(margs)
     for index in range(layers + mtp_layers):
+        shapes = protocol.layer_message_shapes(margs, index)
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             key, position = source_of(candidates, index)
             require(key in reader, f"{where}: layer {index}: no tensor {' or '.join(candidates)}, stacked or per "
                                    f"layer (the args describe {layers} layers of this model)")
-            want = ((layers,) if position is not None else ()) + expected(entry, index)
+            want = ((layers,) if position is not None else ()) + expected(entry, shapes)
             require(reader.shape(key) == want,
                     f"{where}: {key} has shape {list(reader.shape(key))}, the args in {torch_dist.COMMON} imply {list(want)}")
     table_key, norm_key = "embedding.word_embeddings.weight", "decoder.final_layernorm"
@@ -68,10 +70,9 @@ def load_dist(queue, args, iteration, folder):
         name = protocol.layer_name(index) if index < layers else protocol.mtp_layer_name(index - layers)
         if sharing.skipped(args, name):  # no file of this rank's saver holds it: nothing read
             return protocol.placeholder(margs, index, md.params_dtype)
-        message = {}
+        message, shapes = {}, protocol.layer_message_shapes(margs, index)
         for entry, candidates in megatron_schema.dist_layer_candidates(margs, index):
             tensor = reader.read(*source_of(candidates, index))
-            shapes = protocol.layer_message_shapes(margs, index)
             parts = torch.split(tensor, [shapes[key][int(entry.experts)] for key in entry.keys], dim=int(entry.experts))
             message.update(zip(entry.keys, parts))
         return message

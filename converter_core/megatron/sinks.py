@@ -64,10 +64,10 @@ def vocab_bytes(args):
 class Sink(abc.ABC):
     """What the saver calls on a sink, in this order: built as
     `Sink(save_dir, iteration, tp, pp, schema, args, ep, workers_count, share, gate)` (`args`: the output's
-    Megatron args; `share`: a converter_core.share.Share or None; `gate`: the run's output.commit_gate), then the put_* methods as the stream's tensors
-    arrive, then finish(args) once, or abandon() on any failure. `stage` is a pipeline rank, `path` a tuple
-    of dict keys in `schema`'s names, `kind` a layout TP rule; tensors are full (unsplit): splitting them for
-    TP / EP is the sink's job. With a share the sink writes only its rank's files, and finish() hands its
+    Megatron args; `share`: a converter_core.share.Share or None; `gate`: the run's output.commit_gate),
+    then the put_* methods as the stream's tensors arrive, then finish(args) once, or abandon() on any
+    failure. `stage` is a pipeline rank, `path` a tuple of dict keys in `schema`'s names, `kind` a layout TP
+    rule; tensors are full (unsplit): splitting them for TP / EP is the sink's job. With a share the sink writes only its rank's files, and finish() hands its
     pieces over (share.write_pieces) instead of committing; finish_output commits."""
 
     # One file per rank: a tied output layer then needs its own copy on the last stage, and expert
